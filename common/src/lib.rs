@@ -1,0 +1,7 @@
+//! eqim's shared, libtorch-free types: configuration files, the wire protocol and its framing,
+//! the checkpoint manifest and metric names. The coordinator depends only on this crate, so it
+//! runs on a CPU head node without libtorch.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod metrics;

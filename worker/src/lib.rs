@@ -1,0 +1,6 @@
+//! eqim's worker: the models (generator, tokenizer) in tch, data, training, sampling, the c10d
+//! collectives and the QUIC client. tch calls block, so they run on dedicated threads, never inside
+//! async tasks.
+
+pub mod doctor;
+pub mod verify;

@@ -1,0 +1,53 @@
+//! `eqim`: the one command line users meet first.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "eqim",
+    version,
+    about = "Equivariant Image Modeling: train and sample column-token image generators on elastic clusters",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the libtorch version, threads, CUDA availability and where libtorch was found.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Doctor { json } => {
+            let r = eqim_worker::doctor::report()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                eqim_worker::doctor::print(&r);
+            }
+            if !r.smoke_forward_ok {
+                anyhow::bail!(
+                    "libtorch loaded but a tiny forward pass failed: reinstall with scripts/setup"
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! `eqim verify-reference PREFIX`: runs the cases of a parity fixture (`PREFIX.json`,
+//! `PREFIX.weights.safetensors`, `PREFIX.io.safetensors`) made by the reference PyTorch code and
+//! reports the max absolute error of each. The model kind is read from the JSON: a `ddconfig` key
+//! means a tokenizer, `encoder_embed_dim` a generator.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Options shared by every model kind.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Largest max-abs error a case may have.
+    pub tol: f64,
+}
+
+/// The outcome of one fixture case (for tensors with several outputs, the worst of them).
+#[derive(Debug, Clone)]
+pub struct CaseReport {
+    pub case: String,
+    pub max_abs_err: f64,
+    /// Tolerance this case was held to (some cases, e.g. training, use their own).
+    pub tol: f64,
+    pub detail: String,
+}
+
+impl CaseReport {
+    pub fn passed(&self) -> bool {
+        self.max_abs_err.is_finite() && self.max_abs_err <= self.tol
+    }
+}
+
+/// The three files of a fixture.
+#[derive(Debug, Clone)]
+pub struct FixtureFiles {
+    pub json: PathBuf,
+    pub weights: PathBuf,
+    pub io: PathBuf,
+}
+
+impl FixtureFiles {
+    pub fn from_prefix(prefix: &Path) -> Result<Self> {
+        let p = prefix.to_string_lossy();
+        let files = Self {
+            json: PathBuf::from(format!("{p}.json")),
+            weights: PathBuf::from(format!("{p}.weights.safetensors")),
+            io: PathBuf::from(format!("{p}.io.safetensors")),
+        };
+        for f in [&files.json, &files.weights, &files.io] {
+            if !f.exists() {
+                bail!(
+                    "fixture file {} not found (PREFIX must name PREFIX.json, PREFIX.weights.safetensors and PREFIX.io.safetensors)",
+                    f.display()
+                );
+            }
+        }
+        Ok(files)
+    }
+
+    pub fn read_json(&self) -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.json)
+            .with_context(|| format!("reading {}", self.json.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", self.json.display()))
+    }
+}
+
+/// Max absolute difference of two tensors of the same shape, in f64.
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> Result<f64> {
+    if a.size() != b.size() {
+        bail!(
+            "shape mismatch: got {:?}, reference {:?}",
+            a.size(),
+            b.size()
+        );
+    }
+    let d = (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs();
+    Ok(if d.numel() == 0 {
+        0.0
+    } else {
+        d.max().double_value(&[])
+    })
+}
