@@ -3,4 +3,5 @@
 //! async tasks.
 
 pub mod doctor;
+pub mod model;
 pub mod verify;
