@@ -3,5 +3,6 @@
 //! async tasks.
 
 pub mod doctor;
+pub mod launch;
 pub mod model;
 pub mod verify;
