@@ -4,3 +4,4 @@
 
 pub mod doctor;
 pub mod verify;
+pub mod collective;
