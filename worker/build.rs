@@ -63,7 +63,9 @@ fn compile_c10d_shim(lib_dir: &Path, cuda: bool) {
         for sub in ["cu13/include", "cu13/include/cccl", "nccl/include"] {
             build.include(nvidia.join(sub));
         }
-        build.define("USE_C10D_NCCL", None).define("EQIM_WITH_NCCL", None);
+        build
+            .define("USE_C10D_NCCL", None)
+            .define("EQIM_WITH_NCCL", None);
         println!("cargo:rustc-link-lib=torch_cuda");
         println!("cargo:rustc-link-lib=c10_cuda");
     }

@@ -2,6 +2,6 @@
 //! collectives and the QUIC client. tch calls block, so they run on dedicated threads, never inside
 //! async tasks.
 
+pub mod collective;
 pub mod doctor;
 pub mod verify;
-pub mod collective;

@@ -45,7 +45,13 @@ impl Me {
     }
 }
 
-fn loopback_group(store: &Store, prefix: &str, rank: usize, world: usize, timeout: Duration) -> ProcessGroup {
+fn loopback_group(
+    store: &Store,
+    prefix: &str,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> ProcessGroup {
     let view = store.prefixed(prefix).expect("prefix store");
     let options = GroupOptions::gloo(rank, world, timeout)
         .with_gloo_device(GlooDevice::Hostname("127.0.0.1".into()));
@@ -95,7 +101,11 @@ impl Cluster {
             std::fs::read_to_string(self.logs.path().join(format!("rank{rank}.{kind}")))
                 .unwrap_or_default()
         };
-        format!("--- rank {rank} stdout ---\n{}\n--- rank {rank} stderr ---\n{}", read("out"), read("err"))
+        format!(
+            "--- rank {rank} stdout ---\n{}\n--- rank {rank} stderr ---\n{}",
+            read("out"),
+            read("err")
+        )
     }
 
     fn pid(&self, rank: usize) -> u32 {
@@ -121,7 +131,11 @@ impl Cluster {
 
     fn expect_success(&mut self, rank: usize, deadline: Instant) {
         let status = self.wait(rank, deadline);
-        assert!(status.success(), "rank {rank} failed: {status}\n{}", self.log(rank));
+        assert!(
+            status.success(),
+            "rank {rank} failed: {status}\n{}",
+            self.log(rank)
+        );
         // libtest prints "test NAME ... " without a newline before the test's own output.
         for line in self.log(rank).lines() {
             if let Some(at) = line.find("measured:") {
@@ -176,7 +190,10 @@ fn check_collectives(me: &Me) {
     let mut t = Tensor::arange(n, (Kind::Float, Device::Cpu)) * (me.rank as f64 + 1.0);
     group.allreduce_sum(&mut t).expect("allreduce f32");
     let expected = Tensor::arange(n, (Kind::Float, Device::Cpu)) * (world * (world + 1.0) / 2.0);
-    assert!(t.allclose(&expected, 1e-6, 1e-6, false), "allreduce f32 sum wrong");
+    assert!(
+        t.allclose(&expected, 1e-6, 1e-6, false),
+        "allreduce f32 sum wrong"
+    );
 
     let mut ints = Tensor::full([7], me.rank as i64 + 10, (Kind::Int64, Device::Cpu));
     group.allreduce_sum(&mut ints).expect("allreduce i64");
@@ -187,7 +204,11 @@ fn check_collectives(me: &Me) {
     let root = me.world - 1;
     let mut b = Tensor::full([3, 5], me.rank as f64, (Kind::Double, Device::Cpu));
     group.broadcast(&mut b, root).expect("broadcast");
-    assert!(b.equal(&Tensor::full([3, 5], root as f64, (Kind::Double, Device::Cpu))));
+    assert!(b.equal(&Tensor::full(
+        [3, 5],
+        root as f64,
+        (Kind::Double, Device::Cpu)
+    )));
 
     // A barrier holds everyone until the slowest rank arrives.
     let start = Instant::now();
@@ -195,7 +216,10 @@ fn check_collectives(me: &Me) {
         std::thread::sleep(Duration::from_millis(300));
     }
     group.barrier().expect("barrier");
-    assert!(start.elapsed() >= Duration::from_millis(250), "barrier released before rank 0 came");
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "barrier released before rank 0 came"
+    );
     group.destroy().expect("destroy");
 }
 
@@ -224,7 +248,9 @@ fn survive_a_lost_peer(me: &Me, timeout: Duration, victim_signal_key: &str) -> (
     let store = me.store();
     let group = loopback_group(&store, "gen0", me.rank, me.world, timeout);
     let mut t = Tensor::ones([4], (Kind::Float, Device::Cpu));
-    group.allreduce_sum(&mut t).expect("the healthy group works");
+    group
+        .allreduce_sum(&mut t)
+        .expect("the healthy group works");
     group.barrier().expect("barrier");
     if me.rank == 2 {
         store.set("victim_ready", b"1").expect("set");
@@ -232,7 +258,9 @@ fn survive_a_lost_peer(me: &Me, timeout: Duration, victim_signal_key: &str) -> (
         std::thread::sleep(Duration::from_secs(600));
         panic!("the victim was not signalled");
     }
-    store.get(victim_signal_key).expect("wait for the parent to signal the victim");
+    store
+        .get(victim_signal_key)
+        .expect("wait for the parent to signal the victim");
 
     let mut big = Tensor::ones([1 << 16], (Kind::Float, Device::Cpu));
     let start = Instant::now();
@@ -245,13 +273,18 @@ fn survive_a_lost_peer(me: &Me, timeout: Duration, victim_signal_key: &str) -> (
 
     let start = Instant::now();
     group.destroy().expect("destroy the broken group");
-    println!("measured: destroying the broken group took {:?}", start.elapsed());
+    println!(
+        "measured: destroying the broken group took {:?}",
+        start.elapsed()
+    );
 
     let start = Instant::now();
     let survivors = loopback_group(&store, "gen1", me.rank, 2, timeout);
     println!("measured: forming generation 1 took {:?}", start.elapsed());
     let mut t = Tensor::full([5], me.rank as f64 + 1.0, (Kind::Float, Device::Cpu));
-    survivors.allreduce_sum(&mut t).expect("the survivors' group works");
+    survivors
+        .allreduce_sum(&mut t)
+        .expect("the survivors' group works");
     assert_eq!(t.double_value(&[4]), 3.0, "1 + 2 from ranks 0 and 1");
     survivors.barrier().expect("barrier among survivors");
     survivors.destroy().expect("destroy");
@@ -277,7 +310,10 @@ fn a_killed_peer_fails_the_survivors_fast_and_they_regroup() {
         return;
     }
     let mut cluster = Cluster::spawn("a_killed_peer_fails_the_survivors_fast_and_they_regroup", 3);
-    cluster.store.get("victim_ready").expect("the victim gets ready");
+    cluster
+        .store
+        .get("victim_ready")
+        .expect("the victim gets ready");
     cluster.signal(2, "KILL");
     cluster
         .store
@@ -309,7 +345,10 @@ fn a_stopped_peer_fails_the_survivors_at_the_group_timeout_and_they_regroup() {
         "a_stopped_peer_fails_the_survivors_at_the_group_timeout_and_they_regroup",
         3,
     );
-    cluster.store.get("victim_ready").expect("the victim gets ready");
+    cluster
+        .store
+        .get("victim_ready")
+        .expect("the victim gets ready");
     cluster.signal(2, "STOP");
     cluster.store.set("victim_stopped", b"1").expect("set");
     let deadline = Instant::now() + TEST_DEADLINE;
@@ -332,9 +371,19 @@ const EQ_BUCKET_BYTES: usize = 256;
 fn mlp(vs: &nn::VarStore) -> impl Module {
     let root = vs.root();
     nn::seq()
-        .add(nn::linear(&root / "fc1", EQ_IN, EQ_HIDDEN, Default::default()))
+        .add(nn::linear(
+            &root / "fc1",
+            EQ_IN,
+            EQ_HIDDEN,
+            Default::default(),
+        ))
         .add_fn(|x| x.tanh())
-        .add(nn::linear(&root / "fc2", EQ_HIDDEN, EQ_OUT, Default::default()))
+        .add(nn::linear(
+            &root / "fc2",
+            EQ_HIDDEN,
+            EQ_OUT,
+            Default::default(),
+        ))
 }
 
 /// The fixed data set: EQ_STEPS global batches of 2b samples, identical on every process.
@@ -388,7 +437,10 @@ fn two_ranks_with_batch_b_match_one_process_with_batch_2b() {
         let model = mlp(&vs);
         broadcast_var_store(&group, &vs, &[], 0).expect("broadcast initial weights");
         let mut buckets = GradientBuckets::new(&vs, EQ_BUCKET_BYTES).expect("buckets");
-        assert!(buckets.bucket_count() > 1, "the test must span several buckets");
+        assert!(
+            buckets.bucket_count() > 1,
+            "the test must span several buckets"
+        );
         let b = EQ_BATCH_PER_RANK;
         let rank = me.rank as i64;
         train(
@@ -402,22 +454,34 @@ fn two_ranks_with_batch_b_match_one_process_with_batch_2b() {
         tch::manual_seed(100);
         let reference = nn::VarStore::new(Device::Cpu);
         let reference_model = mlp(&reference);
-        train(&reference, &reference_model, |step| (step * 2 * b, 2 * b), || {});
+        train(
+            &reference,
+            &reference_model,
+            |step| (step * 2 * b, 2 * b),
+            || {},
+        );
 
         let diff = max_abs_diff(&vs, &reference);
         println!(
             "measured: max |w_ddp - w_single| = {diff:.3e} after {EQ_STEPS} Adam steps, {} buckets",
             buckets.bucket_count()
         );
-        assert!(diff < 1e-5, "data-parallel weights drifted from the reference: {diff:e}");
+        assert!(
+            diff < 1e-5,
+            "data-parallel weights drifted from the reference: {diff:e}"
+        );
 
         // And the weights really moved, so the comparison is not between two initial states.
         tch::manual_seed(100);
         let initial = nn::VarStore::new(Device::Cpu);
         let _ = mlp(&initial);
-        assert!(max_abs_diff(&vs, &initial) > 1e-3, "training changed the weights");
+        assert!(
+            max_abs_diff(&vs, &initial) > 1e-3,
+            "training changed the weights"
+        );
         group.destroy().expect("destroy");
         return;
     }
-    Cluster::spawn("two_ranks_with_batch_b_match_one_process_with_batch_2b", 2).expect_all_succeed();
+    Cluster::spawn("two_ranks_with_batch_b_match_one_process_with_batch_2b", 2)
+        .expect_all_succeed();
 }

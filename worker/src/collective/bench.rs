@@ -72,7 +72,11 @@ fn run_parent(args: &BenchArgs) -> Result<()> {
             failed.push(format!("rank {rank}: {status}"));
         }
     }
-    ensure!(failed.is_empty(), "bench ranks failed: {}", failed.join(", "));
+    ensure!(
+        failed.is_empty(),
+        "bench ranks failed: {}",
+        failed.join(", ")
+    );
     Ok(())
 }
 

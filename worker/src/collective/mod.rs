@@ -60,7 +60,9 @@ fn take_message(err: *mut c_char) -> String {
     }
     // SAFETY: a non-null `err` was set by the shim to a NUL-terminated string from strdup, which
     // nobody else references; it is read once here and freed right after.
-    let message = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let message = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     // SAFETY: `err` came from the shim's malloc (strdup) and is freed exactly once.
     unsafe { ffi::eqim_c10d_free_str(err) };
     message
@@ -242,7 +244,9 @@ impl Store {
         let mut sum = 0i64;
         call(OP, |err| {
             // SAFETY: the store is live, the key is NUL-terminated, `sum` and `err` are live.
-            unsafe { ffi::eqim_c10d_store_add(self.raw.as_ptr(), key_c.as_ptr(), delta, &mut sum, err) }
+            unsafe {
+                ffi::eqim_c10d_store_add(self.raw.as_ptr(), key_c.as_ptr(), delta, &mut sum, err)
+            }
         })?;
         Ok(sum)
     }
@@ -610,14 +614,18 @@ mod tests {
     #[test]
     fn store_round_trips_values_and_prefixes_isolate_keys() {
         let store = Store::host("127.0.0.1", 0, Duration::from_secs(5)).expect("host");
-        let client = Store::connect("127.0.0.1", store.port(), Duration::from_secs(5))
-            .expect("connect");
+        let client =
+            Store::connect("127.0.0.1", store.port(), Duration::from_secs(5)).expect("connect");
         client.set("k", b"value").expect("set");
         assert_eq!(store.get("k").expect("get"), b"value");
         assert_eq!(store.add("n", 2).expect("add"), 2);
         assert_eq!(client.add("n", 3).expect("add"), 5);
         let gen1 = client.prefixed("gen1").expect("prefix");
-        assert_eq!(gen1.add("n", 1).expect("add"), 1, "a prefix sees its own keys only");
+        assert_eq!(
+            gen1.add("n", 1).expect("add"),
+            1,
+            "a prefix sees its own keys only"
+        );
     }
 
     #[test]
@@ -636,8 +644,27 @@ mod tests {
     }
 
     #[test]
+    fn forming_a_group_with_a_missing_rank_fails_at_the_group_timeout() {
+        // The store allows 30 s; the group's own 1 s timeout must bound the rendezvous, so a rank
+        // that dies while a generation forms cannot stall the survivors for long.
+        let store = Store::host("127.0.0.1", 0, Duration::from_secs(30)).expect("host");
+        let timeout = Duration::from_secs(1);
+        let options = GroupOptions::gloo(0, 2, timeout)
+            .with_gloo_device(GlooDevice::Hostname("127.0.0.1".into()));
+        let start = std::time::Instant::now();
+        let err = ProcessGroup::with_options(&store, &options)
+            .err()
+            .expect("rank 1 never joins");
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+        assert!(took >= Duration::from_millis(900), "failed early ({took:?}): {err}");
+    }
+
+    #[test]
     fn zero_timeouts_are_refused() {
-        let err = Store::host("127.0.0.1", 0, Duration::ZERO).err().expect("refused");
+        let err = Store::host("127.0.0.1", 0, Duration::ZERO)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("timeout"), "{err}");
     }
 }
