@@ -117,8 +117,20 @@ impl GradientBuckets {
     /// On error the gradients may be partly averaged and must not be applied: the caller drops
     /// the step (zeroes the gradients) and, with the coordinator, re-forms the group.
     pub fn allreduce_mean(&mut self, group: &ProcessGroup) -> Result<()> {
+        self.allreduce_sum_divided(group, group.world_size() as f64)
+    }
+
+    /// Like [`GradientBuckets::allreduce_mean`] but divides the sum by `divisor`: with gradient
+    /// accumulation over uneven micro-batch counts per rank, the divisor is the global number of
+    /// micro-batches (each rank then passes its locally summed, not averaged, gradients).
+    pub fn allreduce_sum_divided(&mut self, group: &ProcessGroup, divisor: f64) -> Result<()> {
+        if !(divisor.is_finite() && divisor > 0.0) {
+            return Err(CollectiveError::InvalidArgument {
+                op: "gradient all-reduce",
+                reason: format!("divisor must be positive and finite, got {divisor}"),
+            });
+        }
         let _no_grad = tch::no_grad_guard();
-        let world = group.world_size() as f64;
         for bucket in &mut self.buckets {
             for slot in &bucket.slots {
                 let grad = slot.tensor.grad();
@@ -137,7 +149,7 @@ impl GradientBuckets {
             // The in-place op returns the same tensor again; nothing else to keep.
             let _ = bucket
                 .buffer
-                .f_div_scalar_(world)
+                .f_div_scalar_(divisor)
                 .map_err(torch("averaging gradients"))?;
             for slot in &bucket.slots {
                 let mut grad = slot.tensor.grad();
@@ -206,6 +218,43 @@ pub fn broadcast_var_store(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collective::{GlooDevice, GroupOptions, Store};
+    use std::time::Duration;
+
+    fn world_of_one() -> (Store, ProcessGroup) {
+        let timeout = Duration::from_secs(10);
+        let store = Store::host("127.0.0.1", 0, timeout).expect("host");
+        let options = GroupOptions::gloo(0, 1, timeout)
+            .with_gloo_device(GlooDevice::Hostname("127.0.0.1".into()));
+        let group = ProcessGroup::with_options(&store, &options).expect("group");
+        (store, group)
+    }
+
+    #[test]
+    fn gradients_are_divided_and_missing_ones_are_named() {
+        let (_store, group) = world_of_one();
+        let vs = VarStore::new(Device::Cpu);
+        let used = vs.root().ones("used", &[3]);
+        let _unused = vs.root().ones("unused", &[2]);
+        let mut buckets = GradientBuckets::new(&vs, DEFAULT_BUCKET_BYTES).expect("plan");
+        (&used * 4.0).sum(Kind::Float).backward();
+        let err = buckets.allreduce_mean(&group).unwrap_err();
+        assert!(err.to_string().contains("`unused`"), "{err}");
+
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().ones("w", &[3]);
+        let mut buckets = GradientBuckets::new(&vs, DEFAULT_BUCKET_BYTES).expect("plan");
+        (&w * 4.0).sum(Kind::Float).backward();
+        buckets.allreduce_mean(&group).expect("world of one");
+        assert_eq!(
+            w.grad().double_value(&[0]),
+            4.0,
+            "the mean over one rank is the gradient"
+        );
+        buckets.allreduce_sum_divided(&group, 8.0).expect("divide");
+        assert_eq!(w.grad().double_value(&[2]), 0.5);
+        assert!(buckets.allreduce_sum_divided(&group, 0.0).is_err());
+    }
 
     fn named(sizes: &[(&str, i64, Kind)]) -> Vec<(String, Tensor)> {
         sizes

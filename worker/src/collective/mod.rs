@@ -657,7 +657,10 @@ mod tests {
             .expect("rank 1 never joins");
         let took = start.elapsed();
         assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
-        assert!(took >= Duration::from_millis(900), "failed early ({took:?}): {err}");
+        assert!(
+            took >= Duration::from_millis(900),
+            "failed early ({took:?}): {err}"
+        );
     }
 
     #[test]
