@@ -485,3 +485,75 @@ fn two_ranks_with_batch_b_match_one_process_with_batch_2b() {
     Cluster::spawn("two_ranks_with_batch_b_match_one_process_with_batch_2b", 2)
         .expect_all_succeed();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The store's host dies: the survivors rendezvous over a new store hosted by one of them.
+
+/// Hosts (on `host_rank`) or joins the store of generation `generation`, publishing its port
+/// through the parent's store, which stands in for the coordinator.
+fn generation_store(me: &Me, coordinator: &Store, generation: u32, host_rank: usize) -> Store {
+    let key = format!("gen{generation}_store_port");
+    if me.rank == host_rank {
+        let store = Store::host("127.0.0.1", 0, STORE_TIMEOUT).expect("host generation store");
+        coordinator
+            .set(&key, store.port().to_string().as_bytes())
+            .expect("publish the port");
+        store
+    } else {
+        let port: u16 = String::from_utf8(coordinator.get(&key).expect("port"))
+            .expect("utf8")
+            .parse()
+            .expect("port number");
+        Store::connect("127.0.0.1", port, STORE_TIMEOUT).expect("join generation store")
+    }
+}
+
+#[test]
+fn survivors_regroup_over_a_new_store_when_the_store_host_dies() {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    if let Some(me) = Me::from_env() {
+        let coordinator = me.store();
+        let store0 = generation_store(&me, &coordinator, 0, 0);
+        let group = loopback_group(&store0, "g", me.rank, me.world, TIMEOUT);
+        let mut t = Tensor::ones([4], (Kind::Float, Device::Cpu));
+        group.allreduce_sum(&mut t).expect("generation 0 works");
+        group.barrier().expect("barrier");
+        if me.rank == 0 {
+            coordinator.set("victim_ready", b"1").expect("set");
+            std::thread::sleep(Duration::from_secs(600));
+            panic!("the store host was not killed");
+        }
+        coordinator.get("victim_killed").expect("wait for the kill");
+        let start = Instant::now();
+        group
+            .allreduce_sum(&mut t)
+            .expect_err("the store host is gone");
+        assert!(start.elapsed() < TIMEOUT / 6, "a dead peer fails fast");
+        drop(group);
+        drop(store0);
+
+        // Generation 1: old rank 1 hosts the store and becomes rank 0; old rank 2 becomes rank 1.
+        let new_rank = me.rank - 1;
+        let store1 = generation_store(&me, &coordinator, 1, 1);
+        let group = loopback_group(&store1, "g", new_rank, 2, TIMEOUT);
+        let mut t = Tensor::full([3], new_rank as f64 + 1.0, (Kind::Float, Device::Cpu));
+        group.allreduce_sum(&mut t).expect("generation 1 works");
+        assert_eq!(t.double_value(&[0]), 3.0);
+        group.destroy().expect("destroy");
+        return;
+    }
+    let mut cluster = Cluster::spawn(
+        "survivors_regroup_over_a_new_store_when_the_store_host_dies",
+        3,
+    );
+    cluster
+        .store
+        .get("victim_ready")
+        .expect("the store host gets ready");
+    cluster.signal(0, "KILL");
+    cluster.store.set("victim_killed", b"1").expect("set");
+    let deadline = Instant::now() + TEST_DEADLINE;
+    assert_eq!(cluster.wait(0, deadline).signal(), Some(9));
+    cluster.expect_success(1, deadline);
+    cluster.expect_success(2, deadline);
+}
