@@ -23,6 +23,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time gloo all-reduce across local processes (a benchmark, see scripts/bench-allreduce).
+    #[command(hide = true)]
+    BenchAllreduce(eqim_worker::collective::bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -48,6 +51,7 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Command::BenchAllreduce(args) => eqim_worker::collective::bench::run(&args)?,
     }
     Ok(())
 }

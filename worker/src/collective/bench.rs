@@ -1,0 +1,124 @@
+//! `eqim bench-allreduce` (hidden): times gloo all-reduce of N floats across W local processes
+//! over loopback. The parent hosts the TCPStore and re-invokes this binary once per rank.
+
+use super::{GlooDevice, GroupOptions, ProcessGroup, Store};
+use anyhow::{bail, ensure, Context, Result};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// Rendezvous and collective timeout of the benchmark's group.
+const BENCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Number of local processes (ranks).
+    #[arg(long, default_value_t = 2)]
+    pub world: usize,
+    /// Number of f32 elements per all-reduce.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub floats: i64,
+    /// Timed all-reduces.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed all-reduces first (connection setup, page faults).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// gloo worker threads per group.
+    #[arg(long, default_value_t = super::DEFAULT_GLOO_THREADS)]
+    pub gloo_threads: usize,
+    /// Internal: this process is rank N of a benchmark (set by the parent).
+    #[arg(long, hide = true)]
+    pub rank: Option<usize>,
+    /// Internal: port of the parent's TCPStore.
+    #[arg(long, hide = true)]
+    pub store_port: Option<u16>,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    ensure!(args.world >= 1, "--world must be at least 1");
+    ensure!(args.floats >= 1, "--floats must be at least 1");
+    ensure!(args.iters >= 1, "--iters must be at least 1");
+    match (args.rank, args.store_port) {
+        (Some(rank), Some(port)) => run_rank(args, rank, port),
+        (None, None) => run_parent(args),
+        _ => bail!("--rank and --store-port are set together, by the parent only"),
+    }
+}
+
+fn run_parent(args: &BenchArgs) -> Result<()> {
+    let store = Store::host("127.0.0.1", 0, BENCH_TIMEOUT).context("hosting the bench store")?;
+    let exe = std::env::current_exe().context("finding the eqim binary to re-invoke")?;
+    let mut children: Vec<Child> = Vec::new();
+    for rank in 0..args.world {
+        let child = Command::new(&exe)
+            .args(["bench-allreduce", "--world", &args.world.to_string()])
+            .args(["--floats", &args.floats.to_string()])
+            .args(["--iters", &args.iters.to_string()])
+            .args(["--warmup", &args.warmup.to_string()])
+            .args(["--gloo-threads", &args.gloo_threads.to_string()])
+            .args(["--rank", &rank.to_string()])
+            .args(["--store-port", &store.port().to_string()])
+            .spawn()
+            .with_context(|| format!("spawning bench rank {rank}"))?;
+        children.push(child);
+    }
+    let mut failed = Vec::new();
+    for (rank, mut child) in children.into_iter().enumerate() {
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for rank {rank}"))?;
+        if !status.success() {
+            failed.push(format!("rank {rank}: {status}"));
+        }
+    }
+    ensure!(
+        failed.is_empty(),
+        "bench ranks failed: {}",
+        failed.join(", ")
+    );
+    Ok(())
+}
+
+fn run_rank(args: &BenchArgs, rank: usize, port: u16) -> Result<()> {
+    let store = Store::connect("127.0.0.1", port, BENCH_TIMEOUT)?;
+    let options = GroupOptions::gloo(rank, args.world, BENCH_TIMEOUT)
+        .with_gloo_device(GlooDevice::Hostname("127.0.0.1".into()))
+        .with_gloo_threads(args.gloo_threads);
+    let group = ProcessGroup::with_options(&store, &options)?;
+    let mut tensor = Tensor::ones([args.floats], (Kind::Float, Device::Cpu));
+    let mut times_ms = Vec::with_capacity(args.iters);
+    for i in 0..args.warmup + args.iters {
+        let _ = tensor.fill_(1.0); // returns the tensor itself
+        group.barrier()?;
+        let start = Instant::now();
+        group.allreduce_sum(&mut tensor)?;
+        let elapsed = start.elapsed();
+        if i >= args.warmup {
+            times_ms.push(elapsed.as_secs_f64() * 1e3);
+        }
+    }
+    let got = tensor.double_value(&[args.floats - 1]);
+    ensure!(
+        got == args.world as f64,
+        "wrong all-reduce result: {got}, expected {}",
+        args.world
+    );
+    if rank == 0 {
+        times_ms.sort_by(f64::total_cmp);
+        let median = times_ms[times_ms.len() / 2];
+        let mb = args.floats as f64 * 4.0 / 1e6;
+        println!(
+            "allreduce gloo world={} floats={} ({mb:.1} MB) iters={}: median {median:.2} ms, \
+             min {:.2} ms, max {:.2} ms, algbw {:.2} GB/s",
+            args.world,
+            args.floats,
+            args.iters,
+            times_ms[0],
+            times_ms[times_ms.len() - 1],
+            mb / 1e3 / (median / 1e3),
+        );
+    }
+    group.destroy()?;
+    Ok(())
+}
