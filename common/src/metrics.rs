@@ -33,9 +33,17 @@
 //! every listed value is created at registration, so each series exists (at zero) from the start.
 
 use std::fmt;
+use std::time::Duration;
 
 /// Prefix of every eqim metric name.
 pub const NAMESPACE: &str = "eqim";
+
+/// Port of the coordinator's `/metrics` endpoint.
+pub const DEFAULT_COORDINATOR_METRICS_PORT: u16 = 9400;
+/// Worker `i` on a host serves `/metrics` on this port + `i` (`configs/prometheus.yml` lists them).
+pub const DEFAULT_WORKER_METRICS_BASE_PORT: u16 = 9401;
+/// How long a `/metrics` client may take to send its request before the connection is dropped.
+pub const DEFAULT_METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Constant label: which kind of process exported the series (`coordinator` or `worker`).
 pub const LABEL_ROLE: &str = "role";
