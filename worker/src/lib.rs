@@ -3,4 +3,6 @@
 //! async tasks.
 
 pub mod doctor;
+pub mod metrics;
+pub mod progress;
 pub mod verify;
