@@ -503,7 +503,8 @@ mod tests {
 
     fn is_snake_identifier(s: &str) -> bool {
         !s.is_empty()
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
             && !s.starts_with(|c: char| c.is_ascii_digit())
     }
 
@@ -518,10 +519,18 @@ mod tests {
             );
             match m.kind {
                 MetricKind::Counter => {
-                    assert!(m.name.ends_with("_total"), "counter {} needs _total", m.name)
+                    assert!(
+                        m.name.ends_with("_total"),
+                        "counter {} needs _total",
+                        m.name
+                    )
                 }
                 MetricKind::Gauge => {
-                    assert!(!m.name.ends_with("_total"), "gauge {} ends in _total", m.name)
+                    assert!(
+                        !m.name.ends_with("_total"),
+                        "gauge {} ends in _total",
+                        m.name
+                    )
                 }
                 MetricKind::Histogram => assert!(
                     m.name.ends_with("_seconds") || m.name.ends_with("_bytes"),
@@ -603,10 +612,7 @@ mod tests {
             resolve_series("eqim_step_duration_seconds_count").map(|m| m.name),
             Some(STEP_DURATION_SECONDS)
         );
-        assert_eq!(
-            resolve_series(TRAIN_LOSS).map(|m| m.name),
-            Some(TRAIN_LOSS)
-        );
+        assert_eq!(resolve_series(TRAIN_LOSS).map(|m| m.name), Some(TRAIN_LOSS));
         // A histogram is only stored as its three series, never under its bare name.
         assert!(resolve_series(STEP_DURATION_SECONDS).is_none());
         assert!(resolve_series("eqim_train_loss_sum").is_none());

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use eqim_common::metrics::resolve_series;
+use eqim_common::metrics::{resolve_series, METRICS};
 use serde_json::Value;
 
 /// A problem in one dashboard file.
@@ -188,9 +188,10 @@ fn check_dashboard(path: &Path, json: &Value) -> Result<Dashboard, String> {
                 "{what} gridPos {{h:{h},w:{w},x:{x},y:{y}}} is outside the 24-column grid"
             ));
         }
-        if let Some((other, _)) = boxes.iter().find(|(_, [oh, ow, ox, oy])| {
-            x < ox + ow && *ox < x + w && y < oy + oh && *oy < y + h
-        }) {
+        if let Some((other, _)) = boxes
+            .iter()
+            .find(|(_, [oh, ow, ox, oy])| x < ox + ow && *ox < x + w && y < oy + oh && *oy < y + h)
+        {
             return Err(format!("{what} overlaps panel \"{other}\""));
         }
         boxes.push((title.to_string(), [h, w, x, y]));
@@ -383,6 +384,33 @@ const PROMQL_LABEL_LIST_KEYWORDS: &[&str] = &[
     "group_right",
 ];
 
+/// The metric table as Markdown (name, type, labels, roles, help), as `dashboards/README.md`
+/// shows it.
+pub fn metrics_markdown_table() -> String {
+    let mut out =
+        String::from("| metric | type | labels | exported by | meaning |\n|---|---|---|---|---|\n");
+    for m in METRICS {
+        let labels: Vec<String> = m
+            .labels
+            .iter()
+            .map(|l| match l.values {
+                [] => format!("`{}`", l.name),
+                values => format!("`{}`={}", l.name, values.join("\\|")),
+            })
+            .collect();
+        let roles: Vec<&str> = m.roles.iter().map(|r| r.as_str()).collect();
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            m.name,
+            m.kind.as_str(),
+            labels.join(", "),
+            roles.join(", "),
+            m.help
+        ));
+    }
+    out
+}
+
 /// The series names a PromQL expression selects: identifiers that are not functions,
 /// aggregations, keywords, label names, strings, durations or Grafana variables, plus
 /// `{__name__="..."}` matchers.
@@ -421,7 +449,9 @@ pub fn promql_series_names(expr: &str) -> BTreeSet<String> {
                     }
                 }
             }
-            c if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) => {
+            c if c.is_ascii_digit()
+                || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) =>
+            {
                 // Numbers and durations (1e-3, 0x1f, 5m).
                 while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
                     i += 1;
@@ -462,7 +492,10 @@ fn starts_with_grouping(chars: &[char]) -> bool {
     ["by", "without"].iter().any(|kw| {
         let n = kw.len();
         chars.len() > n
-            && chars[..n].iter().collect::<String>().eq_ignore_ascii_case(kw)
+            && chars[..n]
+                .iter()
+                .collect::<String>()
+                .eq_ignore_ascii_case(kw)
             && !(chars[n].is_ascii_alphanumeric() || chars[n] == '_')
     })
 }
@@ -538,16 +571,26 @@ mod tests {
             ["eqim_images_total", "eqim_membership_size"]
         );
         assert_eq!(
-            names(r#"time() - max(eqim_last_good_checkpoint_timestamp_seconds{job="a b"}) > bool 3600 and eqim_epoch or vector(0)"#),
+            names(
+                r#"time() - max(eqim_last_good_checkpoint_timestamp_seconds{job="a b"}) > bool 3600 and eqim_epoch or vector(0)"#
+            ),
             ["eqim_epoch", "eqim_last_good_checkpoint_timestamp_seconds"]
         );
         assert_eq!(
-            names(r#"label_replace(eqim_train_loss, "dst", "$1", "worker", "(.*)") # eqim_comment_only"#),
+            names(
+                r#"label_replace(eqim_train_loss, "dst", "$1", "worker", "(.*)") # eqim_comment_only"#
+            ),
             ["eqim_train_loss"]
         );
-        assert_eq!(names(r#"{__name__="eqim_grad_norm", job="x"}"#), ["eqim_grad_norm"]);
+        assert_eq!(
+            names(r#"{__name__="eqim_grad_norm", job="x"}"#),
+            ["eqim_grad_norm"]
+        );
         assert_eq!(names("1e-3 * 0x1f + Inf - NaN"), Vec::<String>::new());
-        assert_eq!(names("sum by(worker)(eqim_steps_total)"), ["eqim_steps_total"]);
+        assert_eq!(
+            names("sum by(worker)(eqim_steps_total)"),
+            ["eqim_steps_total"]
+        );
     }
 
     #[test]
@@ -557,7 +600,10 @@ mod tests {
             r#"eqim_build_info{role="worker"}"#
         );
         assert_eq!(variable_query_expr("label_values(job)"), "");
-        assert_eq!(variable_query_expr("query_result(eqim_epoch)"), "eqim_epoch");
+        assert_eq!(
+            variable_query_expr("query_result(eqim_epoch)"),
+            "eqim_epoch"
+        );
     }
 
     #[test]
@@ -620,7 +666,10 @@ mod tests {
         second["id"] = 2.into();
         second["gridPos"]["x"] = 6.into();
         overlap["panels"] = Value::Array(vec![panel, second]);
-        assert!(check_file(&overlap).unwrap_err().to_string().contains("overlaps"));
+        assert!(check_file(&overlap)
+            .unwrap_err()
+            .to_string()
+            .contains("overlaps"));
 
         let mut wide = minimal_dashboard("eqim_epoch");
         wide["panels"][0]["gridPos"]["w"] = 30.into();
@@ -628,6 +677,9 @@ mod tests {
 
         let mut unknown_var = minimal_dashboard(r#"eqim_epoch{job=~"$jobb"}"#);
         unknown_var["panels"][0]["targets"][0]["refId"] = "B".into();
-        assert!(check_file(&unknown_var).unwrap_err().to_string().contains("$jobb"));
+        assert!(check_file(&unknown_var)
+            .unwrap_err()
+            .to_string()
+            .contains("$jobb"));
     }
 }

@@ -141,7 +141,11 @@ async fn handle_connection(
     };
     let response = match head {
         Some(head) => respond(&head, metrics),
-        None => Response::text(431, "Request Header Fields Too Large", "request head too large\n"),
+        None => Response::text(
+            431,
+            "Request Header Fields Too Large",
+            "request head too large\n",
+        ),
     };
     stream.write_all(&response.into_bytes()).await?;
     stream.shutdown().await

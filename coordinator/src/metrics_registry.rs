@@ -101,7 +101,8 @@ impl EqimMetrics {
             let handle = register(&registry, desc)?;
             handles.insert(desc.name, handle);
         }
-        let Some(Handle::Gauge(resident_memory)) = handles.get(names::PROCESS_RESIDENT_MEMORY_BYTES)
+        let Some(Handle::Gauge(resident_memory)) =
+            handles.get(names::PROCESS_RESIDENT_MEMORY_BYTES)
         else {
             return Err(MetricsError::WrongShape {
                 name: names::PROCESS_RESIDENT_MEMORY_BYTES,

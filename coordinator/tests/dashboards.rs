@@ -5,12 +5,17 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use eqim_common::metrics::{self as names, resolve_series, METRICS};
-use eqim_coordinator::dashboards::{dashboard_files, load_dashboard, Dashboard};
+use eqim_coordinator::dashboards::{
+    dashboard_files, load_dashboard, metrics_markdown_table, Dashboard,
+};
 
 fn dashboards() -> Vec<Dashboard> {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards"));
     let files = dashboard_files(&dir).expect("dashboards/ is readable");
-    assert!(files.len() >= 2, "expected the overview and per-worker dashboards in {dir:?}");
+    assert!(
+        files.len() >= 2,
+        "expected the overview and per-worker dashboards in {dir:?}"
+    );
     files
         .iter()
         .map(|f| load_dashboard(f).unwrap_or_else(|e| panic!("{e}")))
@@ -64,4 +69,18 @@ fn every_exported_metric_appears_on_some_dashboard() {
         .filter(|n| !used.contains(n))
         .collect();
     assert!(unused.is_empty(), "metrics on no dashboard: {unused:?}");
+}
+
+#[test]
+fn the_readme_shows_the_current_metric_table() {
+    let readme = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../dashboards/README.md"
+    ))
+    .expect("dashboards/README.md");
+    assert!(
+        readme.contains(&metrics_markdown_table()),
+        "dashboards/README.md's metric table is stale: regenerate it with \
+         `cargo run -p eqim-coordinator --bin eqim-metrics-demo -- table`"
+    );
 }

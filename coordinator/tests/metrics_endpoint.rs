@@ -38,7 +38,9 @@ fn parse_exposition(body: &str) -> BTreeMap<String, Vec<(String, f64)>> {
             types.insert(name.to_string(), kind.to_string());
         } else if !line.is_empty() {
             let (series, value) = line.rsplit_once(' ').expect("sample has a value");
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value: {line}"));
             let (name, labels) = match series.split_once('{') {
                 Some((name, labels)) => (name, labels.strip_suffix('}').expect("closing }")),
                 None => (series, ""),
@@ -51,8 +53,14 @@ fn parse_exposition(body: &str) -> BTreeMap<String, Vec<(String, f64)>> {
             );
             for pair in labels.split(',').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').expect("label k=v");
-                assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
-                assert!(v.starts_with('"') && v.ends_with('"') && v.len() >= 2, "{line}");
+                assert!(
+                    k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{line}"
+                );
+                assert!(
+                    v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
+                    "{line}"
+                );
             }
             samples
                 .entry(name.to_string())
@@ -70,9 +78,16 @@ async fn check_role(role: Role, metrics: Arc<EqimMetrics>) {
     let addr = server.local_addr();
     assert_ne!(addr.port(), 0);
 
-    let (head, body) = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n").await;
+    let (head, body) = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert!(head.contains(&format!("Content-Type: {TEXT_CONTENT_TYPE}")), "{head}");
+    assert!(
+        head.contains(&format!("Content-Type: {TEXT_CONTENT_TYPE}")),
+        "{head}"
+    );
     let length: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("Content-Length: "))
@@ -88,7 +103,10 @@ async fn check_role(role: Role, metrics: Arc<EqimMetrics>) {
                 .get(&series)
                 .unwrap_or_else(|| panic!("{role}: {series} missing from /metrics:\n{body}"));
             for (labels, _) in got {
-                assert!(labels.contains(&format!("role=\"{role}\"")), "{series}{{{labels}}}");
+                assert!(
+                    labels.contains(&format!("role=\"{role}\"")),
+                    "{series}{{{labels}}}"
+                );
                 assert!(labels.contains("job=\"it\""), "{series}{{{labels}}}");
                 assert_eq!(labels.contains("worker=\"w7\""), role == Role::Worker);
             }
@@ -107,7 +125,10 @@ async fn check_role(role: Role, metrics: Arc<EqimMetrics>) {
     let (head, _) = http(addr, "GET / HTTP/1.1\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     let (head, _) = http(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
-    assert!(head.starts_with("HTTP/1.1 405") && head.contains("Allow: GET, HEAD"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.1 405") && head.contains("Allow: GET, HEAD"),
+        "{head}"
+    );
     let (head, _) = http(addr, "garbage\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));

@@ -452,11 +452,12 @@ mod tests {
         use std::io::{Read, Write};
         let metrics = WorkerMetrics::new("t", "w2").expect("registry");
         metrics.train_loss.set(1.25);
-        let server = MetricsThread::start("127.0.0.1:0".parse().expect("addr"), &metrics)
-            .expect("starts");
+        let server =
+            MetricsThread::start("127.0.0.1:0".parse().expect("addr"), &metrics).expect("starts");
         let addr = server.local_addr();
         let mut conn = std::net::TcpStream::connect(addr).expect("connect");
-        conn.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").expect("send");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .expect("send");
         let mut text = String::new();
         conn.read_to_string(&mut text).expect("read");
         assert!(text.starts_with("HTTP/1.1 200"));

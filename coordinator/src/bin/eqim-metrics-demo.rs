@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use eqim_common::metrics as names;
 use eqim_coordinator::dashboards::{
-    dashboard_files, load_dashboard, substitute_variables, variable_query_expr,
+    dashboard_files, load_dashboard, metrics_markdown_table, substitute_variables,
+    variable_query_expr,
 };
 use eqim_coordinator::metrics_http::MetricsServer;
 use eqim_coordinator::metrics_registry::{CoordinatorMetrics, WorkerMetrics};
@@ -59,6 +60,8 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         duration_s: u64,
     },
+    /// Print the metric table (name, type, labels, roles, help) as Markdown.
+    Table,
     /// Poll Prometheus until every dashboard series and panel expression has samples.
     Check {
         /// Prometheus base URL, loopback HTTP only (e.g. http://127.0.0.1:9090).
@@ -104,12 +107,24 @@ async fn main() -> Result<()> {
                 DemoRole::Worker => serve_worker(&job, &worker, serve).await,
             }
         }
+        Command::Table => {
+            print!("{}", metrics_markdown_table());
+            Ok(())
+        }
         Command::Check {
             prometheus,
             dashboards,
             job,
             timeout_s,
-        } => check(&prometheus, &dashboards, &job, Duration::from_secs(timeout_s)).await,
+        } => {
+            check(
+                &prometheus,
+                &dashboards,
+                &job,
+                Duration::from_secs(timeout_s),
+            )
+            .await
+        }
     }
 }
 
@@ -138,7 +153,10 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 
 /// A deterministic wobble in [0, 1) so values change between scrapes without a random source.
 fn wobble(tick: u64, salt: u64) -> f64 {
-    let x = tick.wrapping_mul(2654435761).wrapping_add(salt.wrapping_mul(40503)) % 1000;
+    let x = tick
+        .wrapping_mul(2654435761)
+        .wrapping_add(salt.wrapping_mul(40503))
+        % 1000;
     x as f64 / 1000.0
 }
 
@@ -174,10 +192,10 @@ async fn serve_worker(job: &str, worker: &str, args: ServeArgs) -> Result<()> {
         m.learning_rate.set(1e-4 * (tick as f64 / 10.0).min(1.0));
         m.grad_norm.set(0.5 + wobble(tick, salt + 1));
         m.ema_lag_steps.set((tick % 2) as f64);
-        if tick % 7 == 0 {
+        if tick.rem_euclid(7) == 0 {
             m.data_errors.inc();
         }
-        if tick % 8 == 0 {
+        if tick.rem_euclid(8) == 0 {
             m.checkpoint_duration.observe(1.5 + wobble(tick, salt));
             m.checkpoint_size.set(2.5e8);
         }
@@ -217,21 +235,21 @@ async fn serve_coordinator(job: &str, args: ServeArgs) -> Result<()> {
             m.membership_size.set(2.0);
             m.membership_generation.inc();
             m.recoveries.inc();
-            m.recovery_duration.observe(4.0 * TICK_INTERVAL.as_secs_f64());
+            m.recovery_duration
+                .observe(4.0 * TICK_INTERVAL.as_secs_f64());
         }
         m.committed_step.set(tick as f64);
         let consumed = (tick as f64 * 64.0) % epoch_samples;
         m.epoch.set(((tick as f64 * 64.0) / epoch_samples).floor());
         m.epoch_samples_consumed.set(consumed);
-        if tick % 8 == 0 {
+        if tick.rem_euclid(8) == 0 {
             m.checkpoints.inc();
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .context("system clock before 1970")?;
             m.last_good_checkpoint_timestamp.set(now.as_secs_f64());
         }
-        m.eval_images_completed
-            .set((tick as f64 * 8.0).min(500.0));
+        m.eval_images_completed.set((tick as f64 * 8.0).min(500.0));
     }
     server.shutdown().await;
     Ok(())
@@ -301,9 +319,10 @@ async fn check(prometheus: &str, dashboards: &Path, job: &str, timeout: Duration
         }
         if failures.is_empty() {
             println!(
-                "prometheus check: all {} probes have samples ({} series + panel expressions) after {:.1} s",
+                "prometheus check: all {} probes have samples ({} series, {} panel and variable expressions) after {:.1} s",
                 probes.len(),
                 probes.iter().filter(|p| p.min_value.is_some()).count(),
+                probes.iter().filter(|p| p.min_value.is_none()).count(),
                 started.elapsed().as_secs_f64()
             );
             return Ok(());
@@ -322,7 +341,11 @@ async fn check(prometheus: &str, dashboards: &Path, job: &str, timeout: Duration
 }
 
 async fn run_probe(addr: SocketAddr, probe: &Probe) -> Result<()> {
-    let body = http_get(addr, &format!("/api/v1/query?query={}", url_encode(&probe.query))).await?;
+    let body = http_get(
+        addr,
+        &format!("/api/v1/query?query={}", url_encode(&probe.query)),
+    )
+    .await?;
     let json: serde_json::Value =
         serde_json::from_str(&body).with_context(|| format!("non-JSON answer: {body}"))?;
     if json["status"] != "success" {
@@ -350,14 +373,13 @@ async fn run_probe(addr: SocketAddr, probe: &Probe) -> Result<()> {
 
 /// HTTP/1.0 so the answer is never chunked; the server closes the connection at the end.
 async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .context("connecting to Prometheus timed out")?
-    .with_context(|| format!("connecting to Prometheus at {addr}"))?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .context("connecting to Prometheus timed out")?
+            .with_context(|| format!("connecting to Prometheus at {addr}"))?;
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
