@@ -151,6 +151,24 @@ fn check_dashboard(path: &Path, json: &Value) -> Result<Dashboard, String> {
     if json.get("id").is_some_and(|id| !id.is_null()) {
         return Err("`id` must be null so that import creates a new dashboard".into());
     }
+    if let Some(sync) = json.get("graphTooltip") {
+        if !matches!(sync.as_i64(), Some(0..=2)) {
+            return Err(format!("graphTooltip must be 0, 1 or 2, not {sync}"));
+        }
+    }
+    for link in json
+        .get("links")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let kind = link.get("type").and_then(Value::as_str);
+        if !matches!(kind, Some("link" | "dashboards")) || link.get("title").is_none() {
+            return Err(format!(
+                "dashboard link {link} needs a title and type \"link\" or \"dashboards\""
+            ));
+        }
+    }
     let mut queries = Vec::new();
     let variables = check_templating(json, &mut queries)?;
     let panels = json
@@ -256,6 +274,11 @@ fn check_templating(
         let name = str_field(var, "name", "every template variable")?;
         let what = format!("variable \"{name}\"");
         let kind = str_field(var, "type", &what)?;
+        if let Some(hide) = var.get("hide") {
+            if !matches!(hide.as_i64(), Some(0..=2)) {
+                return Err(format!("{what}: hide must be 0, 1 or 2, not {hide}"));
+            }
+        }
         match kind {
             "datasource" => {
                 if var.get("query").and_then(Value::as_str) != Some("prometheus") {
