@@ -5,5 +5,7 @@
 pub mod collective;
 pub mod doctor;
 pub mod launch;
+pub mod metrics;
 pub mod model;
+pub mod progress;
 pub mod verify;
