@@ -4,4 +4,5 @@
 
 pub mod doctor;
 pub mod model;
+pub mod sampling;
 pub mod verify;
