@@ -4,5 +4,6 @@
 
 pub mod doctor;
 pub mod model;
+pub mod sampling;
 pub mod train;
 pub mod verify;

@@ -23,6 +23,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the tch models against a reference fixture (PREFIX.json, PREFIX.weights.safetensors,
+    /// PREFIX.io.safetensors): prints the max abs error per case, fails above --tol.
+    VerifyReference {
+        /// Fixture prefix, e.g. ../shared/fixtures/generator_tiny
+        prefix: std::path::PathBuf,
+        /// Largest allowed max-abs error per case.
+        #[arg(long, default_value_t = 1e-4)]
+        tol: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -47,6 +56,9 @@ fn main() -> Result<()> {
                     "libtorch loaded but a tiny forward pass failed: reinstall with scripts/setup"
                 );
             }
+        }
+        Command::VerifyReference { prefix, tol } => {
+            eqim_worker::verify::run_cli(&prefix, tol)?;
         }
     }
     Ok(())

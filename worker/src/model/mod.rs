@@ -2,3 +2,6 @@
 //! the reference state_dict keys exactly.
 
 pub mod weights;
+pub mod flow_head;
+pub mod generator;
+pub mod layers;
