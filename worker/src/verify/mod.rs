@@ -81,6 +81,7 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> Result<f64> {
 }
 
 pub mod generator;
+pub mod train;
 
 /// Runs every case of the fixture at `prefix`, choosing the model kind from its JSON.
 pub fn run(prefix: &Path, opts: &VerifyOptions) -> Result<Vec<CaseReport>> {
