@@ -17,6 +17,7 @@
 
 pub mod clip;
 pub mod ema;
+pub mod generator;
 pub mod optim;
 pub mod params;
 pub mod rng;

@@ -13,6 +13,9 @@
 
 use std::sync::Mutex;
 
+/// The `step` of the stream that initialises model weights (no optimizer step reaches it).
+pub const INIT_STEP: u64 = u64::MAX;
+
 static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
 
 /// splitmix64: a bijective 64-bit mixer with good avalanche, enough to decorrelate seeds.

@@ -1,7 +1,10 @@
 //! Exact resume of the training state. A test binary of its own: libtorch's generators are
 //! process-global, and bitwise repeatability needs that no concurrent test draws from them.
+//! Tests use one intra-op thread: they run in parallel, and OpenMP workers spinning on a busy
+//! 2-core machine made a step 15x slower.
 
 use anyhow::Result;
+use eqim_worker::train::generator::GeneratorTrainModel;
 use eqim_worker::train::source::{EpochOrder, SyntheticLatents};
 use eqim_worker::train::trainer::BatchPlan;
 use eqim_worker::train::{
@@ -60,6 +63,7 @@ fn source() -> SyntheticLatents {
 }
 
 fn trainer() -> Trainer<Mlp> {
+    tch::set_num_threads(1);
     let cfg = TrainerConfig {
         optim: AdamWConfig::default(),
         schedule: LrSchedule {
@@ -224,4 +228,116 @@ fn seeded_sections_repeat_their_draws() {
     let z = rng::seeded(1, 5, 1, draw);
     assert!(x.equal(&y));
     assert!(!x.equal(&z));
+}
+
+fn tiny_generator() -> eqim_worker::model::generator::GeneratorConfig {
+    // generator_train_tiny's shape with 8-token sequences and 4 classes.
+    serde_json::from_value(serde_json::json!({
+        "encoder_embed_dim": 64, "encoder_depth": 1, "encoder_num_heads": 4,
+        "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4,
+        "vae_embed_dim": 16, "token_num": 8, "buffer_size": 16, "cond_length": 3,
+        "class_num": 4, "diffloss_d": 2, "diffloss_w": 64, "diffusion_batch_mul": 4,
+        "num_sampling_steps": "8", "shift_num": 16
+    }))
+    .unwrap()
+}
+
+fn generator_trainer(lr: f64, seed: u64) -> Trainer<GeneratorTrainModel> {
+    tch::set_num_threads(1);
+    let model = GeneratorTrainModel::new(&tiny_generator(), Device::Cpu, seed).unwrap();
+    let cfg = TrainerConfig {
+        optim: AdamWConfig::default(),
+        schedule: LrSchedule {
+            lr,
+            warmup_epochs: 0.25,
+            kind: ScheduleKind::Constant,
+            min_lr: 0.0,
+            epochs: 100.0,
+        },
+        clip_grad: Some(3.0),
+        ema_rate: 0.99,
+        seed,
+    };
+    Trainer::new(model, cfg).unwrap()
+}
+
+fn latents() -> SyntheticLatents {
+    SyntheticLatents {
+        samples: 64,
+        classes: 4,
+        tokens: 8,
+        channels: 16,
+        noise: 0.1,
+        seed: 2,
+    }
+}
+
+#[test]
+fn the_tiny_generator_learns_smooth_class_patterns() {
+    let mut t = generator_trainer(2e-3, 1);
+    let (mut src, mut order) = (latents(), EpochOrder::new(1, 64));
+    let plan = BatchPlan {
+        global_batch: 16,
+        micro_batch: 16,
+        device: Device::Cpu,
+    };
+    let losses: Vec<f64> = (0..48)
+        .map(|_| {
+            t.step_from_source(&mut src, &mut order, &plan)
+                .unwrap()
+                .loss
+        })
+        .collect();
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&losses[..8]), mean(&losses[40..]));
+    println!("loss: first 8 steps {first:.4}, last 8 steps {last:.4}");
+    assert!(
+        last < 0.7 * first,
+        "loss did not fall: {first:.4} -> {last:.4}"
+    );
+    assert_eq!(t.progress.epoch, 12);
+}
+
+#[test]
+fn generator_resume_is_bitwise_exact() {
+    let plan = BatchPlan {
+        global_batch: 8,
+        micro_batch: 4,
+        device: Device::Cpu,
+    };
+    let run = |t: &mut Trainer<GeneratorTrainModel>, order: &mut EpochOrder, n: u64| {
+        let mut src = latents();
+        for _ in 0..n {
+            t.step_from_source(&mut src, order, &plan).unwrap();
+        }
+    };
+    let mut straight = generator_trainer(1e-3, 4);
+    run(&mut straight, &mut EpochOrder::new(4, 64), 6);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = generator_trainer(1e-3, 4);
+    run(&mut first, &mut EpochOrder::new(4, 64), 3);
+    TrainState::capture(&first, serde_json::Value::Null)
+        .write(dir.path())
+        .unwrap();
+    drop(first);
+    // A different init seed: everything must come from the saved state.
+    let mut resumed = generator_trainer(1e-3, 4);
+    let other = generator_trainer(1e-3, 5);
+    assert!(!other.params.tensors[0].equal(&resumed.params.tensors[0]));
+    TrainState::read(dir.path())
+        .unwrap()
+        .restore_into(&mut resumed)
+        .unwrap();
+    run(&mut resumed, &mut EpochOrder::new(4, 64), 3);
+    for (i, name) in straight.params.names.iter().enumerate() {
+        assert!(
+            straight.params.tensors[i].equal(&resumed.params.tensors[i]),
+            "weights of {name} differ"
+        );
+        assert!(
+            straight.ema.shadow[i].equal(&resumed.ema.shadow[i]),
+            "EMA of {name} differs"
+        );
+    }
 }
