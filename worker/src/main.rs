@@ -32,6 +32,9 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
+    /// Train the generator on one process by the reference recipe (AdamW, warm-up, clipping, EMA),
+    /// resuming from OUTPUT_DIR/checkpoint-last when present.
+    TrainGenerator(eqim_worker::train::cli::TrainGeneratorArgs),
 }
 
 fn main() -> Result<()> {
@@ -60,6 +63,7 @@ fn main() -> Result<()> {
         Command::VerifyReference { prefix, tol } => {
             eqim_worker::verify::run_cli(&prefix, tol)?;
         }
+        Command::TrainGenerator(args) => eqim_worker::train::cli::run(&args)?,
     }
     Ok(())
 }

@@ -15,6 +15,7 @@
 //! seed derived from (run seed, step, micro-batch slot); see [`rng`]. Nothing else is random, so
 //! the state to save is the weights, EMA, optimizer moments and counters: no generator state.
 
+pub mod cli;
 pub mod clip;
 pub mod ema;
 pub mod generator;

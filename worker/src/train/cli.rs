@@ -1,0 +1,289 @@
+//! `eqim train-generator --config FILE`: trains the generator on one process by the reference
+//! recipe, with a progress bar, a log line every `run.log_every` steps (loss, lr, grad norm,
+//! images/s, also appended to `OUTPUT_DIR/train_log.jsonl`) and `OUTPUT_DIR/checkpoint-last/`
+//! written every `run.checkpoint_every` steps and at the end. A run whose output directory holds
+//! a checkpoint resumes from it exactly (same weights as an uninterrupted run on the CPU).
+
+use super::generator::GeneratorTrainModel;
+use super::source::{steps_per_epoch, BatchSource, EpochOrder, SyntheticLatents};
+use super::trainer::{BatchPlan, StepReport, Trainer, TrainerConfig};
+use super::{AdamWConfig, LrSchedule, ScheduleKind, TrainState};
+use crate::model::generator::GeneratorConfig;
+use anyhow::{bail, Context, Result};
+use eqim_common::config::load_config;
+use eqim_common::train_config::{DataConfig, GeneratorTrainConfig, LrScheduleName};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::Device;
+use tracing::info;
+
+/// Name of the resumable state directory inside `output_dir`.
+pub const CHECKPOINT_DIR: &str = "checkpoint-last";
+
+/// Command-line options of `eqim train-generator`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainGeneratorArgs {
+    /// Training config (TOML or YAML), e.g. configs/generator-tiny.toml.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Start from scratch even if OUTPUT_DIR/checkpoint-last exists (it is overwritten).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Stop after this many steps in total (overrides run.max_steps).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Hide the progress bar (log lines only).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// The `[model]` table as a generator config: a `preset` (or the constructor defaults) with the
+/// given constructor arguments on top. Unknown keys are refused by name.
+pub fn resolve_model(
+    table: &serde_json::Map<String, serde_json::Value>,
+) -> Result<GeneratorConfig> {
+    let base = match table.get("preset") {
+        Some(serde_json::Value::String(name)) => {
+            GeneratorConfig::preset(name).context("model.preset")?
+        }
+        Some(other) => bail!("model.preset must be a string, got {other}"),
+        None => GeneratorConfig::default(),
+    };
+    let serde_json::Value::Object(mut fields) =
+        serde_json::to_value(&base).context("serialising the generator config")?
+    else {
+        bail!("generator config did not serialise to a table");
+    };
+    for (key, value) in table.iter().filter(|(k, _)| *k != "preset") {
+        if !fields.contains_key(key) {
+            let mut known: Vec<&String> = fields.keys().collect();
+            known.sort();
+            bail!("model.{key} is not a generator argument (known: preset, {known:?})");
+        }
+        fields.insert(key.clone(), value.clone());
+    }
+    let cfg: GeneratorConfig = serde_json::from_value(serde_json::Value::Object(fields))
+        .context("reading the [model] table")?;
+    cfg.validate().context("the [model] table")?;
+    Ok(cfg)
+}
+
+fn parse_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "auto" => Device::cuda_if_available(),
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => bail!("device {other:?}: use cpu, cuda, cuda:N or auto"),
+        },
+    })
+}
+
+fn trainer_config(cfg: &GeneratorTrainConfig) -> TrainerConfig {
+    let o = &cfg.optim;
+    TrainerConfig {
+        optim: AdamWConfig {
+            beta1: o.betas[0],
+            beta2: o.betas[1],
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        },
+        schedule: LrSchedule {
+            lr: o.peak_lr(),
+            warmup_epochs: o.warmup_epochs,
+            kind: match o.schedule {
+                LrScheduleName::Constant => ScheduleKind::Constant,
+                LrScheduleName::Cosine => ScheduleKind::Cosine,
+            },
+            min_lr: o.min_lr,
+            epochs: cfg.run.epochs as f64,
+        },
+        clip_grad: (o.clip_grad > 0.0).then_some(o.clip_grad),
+        ema_rate: o.ema_rate,
+        seed: cfg.seed,
+    }
+}
+
+fn batch_source(cfg: &GeneratorTrainConfig, model: &GeneratorConfig) -> Box<dyn BatchSource> {
+    match &cfg.data {
+        DataConfig::Synthetic { samples, noise } => Box::new(SyntheticLatents {
+            samples: *samples,
+            classes: model.class_num,
+            tokens: model.token_num,
+            channels: model.vae_embed_dim,
+            noise: *noise,
+            seed: cfg.seed,
+        }),
+    }
+}
+
+/// Appends one JSON line per logged step.
+struct StepLog {
+    file: std::fs::File,
+}
+
+impl StepLog {
+    fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("train_log.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    fn write(&mut self, r: &StepReport, images_per_sec: f64) -> Result<()> {
+        let line = serde_json::json!({
+            "step": r.step + 1, "epoch": r.epoch, "loss": r.loss, "lr": r.lr,
+            "grad_norm": r.grad_norm, "images_per_sec": images_per_sec,
+        });
+        writeln!(self.file, "{line}").context("writing train_log.jsonl")
+    }
+}
+
+fn save(trainer: &Trainer<GeneratorTrainModel>, cfg: &GeneratorTrainConfig) -> Result<PathBuf> {
+    let dir = cfg.output_dir.join(CHECKPOINT_DIR);
+    let extra = serde_json::json!({
+        "config": cfg,
+        "generator": trainer.model.model.cfg,
+    });
+    TrainState::capture(trainer, extra)
+        .write(&dir)
+        .with_context(|| format!("saving the training state to {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Runs `eqim train-generator`.
+pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
+    let cfg: GeneratorTrainConfig = load_config(&args.config)?;
+    let model_cfg = resolve_model(&cfg.model)
+        .with_context(|| format!("config file {}", args.config.display()))?;
+    if let Some(n) = cfg.threads {
+        tch::set_num_threads(n as i32);
+    }
+    let device = parse_device(&cfg.device)?;
+    std::fs::create_dir_all(&cfg.output_dir)
+        .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
+
+    let model = GeneratorTrainModel::new(&model_cfg, device, cfg.seed)?;
+    let mut trainer = Trainer::new(model, trainer_config(&cfg))?;
+    let state_dir = cfg.output_dir.join(CHECKPOINT_DIR);
+    if state_dir.exists() && !args.fresh {
+        TrainState::read(&state_dir)
+            .and_then(|s| s.restore_into(&mut trainer))
+            .with_context(|| {
+                format!(
+                    "resuming from {} (pass --fresh to start over)",
+                    state_dir.display()
+                )
+            })?;
+        info!(step = trainer.progress.step, epoch = trainer.progress.epoch, dir = %state_dir.display(), "resumed");
+    }
+
+    let mut source = batch_source(&cfg, &model_cfg);
+    let plan = BatchPlan {
+        global_batch: cfg.optim.batch,
+        micro_batch: cfg.optim.micro_batch(),
+        device,
+    };
+    let per_epoch = steps_per_epoch(source.len(), plan.global_batch);
+    let total = args
+        .max_steps
+        .or(cfg.run.max_steps)
+        .unwrap_or(u64::MAX)
+        .min(cfg.run.epochs * per_epoch);
+    let mut order = EpochOrder::new(cfg.seed, source.len());
+    info!(
+        params = trainer.params.numel(),
+        device = ?device,
+        steps_per_epoch = per_epoch,
+        total_steps = total,
+        batch = plan.global_batch,
+        micro_batch = plan.micro_batch,
+        peak_lr = cfg.optim.peak_lr(),
+        "training the generator"
+    );
+
+    let bar = if args.no_progress {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+        )
+        .expect("valid progress template")
+        .progress_chars("=> "),
+    );
+    bar.set_position(trainer.progress.step.min(total));
+    let mut log = StepLog::open(&cfg.output_dir)?;
+    let mut window = (Instant::now(), 0u64);
+    while trainer.progress.step < total {
+        let report = trainer.step_from_source(source.as_mut(), &mut order, &plan)?;
+        window.1 += report.rows;
+        let done = report.step + 1;
+        bar.set_position(done);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} gnorm {:.3}",
+            report.loss, report.lr, report.grad_norm
+        ));
+        if done % cfg.run.log_every == 0 || done == total {
+            let images_per_sec = window.1 as f64 / window.0.elapsed().as_secs_f64();
+            window = (Instant::now(), 0);
+            log.write(&report, images_per_sec)?;
+            bar.suspend(|| {
+                info!(
+                    step = done,
+                    epoch = report.epoch,
+                    loss = format!("{:.5}", report.loss),
+                    lr = format!("{:.3e}", report.lr),
+                    grad_norm = format!("{:.4}", report.grad_norm),
+                    images_per_sec = format!("{images_per_sec:.1}"),
+                    "step"
+                )
+            });
+        }
+        let every = cfg.run.checkpoint_every;
+        if every > 0 && done % every == 0 && done < total {
+            let dir = save(&trainer, &cfg)?;
+            bar.suspend(|| info!(step = done, dir = %dir.display(), "checkpoint written"));
+        }
+    }
+    bar.finish_and_clear();
+    let dir = save(&trainer, &cfg)?;
+    info!(step = trainer.progress.step, dir = %dir.display(), "training finished; state saved");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(json: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        json.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn presets_take_overrides_and_unknown_keys_are_named() {
+        let cfg = resolve_model(&table(
+            serde_json::json!({"preset": "large", "class_num": 30}),
+        ))
+        .unwrap();
+        assert_eq!(cfg.encoder_embed_dim, 1024);
+        assert_eq!(cfg.class_num, 30);
+        let err = resolve_model(&table(
+            serde_json::json!({"preset": "large", "clas_num": 30}),
+        ))
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("model.clas_num"), "{err:#}");
+        let err = resolve_model(&table(serde_json::json!({"preset": "giant"}))).unwrap_err();
+        assert!(format!("{err:#}").contains("giant"), "{err:#}");
+        let err = resolve_model(&table(serde_json::json!({"encoder_num_heads": 7}))).unwrap_err();
+        assert!(format!("{err:#}").contains("encoder_num_heads"), "{err:#}");
+    }
+}
