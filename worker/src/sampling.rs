@@ -51,21 +51,26 @@ pub trait NoiseSource {
     fn next_noise(&mut self, batch: i64, channels: i64) -> anyhow::Result<Tensor>;
 }
 
-/// Draws `randn(B, C)` on tch's CPU generator, seeded once, as the reference does.
-pub struct SeededNoise;
+/// Serialises seeding + drawing on tch's process-wide CPU generator, so that two samplers in one
+/// process (e.g. parallel tests) do not interleave their streams.
+static CPU_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-impl SeededNoise {
-    /// Seeds tch's (global) CPU generator.
-    pub fn new(seed: i64) -> Self {
-        tch::manual_seed(seed);
-        Self
-    }
-}
-
-impl NoiseSource for SeededNoise {
-    fn next_noise(&mut self, batch: i64, channels: i64) -> anyhow::Result<Tensor> {
-        Ok(Tensor::randn([batch, channels], (Kind::Float, Device::Cpu)))
-    }
+/// The seeded default: `manual_seed(seed)`, then one `randn(B, C)` per generated token on tch's
+/// CPU generator, in order, as the reference draws them (all drawn up front, under a lock).
+pub fn seeded_noise(seed: i64, tokens: i64, batch: i64, channels: i64) -> FixedNoise {
+    let _lock = CPU_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed);
+    let draws: Vec<Tensor> = (0..tokens)
+        .map(|_| Tensor::randn([batch, channels], (Kind::Float, Device::Cpu)))
+        .collect();
+    let noise = if draws.is_empty() {
+        Tensor::zeros([0, batch, channels], (Kind::Float, Device::Cpu))
+    } else {
+        Tensor::stack(&draws, 0)
+    };
+    FixedNoise::new(noise)
 }
 
 /// Replays given noise: `[steps, B, C]`, one slice per generated token (parity tests).
@@ -283,6 +288,25 @@ impl KvCache {
             fed: 0,
             first_row,
         }
+    }
+
+    /// Keys held per layer (at most `cond_length + 1` for a windowed model, whatever the length).
+    pub fn cached_keys(&self) -> i64 {
+        self.layers
+            .iter()
+            .filter_map(|l| l.self_kv.as_ref().map(|kv| kv.k.size()[2]))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Image tokens fed so far.
+    pub fn fed(&self) -> i64 {
+        self.fed
+    }
+
+    /// Output row 0 (the condition of the first token), `[R, D]`.
+    pub fn first_row(&self) -> &Tensor {
+        &self.first_row
     }
 
     /// Feeds image token `fed` (`[R, C]`) through every layer; returns output row `fed + 1`

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// The shared fixtures: `$EQIM_FIXTURES`, else `<repo>/../shared/fixtures` (CI clones the repo
 /// next to `shared/`).
 fn fixtures() -> PathBuf {
+    // One intra-op thread: the models are tiny, and on a loaded 2-core CI box spinning OpenMP
+    // workers make these tests 30-50x slower.
+    tch::set_num_threads(1);
     std::env::var_os("EQIM_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
