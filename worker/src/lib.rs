@@ -4,5 +4,6 @@
 
 pub mod doctor;
 pub mod model;
+pub mod sample_tokens;
 pub mod sampling;
 pub mod verify;

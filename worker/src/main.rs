@@ -32,6 +32,8 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
+    /// Sample latent tokens with a generator checkpoint into a safetensors file.
+    SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
 }
 
 fn main() -> Result<()> {
@@ -60,6 +62,7 @@ fn main() -> Result<()> {
         Command::VerifyReference { prefix, tol } => {
             eqim_worker::verify::run_cli(&prefix, tol)?;
         }
+        Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
     }
     Ok(())
 }

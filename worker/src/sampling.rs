@@ -153,14 +153,20 @@ pub fn euler_generative(
     for i in (1..=n).rev() {
         let t = Tensor::ones([rows, 1], (Kind::Float, z1.device())) * i as f64 / n as f64;
         let v = velocity(&z, &t.squeeze_dim(1), i);
-        z = z + v * dt;
+        z += v * dt;
     }
     z
 }
 
 /// Draws one token per row from the head given conditions `z` (`[2B, D]` with guidance,
 /// `[B, D]` without) and the noise `[B, C]`; returns `[B, C]`.
-fn sample_head_exact(head: &SimpleMLPAdaLN, z: &Tensor, noise: &Tensor, cfg: f64, n: i64) -> Tensor {
+fn sample_head_exact(
+    head: &SimpleMLPAdaLN,
+    z: &Tensor,
+    noise: &Tensor,
+    cfg: f64,
+    n: i64,
+) -> Tensor {
     if cfg != 1.0 {
         let z1 = Tensor::cat(&[noise, noise], 0);
         let mut v = |x: &Tensor, t: &Tensor, _i: i64| head.forward_with_cfg(x, t, z, cfg);
@@ -177,7 +183,11 @@ fn class_rows(model: &EquivariantGenerativeModel, spec: &SampleSpec) -> anyhow::
     let ce = match spec.labels {
         Some(labels) => {
             if labels.size() != [spec.batch] {
-                anyhow::bail!("labels have shape {:?}, expected [{}]", labels.size(), spec.batch);
+                anyhow::bail!(
+                    "labels have shape {:?}, expected [{}]",
+                    labels.size(),
+                    spec.batch
+                );
             }
             model.class_embedding(labels)?
         }
@@ -196,7 +206,10 @@ fn initial_tokens(
 ) -> anyhow::Result<(Tensor, i64)> {
     let p = spec.prefix_len(model)?;
     let c = model.cfg.vae_embed_dim;
-    let tokens = Tensor::zeros([spec.batch, spec.num_iter, c], (Kind::Float, model.device()));
+    let tokens = Tensor::zeros(
+        [spec.batch, spec.num_iter, c],
+        (Kind::Float, model.device()),
+    );
     if let Some(prefix) = spec.prefix {
         tokens
             .narrow(1, 0, p)
@@ -314,7 +327,10 @@ impl KvCache {
     pub fn feed(&mut self, model: &EquivariantGenerativeModel, token: &Tensor) -> Tensor {
         let pos = self.fed;
         let rope = self.rope.narrow(0, pos, 1); // [1, hd/2, 2]
-        let mut x = token.unsqueeze(1).apply(&model.z_proj).apply(&model.z_proj_ln); // [R, 1, D]
+        let mut x = token
+            .unsqueeze(1)
+            .apply(&model.z_proj)
+            .apply(&model.z_proj_ln); // [R, 1, D]
         for (block, cache) in model.encoder_blocks.iter().zip(self.layers.iter_mut()) {
             x = feed_block(block, cache, &x, &rope, self.window);
         }
@@ -374,7 +390,14 @@ impl HeadPlan {
     }
 
     /// One token per row from conditions `z` `[R, D]` and noise `[B, C]` -> `[B, C]`.
-    fn sample(&self, head: &SimpleMLPAdaLN, z: &Tensor, noise: &Tensor, cfg: f64, n: i64) -> Tensor {
+    fn sample(
+        &self,
+        head: &SimpleMLPAdaLN,
+        z: &Tensor,
+        noise: &Tensor,
+        cfg: f64,
+        n: i64,
+    ) -> Tensor {
         let cond = z.apply(&head.cond_embed); // [R, W], the same for all n steps
         let b = noise.size()[0];
         let guided = cfg != 1.0;

@@ -16,7 +16,10 @@ fn fixtures() -> PathBuf {
     std::env::var_os("EQIM_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures"))
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures"
+            ))
         })
 }
 
@@ -101,5 +104,44 @@ fn the_cache_holds_one_window_whatever_the_length() {
         assert!(cache.cached_keys() <= model.cfg.cond_length + 1);
     }
     assert_eq!(cache.fed(), 299);
-    assert!(worst < 1e-5, "cached rows differ from the full forward by {worst}");
+    assert!(
+        worst < 1e-5,
+        "cached rows differ from the full forward by {worst}"
+    );
+}
+
+#[test]
+fn sample_tokens_command_writes_the_tokens_of_either_sampler() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: eqim_worker::sample_tokens::SampleTokensArgs,
+    }
+    let f = fixtures().join("generator_tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let mut outputs = Vec::new();
+    for exact in [false, true] {
+        let out = dir.path().join(format!("t{exact}.safetensors"));
+        let mut argv = vec![
+            "x".to_string(),
+            format!("--weights={}.weights.safetensors", f.display()),
+            format!("--config={}.json", f.display()),
+            "--labels=1,2,3".into(),
+            "--length=6".into(),
+            "--cfg=2.0".into(),
+            "--steps=5".into(),
+            format!("--output={}", out.display()),
+        ];
+        if exact {
+            argv.push("--exact".into());
+        }
+        eqim_worker::sample_tokens::run(&Cli::parse_from(argv).args).unwrap();
+        let t = eqim_worker::model::weights::read_safetensors(&out).unwrap();
+        assert_eq!(t["tokens"].size(), vec![3, 6, 16]);
+        assert_eq!(Vec::<i64>::try_from(&t["labels"]).unwrap(), vec![1, 2, 3]);
+        outputs.push(t["tokens"].shallow_clone());
+    }
+    assert!(max_abs_diff(&outputs[0], &outputs[1]).unwrap() < 1e-4);
+    assert!(outputs[0].abs().sum(Kind::Float).double_value(&[]) > 0.0);
 }
