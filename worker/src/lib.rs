@@ -4,6 +4,7 @@
 
 pub mod doctor;
 pub mod model;
+pub mod sample_tokens;
 pub mod sampling;
 pub mod train;
 pub mod verify;

@@ -35,6 +35,8 @@ enum Command {
     /// Train the generator on one process by the reference recipe (AdamW, warm-up, clipping, EMA),
     /// resuming from OUTPUT_DIR/checkpoint-last when present.
     TrainGenerator(eqim_worker::train::cli::TrainGeneratorArgs),
+    /// Sample latent tokens with a generator checkpoint into a safetensors file.
+    SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
 }
 
 fn main() -> Result<()> {
@@ -64,6 +66,7 @@ fn main() -> Result<()> {
             eqim_worker::verify::run_cli(&prefix, tol)?;
         }
         Command::TrainGenerator(args) => eqim_worker::train::cli::run(&args)?,
+        Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
     }
     Ok(())
 }

@@ -51,21 +51,26 @@ pub trait NoiseSource {
     fn next_noise(&mut self, batch: i64, channels: i64) -> anyhow::Result<Tensor>;
 }
 
-/// Draws `randn(B, C)` on tch's CPU generator, seeded once, as the reference does.
-pub struct SeededNoise;
+/// Serialises seeding + drawing on tch's process-wide CPU generator, so that two samplers in one
+/// process (e.g. parallel tests) do not interleave their streams.
+static CPU_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-impl SeededNoise {
-    /// Seeds tch's (global) CPU generator.
-    pub fn new(seed: i64) -> Self {
-        tch::manual_seed(seed);
-        Self
-    }
-}
-
-impl NoiseSource for SeededNoise {
-    fn next_noise(&mut self, batch: i64, channels: i64) -> anyhow::Result<Tensor> {
-        Ok(Tensor::randn([batch, channels], (Kind::Float, Device::Cpu)))
-    }
+/// The seeded default: `manual_seed(seed)`, then one `randn(B, C)` per generated token on tch's
+/// CPU generator, in order, as the reference draws them (all drawn up front, under a lock).
+pub fn seeded_noise(seed: i64, tokens: i64, batch: i64, channels: i64) -> FixedNoise {
+    let _lock = CPU_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed);
+    let draws: Vec<Tensor> = (0..tokens)
+        .map(|_| Tensor::randn([batch, channels], (Kind::Float, Device::Cpu)))
+        .collect();
+    let noise = if draws.is_empty() {
+        Tensor::zeros([0, batch, channels], (Kind::Float, Device::Cpu))
+    } else {
+        Tensor::stack(&draws, 0)
+    };
+    FixedNoise::new(noise)
 }
 
 /// Replays given noise: `[steps, B, C]`, one slice per generated token (parity tests).
@@ -148,14 +153,20 @@ pub fn euler_generative(
     for i in (1..=n).rev() {
         let t = Tensor::ones([rows, 1], (Kind::Float, z1.device())) * i as f64 / n as f64;
         let v = velocity(&z, &t.squeeze_dim(1), i);
-        z = z + v * dt;
+        z += v * dt;
     }
     z
 }
 
 /// Draws one token per row from the head given conditions `z` (`[2B, D]` with guidance,
 /// `[B, D]` without) and the noise `[B, C]`; returns `[B, C]`.
-fn sample_head_exact(head: &SimpleMLPAdaLN, z: &Tensor, noise: &Tensor, cfg: f64, n: i64) -> Tensor {
+fn sample_head_exact(
+    head: &SimpleMLPAdaLN,
+    z: &Tensor,
+    noise: &Tensor,
+    cfg: f64,
+    n: i64,
+) -> Tensor {
     if cfg != 1.0 {
         let z1 = Tensor::cat(&[noise, noise], 0);
         let mut v = |x: &Tensor, t: &Tensor, _i: i64| head.forward_with_cfg(x, t, z, cfg);
@@ -172,7 +183,11 @@ fn class_rows(model: &EquivariantGenerativeModel, spec: &SampleSpec) -> anyhow::
     let ce = match spec.labels {
         Some(labels) => {
             if labels.size() != [spec.batch] {
-                anyhow::bail!("labels have shape {:?}, expected [{}]", labels.size(), spec.batch);
+                anyhow::bail!(
+                    "labels have shape {:?}, expected [{}]",
+                    labels.size(),
+                    spec.batch
+                );
             }
             model.class_embedding(labels)?
         }
@@ -191,7 +206,10 @@ fn initial_tokens(
 ) -> anyhow::Result<(Tensor, i64)> {
     let p = spec.prefix_len(model)?;
     let c = model.cfg.vae_embed_dim;
-    let tokens = Tensor::zeros([spec.batch, spec.num_iter, c], (Kind::Float, model.device()));
+    let tokens = Tensor::zeros(
+        [spec.batch, spec.num_iter, c],
+        (Kind::Float, model.device()),
+    );
     if let Some(prefix) = spec.prefix {
         tokens
             .narrow(1, 0, p)
@@ -285,12 +303,34 @@ impl KvCache {
         }
     }
 
+    /// Keys held per layer (at most `cond_length + 1` for a windowed model, whatever the length).
+    pub fn cached_keys(&self) -> i64 {
+        self.layers
+            .iter()
+            .filter_map(|l| l.self_kv.as_ref().map(|kv| kv.k.size()[2]))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Image tokens fed so far.
+    pub fn fed(&self) -> i64 {
+        self.fed
+    }
+
+    /// Output row 0 (the condition of the first token), `[R, D]`.
+    pub fn first_row(&self) -> &Tensor {
+        &self.first_row
+    }
+
     /// Feeds image token `fed` (`[R, C]`) through every layer; returns output row `fed + 1`
     /// (the condition for the next token), `[R, D]`.
     pub fn feed(&mut self, model: &EquivariantGenerativeModel, token: &Tensor) -> Tensor {
         let pos = self.fed;
         let rope = self.rope.narrow(0, pos, 1); // [1, hd/2, 2]
-        let mut x = token.unsqueeze(1).apply(&model.z_proj).apply(&model.z_proj_ln); // [R, 1, D]
+        let mut x = token
+            .unsqueeze(1)
+            .apply(&model.z_proj)
+            .apply(&model.z_proj_ln); // [R, 1, D]
         for (block, cache) in model.encoder_blocks.iter().zip(self.layers.iter_mut()) {
             x = feed_block(block, cache, &x, &rope, self.window);
         }
@@ -350,7 +390,14 @@ impl HeadPlan {
     }
 
     /// One token per row from conditions `z` `[R, D]` and noise `[B, C]` -> `[B, C]`.
-    fn sample(&self, head: &SimpleMLPAdaLN, z: &Tensor, noise: &Tensor, cfg: f64, n: i64) -> Tensor {
+    fn sample(
+        &self,
+        head: &SimpleMLPAdaLN,
+        z: &Tensor,
+        noise: &Tensor,
+        cfg: f64,
+        n: i64,
+    ) -> Tensor {
         let cond = z.apply(&head.cond_embed); // [R, W], the same for all n steps
         let b = noise.size()[0];
         let guided = cfg != 1.0;

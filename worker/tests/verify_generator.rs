@@ -5,10 +5,16 @@ use std::path::PathBuf;
 /// The shared fixtures: `$EQIM_FIXTURES`, else `<repo>/../shared/fixtures` (CI clones the repo
 /// next to `shared/`).
 fn fixtures() -> PathBuf {
+    // One intra-op thread: the models are tiny, and on a loaded 2-core CI box spinning OpenMP
+    // workers make these tests 30-50x slower.
+    tch::set_num_threads(1);
     std::env::var_os("EQIM_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures"))
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures"
+            ))
         })
 }
 
@@ -32,7 +38,14 @@ fn generator_tiny_matches_the_reference_at_1e_5() {
     }
     for r in &reports {
         println!("{} {:.3e} {}", r.case, r.max_abs_err, r.detail);
-        assert!(r.passed(), "{} failed: {:.3e} > {:.0e} ({})", r.case, r.max_abs_err, r.tol, r.detail);
+        assert!(
+            r.passed(),
+            "{} failed: {:.3e} > {:.0e} ({})",
+            r.case,
+            r.max_abs_err,
+            r.tol,
+            r.detail
+        );
     }
 }
 
@@ -42,8 +55,11 @@ fn a_wrong_config_or_an_extra_weight_is_caught() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("g");
     for ext in ["weights.safetensors", "io.safetensors"] {
-        std::fs::copy(src.join(format!("generator_tiny.{ext}")), dir.path().join(format!("g.{ext}")))
-            .unwrap();
+        std::fs::copy(
+            src.join(format!("generator_tiny.{ext}")),
+            dir.path().join(format!("g.{ext}")),
+        )
+        .unwrap();
     }
     let text = std::fs::read_to_string(src.join("generator_tiny.json")).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -61,5 +77,8 @@ fn a_wrong_config_or_an_extra_weight_is_caught() {
     json["parameter_count"] = serde_json::Value::Null;
     std::fs::write(dir.path().join("g.json"), json.to_string()).unwrap();
     let err = eqim_worker::verify::run(&prefix, &opts).unwrap_err();
-    assert!(format!("{err:#}").contains("encoder_blocks.2.attn.qkv.weight"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("encoder_blocks.2.attn.qkv.weight"),
+        "{err:#}"
+    );
 }

@@ -18,7 +18,9 @@ pub const TRAIN_T_EPS: f64 = 1e-5;
 pub fn timestep_frequencies(dim: i64, device: Device) -> Tensor {
     let half = dim / 2;
     let ar = Tensor::arange(half, (Kind::Float, Device::Cpu));
-    ((ar * -(10000f64.ln())) / half as f64).exp().to_device(device)
+    ((ar * -(10000f64.ln())) / half as f64)
+        .exp()
+        .to_device(device)
 }
 
 /// Sinusoidal embedding of `t` `[N]` (in [0, 1], unscaled), **cos first**: `[N, 2 * half]`.

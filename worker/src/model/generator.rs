@@ -188,7 +188,10 @@ impl GeneratorConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return err(format!("head dim {} must be even for RoPE", self.head_dim()));
+            return err(format!(
+                "head dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if self.decoder_embed_dim != d {
             return err(format!(
@@ -212,7 +215,10 @@ impl GeneratorConfig {
             return err("cond_length, diffloss_d and depths must be >= 0".into());
         }
         if self.training_shift_invalid() {
-            return err(format!("shift_num must be >= 1, got {}", self.shift_range()));
+            return err(format!(
+                "shift_num must be >= 1, got {}",
+                self.shift_range()
+            ));
         }
         Ok(())
     }
@@ -244,11 +250,7 @@ impl GeneratorConfig {
 
     /// Number of trainable parameters, from the shapes alone (reference.md §1.3).
     pub fn parameter_count(&self) -> i64 {
-        let (d, w, c) = (
-            self.encoder_embed_dim,
-            self.diffloss_w,
-            self.vae_embed_dim,
-        );
+        let (d, w, c) = (self.encoder_embed_dim, self.diffloss_w, self.vae_embed_dim);
         let hidden = self.mlp_hidden();
         let linear = |i: i64, o: i64| i * o + o;
         let block = 2 * 2 * d // norm1, norm2
@@ -506,7 +508,11 @@ mod tests {
         assert_eq!(cfg.num_sampling_steps, 8);
         let vs = nn::VarStore::new(Device::Cpu);
         let _model = EquivariantGenerativeModel::new(vs.root(), &cfg).unwrap();
-        let real: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let real: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         assert_eq!(real, 213_904);
         assert_eq!(cfg.parameter_count(), real);
         // 9 top-level + 24 per block + head (4 fixed pairs + 8 per res block + 2 final pairs).
@@ -532,13 +538,17 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = EquivariantGenerativeModel::new(vs.root(), &cfg).unwrap();
         let tokens = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
-        let ce = model.class_embedding(&Tensor::from_slice(&[1i64, 3])).unwrap();
+        let ce = model
+            .class_embedding(&Tensor::from_slice(&[1i64, 3]))
+            .unwrap();
         let a = model.forward_encoder(&tokens, &ce, Mode::Eval).unwrap();
         let b = model.forward_encoder(&tokens, &ce, Mode::Eval).unwrap();
         assert!(a.equal(&b));
         let _g = tch::no_grad_guard();
         let t = model.forward_encoder(&tokens, &ce, Mode::Train).unwrap();
         assert_eq!(t.size(), vec![2, 5, 64]);
-        assert!(model.class_embedding(&Tensor::from_slice(&[10i64])).is_err());
+        assert!(model
+            .class_embedding(&Tensor::from_slice(&[10i64]))
+            .is_err());
     }
 }

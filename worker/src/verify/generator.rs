@@ -49,7 +49,11 @@ pub fn load_model(
     let vs = nn::VarStore::new(Device::Cpu);
     let model = EquivariantGenerativeModel::new(vs.root(), &cfg)
         .with_context(|| format!("building the generator from {}", files.json.display()))?;
-    let real: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    let real: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
     if let Some(want) = json.get("parameter_count").and_then(|v| v.as_i64()) {
         if want != real || want != cfg.parameter_count() {
             bail!(
@@ -78,10 +82,7 @@ pub fn run_cases(
     let _guard = tch::no_grad_guard();
     let mut reports = Vec::new();
     for case in cases {
-        let io = Io {
-            tensors: &io,
-            case,
-        };
+        let io = Io { tensors: &io, case };
         let result = match case {
             "encoder" => encoder_case(&model, &io, Some(&[])),
             "encoder_uncond" => encoder_case(&model, &io, None),
