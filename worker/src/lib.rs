@@ -2,5 +2,6 @@
 //! collectives and the QUIC client. tch calls block, so they run on dedicated threads, never inside
 //! async tasks.
 
+pub mod data;
 pub mod doctor;
 pub mod verify;

@@ -23,6 +23,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cut the demo scene dataset out of unpacked Debian wallpaper packages (scripts/fetch-demo-data calls this).
+    PrepareDemoData(eqim_worker::data::demo::PrepareDemoDataArgs),
+    /// Measure the data loader's images/s (decode + augment) on one core and threaded.
+    #[command(hide = true)]
+    BenchLoader(eqim_worker::data::bench::BenchLoaderArgs),
 }
 
 fn main() -> Result<()> {
@@ -48,6 +53,8 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Command::PrepareDemoData(args) => eqim_worker::data::demo::run(&args)?,
+        Command::BenchLoader(args) => eqim_worker::data::bench::run(&args)?,
     }
     Ok(())
 }
