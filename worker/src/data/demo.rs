@@ -146,7 +146,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// The crop boxes of one photo: squares whose side is a uniform fraction of the shorter side.
-pub fn crop_boxes(cfg: &DemoDataConfig, photo_index: usize, width: u32, height: u32) -> Vec<[u32; 4]> {
+pub fn crop_boxes(
+    cfg: &DemoDataConfig,
+    photo_index: usize,
+    width: u32,
+    height: u32,
+) -> Vec<[u32; 4]> {
     let mut rng = SampleRng::new(cfg.seed, photo_index as u64, STREAM_DEMO_CROPS);
     let short = width.min(height) as f64;
     (0..cfg.crops_per_photo)
@@ -162,8 +167,11 @@ pub fn crop_boxes(cfg: &DemoDataConfig, photo_index: usize, width: u32, height: 
 
 fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .context("encoding a crop as PNG")?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .context("encoding a crop as PNG")?;
     Ok(bytes)
 }
 
@@ -199,10 +207,20 @@ fn build(cfg: &DemoDataConfig, source: &Path, out: &Path) -> Result<Manifest> {
         .into_iter()
         .collect();
     let mut packages = Vec::new();
-    for name in cfg.photo.iter().map(|p| &p.package).collect::<BTreeSet<_>>() {
+    for name in cfg
+        .photo
+        .iter()
+        .map(|p| &p.package)
+        .collect::<BTreeSet<_>>()
+    {
         let version_file = source.join(format!("{name}.version"));
         let version = std::fs::read_to_string(&version_file)
-            .with_context(|| format!("reading {} (run scripts/fetch-demo-data, which unpacks the packages)", version_file.display()))?
+            .with_context(|| {
+                format!(
+                    "reading {} (run scripts/fetch-demo-data, which unpacks the packages)",
+                    version_file.display()
+                )
+            })?
             .trim()
             .to_string();
         packages.push(PackageRecord {
@@ -224,7 +242,11 @@ fn build(cfg: &DemoDataConfig, source: &Path, out: &Path) -> Result<Manifest> {
     for (photo_index, photo) in cfg.photo.iter().enumerate() {
         let path = source.join(&photo.package).join(&photo.path);
         let bytes = std::fs::read(&path).with_context(|| {
-            format!("reading {} (is package {} unpacked and the path right?)", path.display(), photo.package)
+            format!(
+                "reading {} (is package {} unpacked and the path right?)",
+                path.display(),
+                photo.package
+            )
         })?;
         let img = decode_rgb(&path).with_context(|| format!("decoding {}", path.display()))?;
         let label = classes
@@ -234,7 +256,12 @@ fn build(cfg: &DemoDataConfig, source: &Path, out: &Path) -> Result<Manifest> {
         for crop_box in crop_boxes(cfg, photo_index, img.width(), img.height()) {
             let [left, top, w, h] = crop_box;
             let region = imageops::crop_imm(&img, left, top, w, h).to_image();
-            let small = imageops::resize(&region, cfg.crop_size, cfg.crop_size, imageops::FilterType::Triangle);
+            let small = imageops::resize(
+                &region,
+                cfg.crop_size,
+                cfg.crop_size,
+                imageops::FilterType::Triangle,
+            );
             let png = encode_png(&small)?;
             let file = format!("{}/{:05}.png", photo.class, next_in_class[label]);
             next_in_class[label] += 1;
@@ -270,7 +297,10 @@ fn build(cfg: &DemoDataConfig, source: &Path, out: &Path) -> Result<Manifest> {
         photos,
         crops,
     };
-    write_file(&staging.join("classes.txt"), format!("{}\n", classes.join("\n")).as_bytes())?;
+    write_file(
+        &staging.join("classes.txt"),
+        format!("{}\n", classes.join("\n")).as_bytes(),
+    )?;
     let json = serde_json::to_vec_pretty(&manifest).context("serialising the manifest")?;
     write_file(&staging.join("manifest.json"), &json)?;
     replace_dir(&staging, out)?;
@@ -296,7 +326,8 @@ fn replace_dir(staging: &Path, out: &Path) -> Result<()> {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     } else {
         if let Some(parent) = out.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
         std::fs::rename(staging, out).with_context(|| format!("publishing {}", out.display()))?;
     }
@@ -306,7 +337,9 @@ fn replace_dir(staging: &Path, out: &Path) -> Result<()> {
 fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        let path = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
         if path.is_dir() {
             files.extend(walk_files(&path)?);
         } else {

@@ -32,13 +32,12 @@ impl ImageFolder {
         let mut classes = Vec::new();
         for entry in read_dir_sorted(&root)? {
             if entry.is_dir() {
-                let name = entry
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .ok_or_else(|| DataError::Decode {
+                let name = entry.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+                    DataError::Decode {
                         path: entry.clone(),
                         reason: "class folder name is not UTF-8".into(),
-                    })?;
+                    }
+                })?;
                 classes.push(name.to_string());
             }
         }
@@ -205,7 +204,10 @@ impl ImageDataset {
 
     /// Indices found unreadable so far.
     pub fn unreadable_indices(&self) -> Vec<usize> {
-        let set = self.unreadable.lock().expect("unreadable set lock poisoned");
+        let set = self
+            .unreadable
+            .lock()
+            .expect("unreadable set lock poisoned");
         let mut v: Vec<usize> = set.iter().copied().collect();
         v.sort_unstable();
         v

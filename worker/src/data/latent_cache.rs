@@ -144,9 +144,7 @@ impl LatentCacheWriter {
         for v in labels.iter().chain(indices.iter()) {
             out.write_all(&v.to_le_bytes()).map_err(io_err(&tmp))?;
         }
-        let file = out
-            .into_inner()
-            .map_err(|e| io_err(&tmp)(e.into_error()))?;
+        let file = out.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
         let header = header_json(labels.len(), tokens, channels, &self.metadata);
         let padded = pad_header(header, header_len);
         file.write_all_at(&(padded.len() as u64).to_le_bytes(), 0)
@@ -197,12 +195,20 @@ fn write_f32s(out: &mut impl Write, values: &[f32]) -> std::io::Result<()> {
     out.write_all(&bytes)
 }
 
-fn header_json(rows: usize, tokens: usize, channels: usize, meta: &BTreeMap<String, String>) -> String {
+fn header_json(
+    rows: usize,
+    tokens: usize,
+    channels: usize,
+    meta: &BTreeMap<String, String>,
+) -> String {
     let latent_bytes = rows * 2 * tokens * channels * 4;
     let label_end = latent_bytes + rows * 8;
     let mut metadata = meta.clone();
     metadata.insert("format".into(), FORMAT_TAG.into());
-    metadata.insert("flip_axis_1".into(), "0=original,1=horizontal mirror".into());
+    metadata.insert(
+        "flip_axis_1".into(),
+        "0=original,1=horizontal mirror".into(),
+    );
     json!({
         "__metadata__": metadata,
         LATENTS_KEY: {"dtype": "F32", "shape": [rows, 2, tokens, channels], "data_offsets": [0, latent_bytes]},
@@ -212,7 +218,12 @@ fn header_json(rows: usize, tokens: usize, channels: usize, meta: &BTreeMap<Stri
     .to_string()
 }
 
-fn reserved_header_len(capacity: usize, l: usize, c: usize, meta: &BTreeMap<String, String>) -> usize {
+fn reserved_header_len(
+    capacity: usize,
+    l: usize,
+    c: usize,
+    meta: &BTreeMap<String, String>,
+) -> usize {
     let longest = header_json(capacity, l, c, meta).len() + 32;
     longest.div_ceil(8) * 8
 }
@@ -249,8 +260,17 @@ fn entry(path: &Path, header: &Value, key: &str) -> Result<Entry, DataError> {
     let e = header
         .get(key)
         .ok_or_else(|| cache_err(path, format!("no tensor '{key}'; rebuild the cache")))?;
-    let bad = || cache_err(path, format!("malformed entry for '{key}'; rebuild the cache"));
-    let dtype = e.get("dtype").and_then(Value::as_str).ok_or_else(bad)?.to_string();
+    let bad = || {
+        cache_err(
+            path,
+            format!("malformed entry for '{key}'; rebuild the cache"),
+        )
+    };
+    let dtype = e
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(bad)?
+        .to_string();
     let nums = |k: &str| -> Result<Vec<usize>, DataError> {
         e.get(k)
             .and_then(Value::as_array)
@@ -278,13 +298,18 @@ impl LatentCache {
         let file = File::open(&path).map_err(io_err(&path))?;
         let file_len = file.metadata().map_err(io_err(&path))?.len();
         let mut len_bytes = [0u8; 8];
-        file.read_exact_at(&mut len_bytes, 0).map_err(io_err(&path))?;
+        file.read_exact_at(&mut len_bytes, 0)
+            .map_err(io_err(&path))?;
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
-            return Err(cache_err(&path, "not a safetensors file (bad header length)"));
+            return Err(cache_err(
+                &path,
+                "not a safetensors file (bad header length)",
+            ));
         }
         let mut header_bytes = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut header_bytes, 8).map_err(io_err(&path))?;
+        file.read_exact_at(&mut header_bytes, 8)
+            .map_err(io_err(&path))?;
         let header: Value = serde_json::from_slice(&header_bytes)
             .map_err(|e| cache_err(&path, format!("header is not JSON: {e}")))?;
         let metadata: BTreeMap<String, String> = header
@@ -312,7 +337,12 @@ impl LatentCache {
             && indices.shape == [rows]
             && labels.end - labels.begin == rows * 8
             && indices.end - indices.begin == rows * 8
-            && data_start + [latents.end, labels.end, indices.end].into_iter().max().unwrap_or(0) as u64 <= file_len;
+            && data_start
+                + [latents.end, labels.end, indices.end]
+                    .into_iter()
+                    .max()
+                    .unwrap_or(0) as u64
+                <= file_len;
         if !consistent {
             return Err(cache_err(&path, "tensor shapes, dtypes or offsets disagree with the file (truncated?); rebuild the cache"));
         }

@@ -10,6 +10,9 @@ pub mod latent_cache;
 pub mod loader;
 pub mod transform;
 
+#[cfg(test)]
+mod tests;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -213,7 +213,13 @@ impl ImageTransform {
             &resized
         };
         let params = self.params(rw, rh, seed, index);
-        write_chw(source, params, self.config.crop_height, self.config.crop_width, out);
+        write_chw(
+            source,
+            params,
+            self.config.crop_height,
+            self.config.crop_width,
+            out,
+        );
     }
 }
 
@@ -287,6 +293,8 @@ mod tests {
             crop_width: 64,
         };
         let err = ImageTransform::new(cfg, Augment::Train).expect_err("must fail");
-        assert!(err.to_string().contains("larger than the resized shorter side"));
+        assert!(err
+            .to_string()
+            .contains("larger than the resized shorter side"));
     }
 }
