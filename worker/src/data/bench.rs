@@ -98,7 +98,7 @@ fn generate_jpegs(dir: &Path, count: usize) -> Result<()> {
         let (fx, fy, phase) = (
             1.0 + rng.unit_f64() * 6.0,
             1.0 + rng.unit_f64() * 6.0,
-            rng.unit_f64() * 6.28,
+            rng.unit_f64() * std::f64::consts::TAU,
         );
         let img = RgbImage::from_fn(500, 375, |x, y| {
             let (u, v) = (x as f64 / 500.0, y as f64 / 375.0);
