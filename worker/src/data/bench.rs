@@ -10,8 +10,9 @@ use anyhow::{Context, Result};
 use image::RgbImage;
 use serde::Serialize;
 
-use super::folder::{ImageDataset, ImageFolder};
+use super::folder::{decode_rgb, ImageDataset, ImageFolder};
 use super::loader::{load_batch, BatchLoader, LoaderConfig, SampleSource};
+use super::resize::resize_bilinear;
 use super::transform::{Augment, ImageTransform, SampleRng, TransformConfig};
 
 #[derive(clap::Args, Debug)]
@@ -37,6 +38,8 @@ pub struct BenchLoaderArgs {
 struct BenchReport {
     images: usize,
     size: u32,
+    decode_only_images_per_s: f64,
+    decode_resize_images_per_s: f64,
     single_thread_images_per_s: f64,
     loader_threads: usize,
     loader_images_per_s: f64,
@@ -55,6 +58,7 @@ pub fn run(args: &BenchLoaderArgs) -> Result<()> {
 
     // Warm the page cache so both passes measure decoding, not the disk.
     load_batch(&*dataset, 0, &indices, 0);
+    let (decode_only, decode_resize) = stage_rates(&folder_paths(&args.images)?, &transform)?;
     let start = Instant::now();
     for (position, chunk) in indices.chunks(args.batch.max(1)).enumerate() {
         load_batch(&*dataset, position, chunk, 1);
@@ -74,6 +78,8 @@ pub fn run(args: &BenchLoaderArgs) -> Result<()> {
     let report = BenchReport {
         images: indices.len(),
         size: args.size,
+        decode_only_images_per_s: decode_only,
+        decode_resize_images_per_s: decode_resize,
         single_thread_images_per_s: single,
         loader_threads: config.num_threads,
         loader_images_per_s: threaded,
@@ -81,6 +87,29 @@ pub fn run(args: &BenchLoaderArgs) -> Result<()> {
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+fn folder_paths(root: &Path) -> Result<Vec<PathBuf>> {
+    let folder = ImageFolder::open(root)?;
+    Ok((0..folder.len())
+        .map(|i| folder.path(i).to_path_buf())
+        .collect())
+}
+
+/// Images/s of decoding alone and of decoding plus the shorter-side resize, on this thread.
+fn stage_rates(paths: &[PathBuf], transform: &ImageTransform) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    for p in paths {
+        decode_rgb(p)?;
+    }
+    let decode = paths.len() as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for p in paths {
+        let img = decode_rgb(p)?;
+        let (w, h) = transform.resized_size(img.width(), img.height());
+        std::hint::black_box(resize_bilinear(&img, w, h));
+    }
+    Ok((decode, paths.len() as f64 / start.elapsed().as_secs_f64()))
 }
 
 fn has_entries(dir: &Path) -> bool {

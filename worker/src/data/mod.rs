@@ -8,6 +8,7 @@ pub mod demo;
 pub mod folder;
 pub mod latent_cache;
 pub mod loader;
+pub mod resize;
 pub mod transform;
 
 #[cfg(test)]

@@ -5,9 +5,10 @@
 //! Reference: torchvision `Resize(256)`, `RandomCrop(256)`, `RandomHorizontalFlip()`,
 //! `ToTensor()`, `Normalize([0.5]*3, [0.5]*3)` in scripts/train_generator.py.
 
-use image::{imageops, RgbImage};
+use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
+use super::resize::resize_bilinear;
 use super::DataError;
 
 /// A small counter-based generator (SplitMix64) seeded from (seed, sample index). Portable and
@@ -207,9 +208,8 @@ impl ImageTransform {
         let source = if (rw, rh) == image.dimensions() {
             image
         } else {
-            // image's Triangle filter widens its support when downscaling, i.e. antialiased
-            // bilinear like PIL's `Image.resize(..., BILINEAR)` that torchvision calls.
-            resized = imageops::resize(image, rw, rh, imageops::FilterType::Triangle);
+            // Pillow's antialiased bilinear, the resize torchvision's `Resize` runs.
+            resized = resize_bilinear(image, rw, rh);
             &resized
         };
         let params = self.params(rw, rh, seed, index);
