@@ -37,6 +37,11 @@ enum Command {
     TrainGenerator(eqim_worker::train::cli::TrainGeneratorArgs),
     /// Sample latent tokens with a generator checkpoint into a safetensors file.
     SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
+    /// Cut the demo scene dataset out of unpacked Debian wallpaper packages (scripts/fetch-demo-data calls this).
+    PrepareDemoData(eqim_worker::data::demo::PrepareDemoDataArgs),
+    /// Measure the data loader's images/s (decode + augment) on one core and threaded.
+    #[command(hide = true)]
+    BenchLoader(eqim_worker::data::bench::BenchLoaderArgs),
 }
 
 fn main() -> Result<()> {
@@ -67,6 +72,8 @@ fn main() -> Result<()> {
         }
         Command::TrainGenerator(args) => eqim_worker::train::cli::run(&args)?,
         Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
+        Command::PrepareDemoData(args) => eqim_worker::data::demo::run(&args)?,
+        Command::BenchLoader(args) => eqim_worker::data::bench::run(&args)?,
     }
     Ok(())
 }
