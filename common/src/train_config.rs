@@ -49,6 +49,26 @@ pub enum DataConfig {
         #[serde(default = "default_synthetic_noise")]
         noise: f64,
     },
+    /// A latent cache file (`eqim` latent cache: both flips of every image). By default it is
+    /// taken to hold the tokenizer's posterior means, and training applies the reference's
+    /// `posterior.sample() * vae_norm`; for a cache of ready latents set `vae_norm = 1` and
+    /// `posterior_std = 0`.
+    LatentCache {
+        path: PathBuf,
+        #[serde(default = "default_vae_norm")]
+        vae_norm: f64,
+        /// Bound of the per-image posterior noise scale (2.5 in the reference); 0 disables.
+        #[serde(default = "default_posterior_std")]
+        posterior_std: f64,
+    },
+}
+
+fn default_vae_norm() -> f64 {
+    0.05493
+}
+
+fn default_posterior_std() -> f64 {
+    2.5
 }
 
 fn default_synthetic_noise() -> f64 {
@@ -186,15 +206,33 @@ impl Validate for GeneratorTrainConfig {
         if self.run.log_every == 0 {
             return bad("run.log_every", "must be at least 1".into());
         }
-        let DataConfig::Synthetic { samples, noise } = &self.data;
-        if *samples < o.batch {
-            return bad(
-                "data.samples",
-                format!("{samples} is fewer than one batch of {}", o.batch),
-            );
-        }
-        if !(noise.is_finite() && *noise >= 0.0) {
-            return bad("data.noise", format!("must be >= 0, got {noise}"));
+        match &self.data {
+            DataConfig::Synthetic { samples, noise } => {
+                if *samples < o.batch {
+                    return bad(
+                        "data.samples",
+                        format!("{samples} is fewer than one batch of {}", o.batch),
+                    );
+                }
+                if !(noise.is_finite() && *noise >= 0.0) {
+                    return bad("data.noise", format!("must be >= 0, got {noise}"));
+                }
+            }
+            DataConfig::LatentCache {
+                vae_norm,
+                posterior_std,
+                ..
+            } => {
+                if !(vae_norm.is_finite() && *vae_norm > 0.0) {
+                    return bad("data.vae_norm", format!("must be > 0, got {vae_norm}"));
+                }
+                if !(posterior_std.is_finite() && *posterior_std >= 0.0) {
+                    return bad(
+                        "data.posterior_std",
+                        format!("must be >= 0, got {posterior_std}"),
+                    );
+                }
+            }
         }
         let device_ok = matches!(self.device.as_str(), "cpu" | "cuda" | "auto")
             || self
@@ -276,7 +314,22 @@ checkpoint_every = 5
         let e = load(&TINY.replace("device = \"cpu\"", "device = \"tpu\"")).unwrap_err();
         assert!(e.contains("device"), "{e}");
         let e = load(&TINY.replace("kind = \"synthetic\"", "kind = \"folder\"")).unwrap_err();
-        assert!(e.contains("synthetic"), "{e}");
+        assert!(e.contains("synthetic") && e.contains("latent-cache"), "{e}");
+        let cache = TINY.replace(
+            "kind = \"synthetic\"\nsamples = 64",
+            "kind = \"latent-cache\"\npath = \"c.safetensors\"\nvae_norm = 0",
+        );
+        let e = load(&cache).unwrap_err();
+        assert!(e.contains("data.vae_norm"), "{e}");
+        let ok = load(&cache.replace("vae_norm = 0", "posterior_std = 0")).unwrap();
+        assert_eq!(
+            ok.data,
+            DataConfig::LatentCache {
+                path: "c.safetensors".into(),
+                vae_norm: 0.05493,
+                posterior_std: 0.0
+            }
+        );
         let e = load(&TINY.replace("blr = 1e-3", "blr = 1e-3\nlearning_rate = 1")).unwrap_err();
         assert!(e.contains("learning_rate"), "{e}");
     }

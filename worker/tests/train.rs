@@ -4,6 +4,8 @@
 //! 2-core machine made a step 15x slower.
 
 use anyhow::Result;
+use eqim_worker::data::{DataError, LatentCacheWriter, LoaderConfig, SampleSource};
+use eqim_worker::train::cli::{self, TrainGeneratorArgs};
 use eqim_worker::train::generator::GeneratorTrainModel;
 use eqim_worker::train::source::{EpochOrder, SyntheticLatents};
 use eqim_worker::train::trainer::BatchPlan;
@@ -11,6 +13,7 @@ use eqim_worker::train::{
     rng, AdamWConfig, Batch, LrSchedule, ScheduleKind, TrainModel, TrainState, Trainer,
     TrainerConfig,
 };
+use std::path::PathBuf;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// A small classifier with dropout and an input-noise draw, so that a step uses the generator.
@@ -340,4 +343,145 @@ fn generator_resume_is_bitwise_exact() {
             "EMA of {name} differs"
         );
     }
+}
+
+const CLI_CONFIG: &str = r#"
+seed = 7
+output_dir = "OUT"
+device = "cpu"
+threads = 1
+
+[model]
+encoder_embed_dim = 32
+encoder_depth = 1
+encoder_num_heads = 2
+decoder_embed_dim = 32
+decoder_depth = 0
+vae_embed_dim = CHANNELS
+token_num = 8
+buffer_size = 4
+cond_length = 3
+class_num = 4
+diffloss_d = 1
+diffloss_w = 32
+
+[data]
+DATA
+
+[optim]
+batch = 8
+micro_batch = 4
+blr = 0.05
+warmup_epochs = 0.5
+
+[run]
+epochs = 100
+checkpoint_every = 2
+log_every = 1
+"#;
+
+fn write_cli_config(dir: &std::path::Path, name: &str, channels: i64, data: &str) -> PathBuf {
+    let out = dir.join(format!("out-{name}"));
+    let text = CLI_CONFIG
+        .replace("OUT", &out.display().to_string())
+        .replace("CHANNELS", &channels.to_string())
+        .replace("DATA", data);
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn cli_args(config: PathBuf, max_steps: u64) -> TrainGeneratorArgs {
+    TrainGeneratorArgs {
+        config,
+        fresh: false,
+        max_steps: Some(max_steps),
+        no_progress: true,
+    }
+}
+
+#[test]
+fn train_generator_cli_resumes_to_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = "kind = \"synthetic\"\nsamples = 32";
+    let interrupted = write_cli_config(dir.path(), "a", 16, data);
+    let straight = write_cli_config(dir.path(), "b", 16, data);
+    cli::run(&cli_args(interrupted.clone(), 3)).unwrap();
+    cli::run(&cli_args(interrupted, 6)).unwrap();
+    cli::run(&cli_args(straight, 6)).unwrap();
+    for file in [
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+    ] {
+        let a = std::fs::read(dir.path().join("out-a/checkpoint-last").join(file)).unwrap();
+        let b = std::fs::read(dir.path().join("out-b/checkpoint-last").join(file)).unwrap();
+        assert!(
+            a == b,
+            "{file} differs between the resumed and the straight run"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("out-a/train_log.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+}
+
+/// Images whose columns carry the class: 3 x 16 x 32, class = index % 4.
+struct ClassImages;
+
+impl SampleSource for ClassImages {
+    fn len(&self) -> usize {
+        24
+    }
+
+    fn image_shape(&self) -> [usize; 3] {
+        [3, 16, 32]
+    }
+
+    fn load_into(&self, index: usize, _seed: u64, out: &mut [f32]) -> Result<i64, DataError> {
+        let class = (index % 4) as i64;
+        for (i, v) in out.iter_mut().enumerate() {
+            let (c, x) = (i / (16 * 32), i % 32);
+            *v = ((x as f32 / 8.0 + class as f32 + c as f32 * 0.3 + index as f32 * 0.01).sin())
+                .clamp(-1.0, 1.0);
+        }
+        Ok(class)
+    }
+}
+
+#[test]
+fn train_generator_cli_trains_from_a_latent_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("latents.safetensors");
+    // 4x4 average pooling: [B, 3, 16, 32] -> 8 column tokens of 3 * 4 = 12 channels.
+    let encode = |images: &Tensor| {
+        let pooled = images.avg_pool2d([4, 4], [4, 4], [0, 0], false, true, None::<i64>);
+        let (b, c, h, w) = pooled.size4().unwrap();
+        pooled.permute([0, 3, 1, 2]).reshape([b, w, c * h])
+    };
+    LatentCacheWriter::new(8)
+        .with_loader(LoaderConfig::with_seed(0).with_threads(1))
+        .write(std::sync::Arc::new(ClassImages), &cache, encode)
+        .unwrap();
+    let data = format!(
+        "kind = \"latent-cache\"\npath = \"{}\"\nvae_norm = 1.0",
+        cache.display()
+    );
+    let config = write_cli_config(dir.path(), "c", 12, &data);
+    cli::run(&cli_args(config, 4)).unwrap();
+    let state = TrainState::read(&dir.path().join("out-c/checkpoint-last")).unwrap();
+    assert_eq!(state.progress.step, 4);
+    assert_eq!(state.progress.epoch, 1);
+
+    // A cache that does not fit the model is refused by name.
+    let wrong = write_cli_config(dir.path(), "d", 16, &data);
+    let err = format!("{:#}", cli::run(&cli_args(wrong, 1)).unwrap_err());
+    assert!(err.contains("vae_embed_dim") && err.contains("12"), "{err}");
 }

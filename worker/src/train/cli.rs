@@ -4,10 +4,11 @@
 //! written every `run.checkpoint_every` steps and at the end. A run whose output directory holds
 //! a checkpoint resumes from it exactly (same weights as an uninterrupted run on the CPU).
 
-use super::generator::GeneratorTrainModel;
-use super::source::{steps_per_epoch, BatchSource, EpochOrder, SyntheticLatents};
+use super::generator::{GeneratorTrainModel, LatentPrep};
+use super::source::{steps_per_epoch, BatchSource, CachedLatents, EpochOrder, SyntheticLatents};
 use super::trainer::{BatchPlan, StepReport, Trainer, TrainerConfig};
 use super::{AdamWConfig, LrSchedule, ScheduleKind, TrainState};
+use crate::data::LatentCache;
 use crate::model::generator::GeneratorConfig;
 use anyhow::{bail, Context, Result};
 use eqim_common::config::load_config;
@@ -107,17 +108,68 @@ fn trainer_config(cfg: &GeneratorTrainConfig) -> TrainerConfig {
     }
 }
 
-fn batch_source(cfg: &GeneratorTrainConfig, model: &GeneratorConfig) -> Box<dyn BatchSource> {
-    match &cfg.data {
-        DataConfig::Synthetic { samples, noise } => Box::new(SyntheticLatents {
-            samples: *samples,
-            classes: model.class_num,
-            tokens: model.token_num,
-            channels: model.vae_embed_dim,
-            noise: *noise,
-            seed: cfg.seed,
-        }),
-    }
+/// The configured data as a batch source, and how its latents are prepared for the generator.
+/// A latent cache must fit the model: token channels = `vae_embed_dim`, labels < `class_num`.
+fn batch_source(
+    cfg: &GeneratorTrainConfig,
+    model: &GeneratorConfig,
+) -> Result<(Box<dyn BatchSource>, LatentPrep)> {
+    Ok(match &cfg.data {
+        DataConfig::Synthetic { samples, noise } => (
+            Box::new(SyntheticLatents {
+                samples: *samples,
+                classes: model.class_num,
+                tokens: model.token_num,
+                channels: model.vae_embed_dim,
+                noise: *noise,
+                seed: cfg.seed,
+            }),
+            LatentPrep::IDENTITY,
+        ),
+        DataConfig::LatentCache {
+            path,
+            vae_norm,
+            posterior_std,
+        } => {
+            let cache = LatentCache::open(path)?;
+            if cache.channels() as i64 != model.vae_embed_dim {
+                bail!(
+                    "latent cache {} has {} channels per token but model.vae_embed_dim is {}",
+                    path.display(),
+                    cache.channels(),
+                    model.vae_embed_dim
+                );
+            }
+            if let Some(&bad) = cache
+                .labels()
+                .iter()
+                .find(|&&l| l < 0 || l >= model.class_num)
+            {
+                bail!(
+                    "latent cache {} has label {bad}, outside model.class_num {}: set class_num to the dataset's class count",
+                    path.display(),
+                    model.class_num
+                );
+            }
+            if (cache.len() as u64) < cfg.optim.batch {
+                bail!(
+                    "latent cache {} has {} rows, fewer than one batch of {}",
+                    path.display(),
+                    cache.len(),
+                    cfg.optim.batch
+                );
+            }
+            let prep = LatentPrep {
+                vae_norm: *vae_norm,
+                posterior_std: (*posterior_std > 0.0).then_some(*posterior_std),
+            };
+            let source = CachedLatents {
+                cache,
+                seed: cfg.seed,
+            };
+            (Box::new(source), prep)
+        }
+    })
 }
 
 /// Appends one JSON line per logged step.
@@ -169,7 +221,8 @@ pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
 
-    let model = GeneratorTrainModel::new(&model_cfg, device, cfg.seed)?;
+    let (mut source, prep) = batch_source(&cfg, &model_cfg)?;
+    let model = GeneratorTrainModel::new(&model_cfg, device, cfg.seed)?.with_prep(prep);
     let mut trainer = Trainer::new(model, trainer_config(&cfg))?;
     let state_dir = cfg.output_dir.join(CHECKPOINT_DIR);
     if state_dir.exists() && !args.fresh {
@@ -184,7 +237,6 @@ pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
         info!(step = trainer.progress.step, epoch = trainer.progress.epoch, dir = %state_dir.display(), "resumed");
     }
 
-    let mut source = batch_source(&cfg, &model_cfg);
     let plan = BatchPlan {
         global_batch: cfg.optim.batch,
         micro_batch: cfg.optim.micro_batch(),

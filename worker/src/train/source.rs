@@ -4,8 +4,10 @@
 //! can compute the same order to hand out sample indices.
 //!
 //! [`SyntheticLatents`] generates smooth per-class token patterns for tests and demos without a
-//! tokenizer or a dataset.
+//! tokenizer or a dataset; [`CachedLatents`] serves a latent cache written by
+//! [`crate::data::LatentCacheWriter`], each row in a horizontal flip drawn per (seed, epoch, row).
 
+use crate::data::LatentCache;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -46,8 +48,9 @@ pub trait BatchSource {
         self.len() == 0
     }
 
-    /// The samples at `indices`, in that order, on the CPU.
-    fn fetch(&mut self, indices: &[u64]) -> Result<Batch>;
+    /// The samples at `indices`, in that order, on the CPU, with the augmentation of `epoch`
+    /// (a pure function of the source's seed, the epoch and the index).
+    fn fetch(&mut self, epoch: u64, indices: &[u64]) -> Result<Batch>;
 }
 
 /// splitmix64 step: returns the next value and advances the state.
@@ -106,6 +109,30 @@ impl EpochOrder {
     }
 }
 
+/// A latent cache (both flips of every image) as a batch source: each epoch draws every row's
+/// flip with p = 0.5, the cached counterpart of the reference's `RandomHorizontalFlip`.
+#[derive(Debug)]
+pub struct CachedLatents {
+    pub cache: LatentCache,
+    pub seed: u64,
+}
+
+/// Stream of [`super::rng::derive_seed`] used for the flips of an epoch.
+const FLIP_STREAM: u64 = u64::MAX - 1;
+
+impl BatchSource for CachedLatents {
+    fn len(&self) -> u64 {
+        self.cache.len() as u64
+    }
+
+    fn fetch(&mut self, epoch: u64, indices: &[u64]) -> Result<Batch> {
+        let rows: Vec<usize> = indices.iter().map(|&i| i as usize).collect();
+        let flip_seed = super::rng::derive_seed(self.seed, epoch, FLIP_STREAM);
+        let (latents, labels) = self.cache.batch_for_seed(&rows, flip_seed)?;
+        Ok(Batch { latents, labels })
+    }
+}
+
 /// Smooth per-class patterns over the token and channel axes, plus a little per-sample noise:
 /// sample `i` has label `i % classes`; everything is a function of (seed, i).
 #[derive(Debug, Clone)]
@@ -141,7 +168,7 @@ impl BatchSource for SyntheticLatents {
         self.samples
     }
 
-    fn fetch(&mut self, indices: &[u64]) -> Result<Batch> {
+    fn fetch(&mut self, _epoch: u64, indices: &[u64]) -> Result<Batch> {
         let per = (self.tokens * self.channels) as usize;
         let mut data = Vec::with_capacity(indices.len() * per);
         let mut labels = Vec::with_capacity(indices.len());
@@ -188,10 +215,10 @@ mod tests {
             noise: 0.1,
             seed: 3,
         };
-        let b = src.fetch(&[5, 1, 9]).unwrap();
+        let b = src.fetch(0, &[5, 1, 9]).unwrap();
         assert_eq!(b.latents.size(), vec![3, 8, 3]);
         assert_eq!(Vec::<i64>::try_from(&b.labels).unwrap(), vec![1, 1, 1]);
-        let again = src.fetch(&[5]).unwrap();
+        let again = src.fetch(3, &[5]).unwrap();
         assert!(again.latents.get(0).equal(&b.latents.get(0)));
         // Same class, different noise: close but not equal.
         let d = (b.latents.get(0) - b.latents.get(1))
@@ -199,6 +226,6 @@ mod tests {
             .max()
             .double_value(&[]);
         assert!(d > 0.0 && d <= 0.2 + 1e-6, "{d}");
-        assert!(src.fetch(&[20]).is_err());
+        assert!(src.fetch(0, &[20]).is_err());
     }
 }

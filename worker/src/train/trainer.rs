@@ -236,7 +236,9 @@ impl<M: TrainModel> Trainer<M> {
                 plan.global_batch,
             )
             .to_vec();
-        let batch = source.fetch(&indices)?.to_device(plan.device);
+        let batch = source
+            .fetch(self.progress.epoch, &indices)?
+            .to_device(plan.device);
         let micro: Vec<Batch> = (0..plan.micro_batches())
             .map(|k| batch.narrow((k * plan.micro_batch) as i64, plan.micro_batch as i64))
             .collect();
