@@ -7,7 +7,7 @@ use anyhow::Result;
 use eqim_worker::data::{DataError, LatentCacheWriter, LoaderConfig, SampleSource};
 use eqim_worker::train::cli::{self, TrainGeneratorArgs};
 use eqim_worker::train::generator::GeneratorTrainModel;
-use eqim_worker::train::source::{EpochOrder, SyntheticLatents};
+use eqim_worker::train::source::{BatchSource, EpochOrder, SyntheticLatents};
 use eqim_worker::train::trainer::BatchPlan;
 use eqim_worker::train::{
     rng, AdamWConfig, Batch, LrSchedule, ScheduleKind, TrainModel, TrainState, Trainer,
@@ -221,6 +221,42 @@ fn accumulating_micro_batches_matches_one_big_batch() {
         let d = (x - y).abs().max().double_value(&[]);
         assert!(d < 1e-5, "{d}");
     }
+}
+
+#[test]
+fn missing_gradients_can_be_materialized_as_zeros() {
+    struct Partial(Mlp);
+    impl TrainModel for Partial {
+        fn var_store(&self) -> &nn::VarStore {
+            &self.0.vs
+        }
+        // fc2 and norm take no part: their gradients stay undefined.
+        fn loss(&self, batch: &Batch) -> Result<Tensor> {
+            Ok(self
+                .0
+                .fc1
+                .forward(&batch.latents.flatten(1, -1))
+                .square()
+                .mean(Kind::Float))
+        }
+    }
+    let t = Trainer::new(Partial(Mlp::new(3, 12, 4)), trainer().cfg.clone()).unwrap();
+    let batch = source().fetch(0, &[0, 1, 2, 3]).unwrap();
+    let mut acc = t.accumulator();
+    t.accumulate(&mut acc, &batch, 0, 1.0).unwrap();
+    for (name, grad) in t.params.names.iter().zip(&acc.grads) {
+        assert_eq!(grad.is_some(), name.starts_with("fc1."), "{name}");
+    }
+    acc.materialize_missing(&t.params);
+    let i = t
+        .params
+        .names
+        .iter()
+        .position(|n| n == "fc2.weight")
+        .unwrap();
+    let fc2 = acc.grads[i].as_ref().unwrap();
+    assert_eq!(fc2.size(), t.params.tensors[i].size());
+    assert_eq!(fc2.abs().sum(Kind::Float).double_value(&[]), 0.0);
 }
 
 #[test]

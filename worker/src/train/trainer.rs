@@ -73,6 +73,18 @@ impl GradAccumulator {
             rows: 0,
         }
     }
+
+    /// Gives every parameter without a gradient a zero one. Data-parallel ranks need this before
+    /// flattening gradients into all-reduce buckets (every rank must send the same layout); the
+    /// optimizer then treats those parameters as having a zero gradient instead of skipping them,
+    /// as PyTorch DDP does.
+    pub fn materialize_missing(&mut self, params: &NamedParams) {
+        for (grad, param) in self.grads.iter_mut().zip(&params.tensors) {
+            if grad.is_none() {
+                *grad = Some(param.detach().zeros_like());
+            }
+        }
+    }
 }
 
 /// What one optimizer step did.
