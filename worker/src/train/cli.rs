@@ -209,8 +209,18 @@ fn save(trainer: &Trainer<GeneratorTrainModel>, cfg: &GeneratorTrainConfig) -> R
     Ok(dir)
 }
 
-/// Runs `eqim train-generator`.
-pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
+/// Everything a run needs, resumed from `checkpoint-last/` when present.
+struct Job {
+    cfg: GeneratorTrainConfig,
+    trainer: Trainer<GeneratorTrainModel>,
+    source: Box<dyn BatchSource>,
+    order: EpochOrder,
+    plan: BatchPlan,
+    /// Steps to reach (in total, counting those of earlier runs).
+    total: u64,
+}
+
+fn prepare(args: &TrainGeneratorArgs) -> Result<Job> {
     let cfg: GeneratorTrainConfig = load_config(&args.config)?;
     let model_cfg = resolve_model(&cfg.model)
         .with_context(|| format!("config file {}", args.config.display()))?;
@@ -220,8 +230,7 @@ pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
     let device = parse_device(&cfg.device)?;
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
-
-    let (mut source, prep) = batch_source(&cfg, &model_cfg)?;
+    let (source, prep) = batch_source(&cfg, &model_cfg)?;
     let model = GeneratorTrainModel::new(&model_cfg, device, cfg.seed)?.with_prep(prep);
     let mut trainer = Trainer::new(model, trainer_config(&cfg))?;
     let state_dir = cfg.output_dir.join(CHECKPOINT_DIR);
@@ -236,7 +245,6 @@ pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
             })?;
         info!(step = trainer.progress.step, epoch = trainer.progress.epoch, dir = %state_dir.display(), "resumed");
     }
-
     let plan = BatchPlan {
         global_batch: cfg.optim.batch,
         micro_batch: cfg.optim.micro_batch(),
@@ -247,20 +255,20 @@ pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
         .max_steps
         .or(cfg.run.max_steps)
         .unwrap_or(u64::MAX)
-        .min(cfg.run.epochs * per_epoch);
-    let mut order = EpochOrder::new(cfg.seed, source.len());
-    info!(
-        params = trainer.params.numel(),
-        device = ?device,
-        steps_per_epoch = per_epoch,
-        total_steps = total,
-        batch = plan.global_batch,
-        micro_batch = plan.micro_batch,
-        peak_lr = cfg.optim.peak_lr(),
-        "training the generator"
-    );
+        .min(cfg.run.epochs.saturating_mul(per_epoch));
+    let order = EpochOrder::new(cfg.seed, source.len());
+    Ok(Job {
+        cfg,
+        trainer,
+        source,
+        order,
+        plan,
+        total,
+    })
+}
 
-    let bar = if args.no_progress {
+fn progress_bar(total: u64, hidden: bool, position: u64) -> ProgressBar {
+    let bar = if hidden {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total)
@@ -272,7 +280,31 @@ pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
         .expect("valid progress template")
         .progress_chars("=> "),
     );
-    bar.set_position(trainer.progress.step.min(total));
+    bar.set_position(position.min(total));
+    bar
+}
+
+/// Runs `eqim train-generator`.
+pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
+    let Job {
+        cfg,
+        mut trainer,
+        mut source,
+        mut order,
+        plan,
+        total,
+    } = prepare(args)?;
+    info!(
+        params = trainer.params.numel(),
+        device = ?plan.device,
+        steps_per_epoch = steps_per_epoch(source.len(), plan.global_batch),
+        total_steps = total,
+        batch = plan.global_batch,
+        micro_batch = plan.micro_batch,
+        peak_lr = cfg.optim.peak_lr(),
+        "training the generator"
+    );
+    let bar = progress_bar(total, args.no_progress, trainer.progress.step);
     let mut log = StepLog::open(&cfg.output_dir)?;
     let mut window = (Instant::now(), 0u64);
     while trainer.progress.step < total {
