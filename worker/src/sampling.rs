@@ -388,7 +388,14 @@ impl HeadPlan {
     }
 
     /// One token per row from conditions `z` `[R, D]` and noise `[B, C]` -> `[B, C]`.
-    fn sample(&self, head: &SimpleMLPAdaLN, z: &Tensor, noise: &Tensor, cfg: f64, n: i64) -> Tensor {
+    fn sample(
+        &self,
+        head: &SimpleMLPAdaLN,
+        z: &Tensor,
+        noise: &Tensor,
+        cfg: f64,
+        n: i64,
+    ) -> Tensor {
         let cond = z.apply(&head.cond_embed).unsqueeze(0); // [1, R, W], the same for all steps
         let plan = head.plan(&(&self.time_emb + cond)); // [N, R, W] per modulation
         let b = noise.size()[0];

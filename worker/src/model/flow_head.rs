@@ -280,10 +280,64 @@ impl SimpleMLPAdaLN {
             let gate = m.gate.as_ref().expect("res block modulations have a gate");
             let a = h.apply(&block.in_ln) * m.scale_plus_one.get(s) + m.shift.get(s);
             let a = a.apply(&block.mlp0).silu().apply(&block.mlp2);
-            h = h + gate.get(s) * a;
+            h += gate.get(s) * a;
         }
         let f = &plan.final_layer;
         let h = h.apply(&self.final_layer.norm_final) * f.scale_plus_one.get(s) + f.shift.get(s);
         h.apply(&self.final_layer.linear)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(t: &Tensor, want: &[f64]) {
+        let got = Vec::<f64>::try_from(t.to_kind(Kind::Double)).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 2e-6, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn timestep_embedding_is_cos_first_and_unscaled() {
+        // Golden values from PyTorch 2.11 (reference formula, t in [0, 1] as is).
+        let freqs = timestep_frequencies(FREQUENCY_EMBEDDING_SIZE, Device::Cpu);
+        let emb = timestep_embedding(&Tensor::from_slice(&[0.25f32, 1.0]), &freqs);
+        assert_eq!(emb.size(), vec![2, 256]);
+        let idx = Tensor::from_slice(&[0i64, 1, 64, 127, 128, 129, 200, 255]);
+        let pick = |row: i64| emb.get(row).index_select(0, &idx);
+        close(
+            &pick(0),
+            &[
+                0.968912, 0.97306, 0.999997, 1.0, 0.247404, 0.23055, 0.001406, 2.7e-05,
+            ],
+        );
+        close(
+            &pick(1),
+            &[
+                0.540302, 0.597375, 0.99995, 1.0, 0.841471, 0.801962, 0.005623, 0.000107,
+            ],
+        );
+    }
+
+    #[test]
+    fn rope_table_holds_cos_sin_pairs_per_position() {
+        let table = crate::model::layers::rope_table(5, 8, 0, Device::Cpu);
+        assert_eq!(table.size(), vec![5, 4, 2]);
+        close(
+            &table.get(3).flatten(0, -1),
+            &[
+                -0.989992, 0.14112, 0.955337, 0.29552, 0.99955, 0.029995, 0.999996, 0.003,
+            ],
+        );
+        // A training shift moves every position: row 3 + 1 is row 4 of the unshifted table.
+        let shifted = crate::model::layers::rope_table(5, 8, 1, Device::Cpu);
+        close(
+            &shifted.get(3).flatten(0, -1),
+            &[
+                -0.653644, -0.756802, 0.921061, 0.389418, 0.9992, 0.039989, 0.999992, 0.004,
+            ],
+        );
     }
 }
