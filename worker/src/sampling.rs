@@ -373,20 +373,18 @@ fn feed_block(
 }
 
 /// Precomputed pieces of the head that do not depend on the noisy token: the time embedding of
-/// every Euler step (the same for all tokens).
+/// every Euler step (the same for all tokens), `[N, 1, W]` with row `i - 1` for `t = i / N`.
 struct HeadPlan {
-    time_rows: Vec<Tensor>,
+    time_emb: Tensor,
 }
 
 impl HeadPlan {
     fn new(head: &SimpleMLPAdaLN, n: i64, device: Device) -> Self {
-        let time_rows = (0..=n)
-            .map(|i| {
-                let t = Tensor::ones([1], (Kind::Float, device)) * i as f64 / n as f64;
-                head.time_embed.forward(&t) // [1, W]
-            })
-            .collect();
-        Self { time_rows }
+        let i = Tensor::arange_start(1, n + 1, (Kind::Float, device));
+        let t = i / n as f64;
+        Self {
+            time_emb: head.time_embeddings(&t).unsqueeze(1),
+        }
     }
 
     /// One token per row from conditions `z` `[R, D]` and noise `[B, C]` -> `[B, C]`.
@@ -398,7 +396,8 @@ impl HeadPlan {
         cfg: f64,
         n: i64,
     ) -> Tensor {
-        let cond = z.apply(&head.cond_embed); // [R, W], the same for all n steps
+        let cond = z.apply(&head.cond_embed).unsqueeze(0); // [1, R, W], the same for all steps
+        let plan = head.plan(&(&self.time_emb + cond)); // [N, R, W] per modulation
         let b = noise.size()[0];
         let guided = cfg != 1.0;
         let z1 = if guided {
@@ -407,8 +406,7 @@ impl HeadPlan {
             noise.shallow_clone()
         };
         let mut v = |x: &Tensor, _t: &Tensor, i: i64| {
-            let y = &cond + &self.time_rows[i as usize];
-            let out = head.forward_with_embedding(x, &y);
+            let out = head.forward_planned(x, &plan, i - 1);
             if guided {
                 combine_cfg(&out, cfg)
             } else {
