@@ -467,6 +467,10 @@ fn train_generator_cli_resumes_to_the_same_bytes() {
         })
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    let text = std::fs::read_to_string(dir.path().join("out-a/generator.json")).unwrap();
+    let model: eqim_worker::model::generator::GeneratorConfig =
+        serde_json::from_str(&text).unwrap();
+    assert_eq!((model.encoder_embed_dim, model.class_num), (32, 4));
 }
 
 /// Images whose columns carry the class: 3 x 16 x 32, class = index % 4.

@@ -1,7 +1,8 @@
 //! `eqim train-generator --config FILE`: trains the generator on one process by the reference
 //! recipe, with a progress bar, a log line every `run.log_every` steps (loss, lr, grad norm,
 //! images/s, also appended to `OUTPUT_DIR/train_log.jsonl`) and `OUTPUT_DIR/checkpoint-last/`
-//! written every `run.checkpoint_every` steps and at the end. A run whose output directory holds
+//! written every `run.checkpoint_every` steps and at the end; `OUTPUT_DIR/generator.json` is the
+//! resolved model config (for `eqim sample-tokens --config`). A run whose output directory holds
 //! a checkpoint resumes from it exactly (same weights as an uninterrupted run on the CPU).
 
 use super::generator::{GeneratorTrainModel, LatentPrep};
@@ -172,6 +173,19 @@ fn batch_source(
     })
 }
 
+/// The resolved generator config, for `eqim sample-tokens --config` with the checkpoint's
+/// `ema.safetensors` or `model.safetensors`.
+pub const GENERATOR_JSON: &str = "generator.json";
+
+fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).context("serialising JSON")?;
+    let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Appends one JSON line per logged step.
 struct StepLog {
     file: std::fs::File,
@@ -230,6 +244,7 @@ fn prepare(args: &TrainGeneratorArgs) -> Result<Job> {
     let device = parse_device(&cfg.device)?;
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
+    write_json_atomic(&cfg.output_dir.join(GENERATOR_JSON), &model_cfg)?;
     let (source, prep) = batch_source(&cfg, &model_cfg)?;
     let model = GeneratorTrainModel::new(&model_cfg, device, cfg.seed)?.with_prep(prep);
     let mut trainer = Trainer::new(model, trainer_config(&cfg))?;
