@@ -467,6 +467,13 @@ fn train_generator_cli_resumes_to_the_same_bytes() {
         })
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    // Resuming with another global batch would scramble the epoch: refused by name.
+    let changed = std::fs::read_to_string(dir.path().join("a.toml"))
+        .unwrap()
+        .replace("batch = 8", "batch = 12");
+    std::fs::write(dir.path().join("a.toml"), changed).unwrap();
+    let err = cli::run(&cli_args(dir.path().join("a.toml"), 7)).unwrap_err();
+    assert!(format!("{err:#}").contains("optim.batch = 8"), "{err:#}");
     let text = std::fs::read_to_string(dir.path().join("out-a/generator.json")).unwrap();
     let model: eqim_worker::model::generator::GeneratorConfig =
         serde_json::from_str(&text).unwrap();

@@ -251,7 +251,10 @@ fn prepare(args: &TrainGeneratorArgs) -> Result<Job> {
     let state_dir = cfg.output_dir.join(CHECKPOINT_DIR);
     if state_dir.exists() && !args.fresh {
         TrainState::read(&state_dir)
-            .and_then(|s| s.restore_into(&mut trainer))
+            .and_then(|s| {
+                check_resumable(&s.extra, &cfg)?;
+                s.restore_into(&mut trainer)
+            })
             .with_context(|| {
                 format!(
                     "resuming from {} (pass --fresh to start over)",
@@ -280,6 +283,25 @@ fn prepare(args: &TrainGeneratorArgs) -> Result<Job> {
         plan,
         total,
     })
+}
+
+/// A run resumes where it stopped only if the data order is the same: the seed, the global
+/// batch and the data must be those the checkpoint was trained with.
+fn check_resumable(extra: &serde_json::Value, cfg: &GeneratorTrainConfig) -> Result<()> {
+    let now = serde_json::to_value(cfg).context("serialising the config")?;
+    for key in ["/seed", "/optim/batch", "/data"] {
+        let saved = extra.pointer(&format!("/config{key}"));
+        let wanted = now.pointer(key);
+        if saved != wanted {
+            bail!(
+                "the checkpoint was trained with {} = {}, the config says {}: the data order would change",
+                key.trim_start_matches('/').replace('/', "."),
+                saved.map_or("(absent)".into(), |v| v.to_string()),
+                wanted.map_or("(absent)".into(), |v| v.to_string()),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn progress_bar(total: u64, hidden: bool, position: u64) -> ProgressBar {
