@@ -3,6 +3,13 @@
 //! [`Trainer::accumulate`] (forward + backward of a micro-batch, gradients summed into a
 //! [`GradAccumulator`]) then [`Trainer::apply`] (lr from the schedule at the current epoch
 //! fraction, total grad norm and clipping, AdamW, EMA, progress).
+//!
+//! Data-parallel use: split the global batch into micro-batch slots `0..G`; each rank runs
+//! `accumulate(acc, batch_k, k, rows_k / global_rows)` for its slots, calls
+//! [`GradAccumulator::materialize_missing`], all-reduces the gradients with a plain sum (the
+//! weights already make it the global mean), and calls [`Trainer::apply`] once the step is
+//! committed. Because the random draws of slot `k` depend only on (seed, step, k), the result
+//! does not depend on how slots are spread over ranks, up to the order of float sums.
 
 use super::clip::{clip_grad_norm, total_grad_norm};
 use super::ema::Ema;
