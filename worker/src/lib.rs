@@ -3,9 +3,13 @@
 //! async tasks.
 
 pub mod collective;
+pub mod data;
 pub mod doctor;
 pub mod launch;
 pub mod metrics;
 pub mod model;
 pub mod progress;
+pub mod sample_tokens;
+pub mod sampling;
+pub mod train;
 pub mod verify;

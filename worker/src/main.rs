@@ -26,6 +26,25 @@ enum Command {
     /// Time gloo all-reduce across local processes (a benchmark, see scripts/bench-allreduce).
     #[command(hide = true)]
     BenchAllreduce(eqim_worker::collective::bench::BenchArgs),
+    /// Check the tch models against a reference fixture (PREFIX.json, PREFIX.weights.safetensors,
+    /// PREFIX.io.safetensors): prints the max abs error per case, fails above --tol.
+    VerifyReference {
+        /// Fixture prefix, e.g. ../shared/fixtures/generator_tiny
+        prefix: std::path::PathBuf,
+        /// Largest allowed max-abs error per case.
+        #[arg(long, default_value_t = 1e-4)]
+        tol: f64,
+    },
+    /// Train the generator on one process by the reference recipe (AdamW, warm-up, clipping, EMA),
+    /// resuming from OUTPUT_DIR/checkpoint-last when present.
+    TrainGenerator(eqim_worker::train::cli::TrainGeneratorArgs),
+    /// Sample latent tokens with a generator checkpoint into a safetensors file.
+    SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
+    /// Cut the demo scene dataset out of unpacked Debian wallpaper packages (scripts/fetch-demo-data calls this).
+    PrepareDemoData(eqim_worker::data::demo::PrepareDemoDataArgs),
+    /// Measure the data loader's images/s (decode + augment) on one core and threaded.
+    #[command(hide = true)]
+    BenchLoader(eqim_worker::data::bench::BenchLoaderArgs),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +71,13 @@ fn main() -> Result<()> {
             }
         }
         Command::BenchAllreduce(args) => eqim_worker::collective::bench::run(&args)?,
+        Command::VerifyReference { prefix, tol } => {
+            eqim_worker::verify::run_cli(&prefix, tol)?;
+        }
+        Command::TrainGenerator(args) => eqim_worker::train::cli::run(&args)?,
+        Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
+        Command::PrepareDemoData(args) => eqim_worker::data::demo::run(&args)?,
+        Command::BenchLoader(args) => eqim_worker::data::bench::run(&args)?,
     }
     Ok(())
 }
