@@ -5,3 +5,6 @@
 
 pub mod config;
 pub mod metrics;
+pub mod framing;
+pub mod proto;
+pub mod schedule;
