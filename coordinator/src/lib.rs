@@ -3,6 +3,8 @@
 //! It never links libtorch, so it runs on a CPU head node.
 #![forbid(unsafe_code)]
 
+pub mod membership;
+
 #[cfg(test)]
 mod tests {
     /// The coordinator must run on a head node without libtorch: no torch-sys anywhere in its
