@@ -213,7 +213,13 @@ mod tests {
             "{err}"
         );
         let err = read_frame(&mut &framed[..2]).await.unwrap_err();
-        assert!(matches!(err, FrameError::Truncated { expected: 4, got: 2 }));
+        assert!(matches!(
+            err,
+            FrameError::Truncated {
+                expected: 4,
+                got: 2
+            }
+        ));
         assert!(read_frame(&mut &[][..]).await.unwrap().is_none());
     }
 

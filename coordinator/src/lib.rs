@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod membership;
+pub mod steps;
 
 #[cfg(test)]
 mod tests {

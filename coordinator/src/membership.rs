@@ -212,12 +212,12 @@ impl MembershipState {
         generation: Generation,
     ) -> Result<(), MembershipError> {
         self.check_generation(worker, generation)?;
-        let member = self
-            .members
-            .get_mut(worker)
-            .ok_or_else(|| MembershipError::UnknownWorker {
-                worker: worker.clone(),
-            })?;
+        let member =
+            self.members
+                .get_mut(worker)
+                .ok_or_else(|| MembershipError::UnknownWorker {
+                    worker: worker.clone(),
+                })?;
         member.ready = true;
         Ok(())
     }
@@ -329,12 +329,27 @@ pub enum Reason {
     RendezvousTimeout,
     /// All members answered the probe after a failed vote: the group broke, nobody died.
     GroupBroken,
-    MembershipChanged { joined: usize, left: usize },
+    MembershipChanged {
+        joined: usize,
+        left: usize,
+    },
     WaitingForStepBoundary,
-    BelowMinWorkers { have: usize, need: u32 },
-    WaitingForExpected { have: usize, expected: u32 },
-    Forming { ready: usize, of: usize },
-    Probing { acked: usize, of: usize },
+    BelowMinWorkers {
+        have: usize,
+        need: u32,
+    },
+    WaitingForExpected {
+        have: usize,
+        expected: u32,
+    },
+    Forming {
+        ready: usize,
+        of: usize,
+    },
+    Probing {
+        acked: usize,
+        of: usize,
+    },
     AllReady,
 }
 
@@ -407,7 +422,10 @@ fn decide_action(now: Instant, s: &MembershipState, c: &MembershipConfig) -> (Ac
         .map(|(w, _)| w.clone())
         .collect();
     if !silent.is_empty() {
-        return (Action::DeclareDead { workers: silent }, Reason::HeartbeatTimeout);
+        return (
+            Action::DeclareDead { workers: silent },
+            Reason::HeartbeatTimeout,
+        );
     }
     if let JobPhase::Probing { since, .. } = s.phase {
         return decide_probe(now, since, s, c);
@@ -420,7 +438,10 @@ fn decide_action(now: Instant, s: &MembershipState, c: &MembershipConfig) -> (Ac
         JobPhase::WaitingForWorkers if s.members.len() >= c.min_workers as usize => {
             // Paused with an intact roster that is large enough again cannot happen (a pause
             // needs a loss, and a loss changes the roster), but regrouping is the safe answer.
-            (Action::FormGeneration, Reason::MembershipChanged { joined: 0, left: 0 })
+            (
+                Action::FormGeneration,
+                Reason::MembershipChanged { joined: 0, left: 0 },
+            )
         }
         JobPhase::WaitingForWorkers => (
             Action::Wait,
@@ -488,11 +509,7 @@ fn change_reason(s: &MembershipState) -> Reason {
         .iter()
         .filter(|w| !s.members.contains_key(*w))
         .count();
-    let joined = s
-        .members
-        .keys()
-        .filter(|w| !s.roster.contains(w))
-        .count();
+    let joined = s.members.keys().filter(|w| !s.roster.contains(w)).count();
     Reason::MembershipChanged { joined, left }
 }
 

@@ -56,8 +56,11 @@ fn training(t: &Clock, names: &[&str]) -> MembershipState {
 }
 
 fn heartbeat_all(s: &mut MembershipState, now: Instant) {
-    let keys: Vec<(WorkerId, SessionKey)> =
-        s.members.iter().map(|(w, m)| (w.clone(), m.session)).collect();
+    let keys: Vec<(WorkerId, SessionKey)> = s
+        .members
+        .iter()
+        .map(|(w, m)| (w.clone(), m.session))
+        .collect();
     for (worker, session) in keys {
         s.heartbeat(now, &worker, session);
     }
@@ -85,7 +88,10 @@ fn after_the_join_timeout_the_minimum_is_enough() {
     let t = Clock(Instant::now());
     let mut s = joined(&t, &["a"]);
     heartbeat_all(&mut s, t.at(10_000));
-    assert_eq!(decide(t.at(10_000), &s, &cfg()).action, Action::FormGeneration);
+    assert_eq!(
+        decide(t.at(10_000), &s, &cfg()).action,
+        Action::FormGeneration
+    );
 }
 
 #[test]
@@ -136,7 +142,12 @@ fn a_rank_that_never_gets_ready_is_dropped_at_the_rendezvous_timeout() {
     s.group_ready(&w("a"), Generation(1)).unwrap();
     heartbeat_all(&mut s, t.at(20_000));
     let d = decide(t.at(20_000), &s, &cfg());
-    assert_eq!(d.action, Action::DeclareDead { workers: vec![w("b")] });
+    assert_eq!(
+        d.action,
+        Action::DeclareDead {
+            workers: vec![w("b")]
+        }
+    );
     assert_eq!(d.reason, Reason::RendezvousTimeout);
 }
 
@@ -156,7 +167,12 @@ fn a_silent_worker_is_declared_dead_just_after_the_heartbeat_timeout() {
     s.heartbeat(t.at(2_500), &w("a"), SessionKey(0));
     assert_eq!(decide(t.at(3_000), &s, &cfg()).action, Action::Wait);
     let d = decide(t.at(3_001), &s, &cfg());
-    assert_eq!(d.action, Action::DeclareDead { workers: vec![w("b")] });
+    assert_eq!(
+        d.action,
+        Action::DeclareDead {
+            workers: vec![w("b")]
+        }
+    );
     assert_eq!(d.reason, Reason::HeartbeatTimeout);
 }
 
@@ -236,7 +252,10 @@ fn joins_beyond_the_maximum_are_refused_but_a_reconnect_replaces_its_session() {
         .join(t.at(1), w("b"), SessionKey(11), store(), &cfg())
         .unwrap();
     assert_eq!(replaced, Some(SessionKey(1)));
-    assert!(!s.remove(&w("b"), Some(SessionKey(1))), "old session is stale");
+    assert!(
+        !s.remove(&w("b"), Some(SessionKey(1))),
+        "old session is stale"
+    );
     assert!(s.members.contains_key(&w("b")));
     assert_eq!(
         decide(t.at(1), &s, &cfg()).action,
@@ -259,7 +278,10 @@ fn a_probe_answered_by_everyone_regroups_the_same_members() {
     assert_eq!(decide(t.at(130), &s, &cfg()).action, Action::Wait);
     s.probe_ack(t.at(140), &w("b"), 42);
     let d = decide(t.at(140), &s, &cfg());
-    assert_eq!((d.action, d.reason), (Action::FormGeneration, Reason::GroupBroken));
+    assert_eq!(
+        (d.action, d.reason),
+        (Action::FormGeneration, Reason::GroupBroken)
+    );
 }
 
 #[test]
@@ -271,7 +293,12 @@ fn a_member_silent_to_the_probe_is_declared_dead_at_the_probe_timeout() {
     s.probe_ack(t.at(110), &w("a"), 1);
     assert_eq!(decide(t.at(599), &s, &cfg()).action, Action::Wait);
     let d = decide(t.at(600), &s, &cfg());
-    assert_eq!(d.action, Action::DeclareDead { workers: vec![w("b")] });
+    assert_eq!(
+        d.action,
+        Action::DeclareDead {
+            workers: vec![w("b")]
+        }
+    );
     assert_eq!(d.reason, Reason::ProbeTimeout);
 }
 
