@@ -298,7 +298,7 @@ impl MembershipState {
     }
 
     /// Whether the members are exactly the roster of the current generation.
-    fn roster_is_current(&self) -> bool {
+    pub fn roster_is_current(&self) -> bool {
         self.roster.len() == self.members.len()
             && self.roster.iter().all(|w| self.members.contains_key(w))
     }
