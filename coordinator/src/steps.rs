@@ -165,7 +165,8 @@ impl StepState {
         last || self
             .cfg
             .checkpoint_every_steps
-            .is_some_and(|every| (step + 1) % every == 0)
+            .and_then(|every| (step + 1).checked_rem(every))
+            == Some(0)
     }
 
     /// Opens the step at the cursor for the ranks `roster` of `generation`, and returns each

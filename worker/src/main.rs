@@ -23,6 +23,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the job coordinator (membership, step commits, data schedule) on this machine.
+    Coordinator(Box<eqim_coordinator::cli::CoordinatorArgs>),
 }
 
 fn main() -> Result<()> {
@@ -48,6 +50,7 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
     }
     Ok(())
 }
