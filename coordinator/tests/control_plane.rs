@@ -93,9 +93,13 @@ struct Transcript {
     finished: bool,
 }
 
-/// Plays a worker: ready on every welcome, votes on every assignment with `vote(step, attempt)`,
-/// until `Finished`.
-async fn play(mut client: Client, vote: impl Fn(u64, u32) -> VoteOutcome) -> Transcript {
+/// Plays a worker: ready on every welcome, votes on every assignment with `vote(step, attempt)`
+/// after `step_time`, until `Finished`.
+async fn play_slowly(
+    mut client: Client,
+    step_time: Duration,
+    vote: impl Fn(u64, u32) -> VoteOutcome,
+) -> Transcript {
     let mut t = Transcript::default();
     let mut attempts: std::collections::BTreeMap<u64, u32> = Default::default();
     loop {
@@ -111,6 +115,7 @@ async fn play(mut client: Client, vote: impl Fn(u64, u32) -> VoteOutcome) -> Tra
                 let attempt = attempts.entry(a.step).or_default();
                 *attempt += 1;
                 t.samples_by_step.push((a.step, a.micro_batches.concat()));
+                tokio::time::sleep(step_time).await;
                 let outcome = vote(a.step, *attempt);
                 client
                     .send(&WorkerToCoordinator::Vote {
@@ -130,6 +135,22 @@ async fn play(mut client: Client, vote: impl Fn(u64, u32) -> VoteOutcome) -> Tra
             }
             _ => {}
         }
+    }
+}
+
+async fn play(client: Client, vote: impl Fn(u64, u32) -> VoteOutcome) -> Transcript {
+    play_slowly(client, Duration::ZERO, vote).await
+}
+
+fn welcome(m: &CoordinatorToWorker) -> Option<(Generation, u32, u32)> {
+    match m {
+        CoordinatorToWorker::Welcome {
+            generation,
+            rank,
+            world_size,
+            ..
+        } => Some((*generation, *rank, *world_size)),
+        _ => None,
     }
 }
 
@@ -381,4 +402,137 @@ async fn one_failed_vote_aborts_the_step_everywhere_and_it_is_redone() {
         2,
         "the aborted attempt consumed nothing"
     );
+}
+
+#[tokio::test]
+async fn a_peer_silent_to_the_probe_is_dropped_well_before_the_heartbeat_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 2, 8);
+    // Heartbeats alone would take 3 s; the probe after a failed vote takes 300 ms.
+    cfg.timeouts.heartbeat_timeout = Duration::from_secs(3);
+    cfg.timeouts.quic_idle_timeout = Duration::from_secs(3);
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut a = Client::connect(client_config(&c, "a")).await.unwrap();
+
+    // "frozen": a raw connection that says hello and ready, then never reads or answers again,
+    // as a killed process would.
+    let frozen_cfg = client_config(&c, "frozen");
+    let (_endpoint, frozen) = connect_quic(&frozen_cfg).await.unwrap();
+    let (mut send, mut recv) = frozen.open_bi().await.unwrap();
+    let hello = WorkerToCoordinator::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: WorkerId::from("frozen"),
+        token_proof: join_proof(&frozen_cfg.credentials.token, &c.cert_sha256),
+        store: frozen_cfg.store.clone(),
+        device: String::new(),
+    });
+    write_message(&mut send, &hello).await.unwrap();
+    let _admitted: Option<CoordinatorToWorker> = read_message(&mut recv).await.unwrap();
+
+    let (g1, _, world) = next_matching(&mut a, welcome).await;
+    assert_eq!(world, 2);
+    write_message(
+        &mut send,
+        &WorkerToCoordinator::GroupReady { generation: g1 },
+    )
+    .await
+    .unwrap();
+    a.send(&WorkerToCoordinator::GroupReady { generation: g1 })
+        .await
+        .unwrap();
+    let assign = next_matching(&mut a, |m| match m {
+        CoordinatorToWorker::Assign(x) => Some(x.clone()),
+        _ => None,
+    })
+    .await;
+    // The all-reduce failed on a (its peer is gone).
+    let failed_at = Instant::now();
+    a.send(&WorkerToCoordinator::Vote {
+        generation: g1,
+        step: assign.step,
+        outcome: VoteOutcome::Failed {
+            reason: "peer closed the connection".into(),
+        },
+    })
+    .await
+    .unwrap();
+    let aborted = next_matching(&mut a, |m| match m {
+        CoordinatorToWorker::Abort { step, .. } => Some(*step),
+        _ => None,
+    })
+    .await;
+    assert_eq!(aborted, assign.step);
+    let (g2, rank, world) = next_matching(&mut a, welcome).await;
+    let regrouped_after = failed_at.elapsed();
+    eprintln!("failed vote to new generation without the frozen peer: {regrouped_after:?}");
+    assert_eq!((g2, rank, world), (g1.next(), 0, 1));
+    assert!(
+        regrouped_after < Duration::from_secs(1),
+        "took {regrouped_after:?}"
+    );
+    c.shutdown("test over").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_leaving_worker_is_removed_at_once_and_the_step_is_redone_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), 2, 8).await;
+    let mut a = Client::connect(client_config(&c, "a")).await.unwrap();
+    let mut b = Client::connect(client_config(&c, "b")).await.unwrap();
+    let (g1, _, _) = next_matching(&mut a, welcome).await;
+    next_matching(&mut b, welcome).await;
+    for client in [&a, &b] {
+        client
+            .send(&WorkerToCoordinator::GroupReady { generation: g1 })
+            .await
+            .unwrap();
+    }
+    let assign = next_matching(&mut a, |m| match m {
+        CoordinatorToWorker::Assign(x) => Some(x.clone()),
+        _ => None,
+    })
+    .await;
+    let left_at = Instant::now();
+    b.leave(g1, "SIGTERM").await.unwrap();
+    let aborted = next_matching(&mut a, |m| match m {
+        CoordinatorToWorker::Abort { step, reason, .. } => Some((*step, reason.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(aborted.0, assign.step);
+    assert!(matches!(
+        aborted.1,
+        eqim_common::proto::AbortReason::MemberLost { .. }
+    ));
+    let (g2, _, world) = next_matching(&mut a, welcome).await;
+    assert_eq!((g2, world), (g1.next(), 1));
+    assert!(left_at.elapsed() < HEARTBEAT_TIMEOUT, "no timeout involved");
+    c.shutdown("test over").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_late_joiner_enters_at_a_step_boundary_without_aborting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    // One worker expected; 12 steps of 4 samples, 30 ms each.
+    let c = start(dir.path(), 1, 48).await;
+    let a = Client::connect(client_config(&c, "a")).await.unwrap();
+    let ok = |_, _| VoteOutcome::Ok;
+    let step_time = Duration::from_millis(30);
+    let first = tokio::spawn(play_slowly(a, step_time, ok));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = Client::connect(client_config(&c, "b")).await.unwrap();
+    let tb = play_slowly(b, step_time, ok).await;
+    let ta = first.await.unwrap();
+    let outcome = tokio::time::timeout(WAIT, c.wait()).await.unwrap().unwrap();
+
+    assert!(
+        ta.aborts.is_empty() && tb.aborts.is_empty(),
+        "{ta:?} {tb:?}"
+    );
+    assert_eq!(ta.generations, vec![Generation(1), Generation(2)]);
+    assert_eq!(tb.generations, vec![Generation(2)]);
+    assert!(!tb.commits.is_empty(), "the newcomer trained");
+    assert_eq!(ta.commits, (0..12).collect::<Vec<u64>>());
+    assert_eq!(outcome.cursor.step, 12);
+    assert!(outcome.ledger.summary()[0].is_exact());
 }
