@@ -159,6 +159,7 @@ impl Validate for CoordinatorConfig {
 mod tests {
     use super::*;
     use eqim_common::config::load_config;
+    use std::path::Path;
 
     #[test]
     fn a_yaml_config_loads_with_default_timeouts() {
@@ -175,6 +176,18 @@ mod tests {
         assert_eq!(cfg.timeouts.heartbeat_timeout, Duration::from_millis(2500));
         assert_eq!(cfg.timeouts.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
         assert_eq!(cfg.membership().max_workers, 4);
+    }
+
+    #[test]
+    fn the_demo_config_loads_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/coordinator-demo.yaml");
+        let cfg: CoordinatorConfig = load_config(&path).unwrap();
+        assert_eq!(
+            cfg.timeouts,
+            Timeouts::default(),
+            "the demo spells out the defaults"
+        );
+        assert_eq!(cfg.schedule.checkpoint_every_steps, Some(20));
     }
 
     #[test]

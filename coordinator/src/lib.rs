@@ -18,6 +18,7 @@ pub mod steps;
 use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};
 use anyhow::{Context, Result};
 use config::CoordinatorConfig;
+use eqim_common::config::Validate;
 use net::credentials::JobCredentials;
 use net::listener::{accept_loop, Admission};
 use net::tls::{server_config, TransportTimeouts};
@@ -45,9 +46,12 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Validates nothing (the caller loaded a validated config), creates or loads the job's
-    /// credentials, binds the endpoint and starts the job actor.
+    /// Validates the config, creates or loads the job's credentials, binds the endpoint and
+    /// starts the job actor.
     pub async fn start(cfg: CoordinatorConfig) -> Result<Self> {
+        if let Err((key, message)) = cfg.validate() {
+            anyhow::bail!("coordinator config: `{key}` {message}");
+        }
         let creds = JobCredentials::load_or_create(&cfg.job_dir)
             .with_context(|| format!("preparing job credentials in {}", cfg.job_dir.display()))?;
         let transport = TransportTimeouts {

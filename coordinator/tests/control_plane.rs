@@ -513,11 +513,11 @@ async fn a_leaving_worker_is_removed_at_once_and_the_step_is_redone_without_it()
 #[tokio::test]
 async fn a_late_joiner_enters_at_a_step_boundary_without_aborting_anything() {
     let dir = tempfile::tempdir().unwrap();
-    // One worker expected; 12 steps of 4 samples, 30 ms each.
+    // One worker expected; 12 steps of 4 samples, 50 ms each.
     let c = start(dir.path(), 1, 48).await;
     let a = Client::connect(client_config(&c, "a")).await.unwrap();
     let ok = |_, _| VoteOutcome::Ok;
-    let step_time = Duration::from_millis(30);
+    let step_time = Duration::from_millis(50);
     let first = tokio::spawn(play_slowly(a, step_time, ok));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let b = Client::connect(client_config(&c, "b")).await.unwrap();
