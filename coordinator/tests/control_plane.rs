@@ -536,3 +536,78 @@ async fn a_late_joiner_enters_at_a_step_boundary_without_aborting_anything() {
     assert_eq!(outcome.cursor.step, 12);
     assert!(outcome.ledger.summary()[0].is_exact());
 }
+
+#[tokio::test]
+async fn an_oversized_hello_is_closed_in_the_handshake_and_nobody_else_notices() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), 1, 8).await;
+    let mut good = Client::connect(client_config(&c, "good")).await.unwrap();
+    let (g1, _, _) = next_matching(&mut good, welcome).await;
+
+    let (_endpoint, bad) = connect_quic(&client_config(&c, "bad")).await.unwrap();
+    let (mut send, _recv) = bad.open_bi().await.unwrap();
+    send.write_all(&[0x00, 0x10, 0x00, 0x01]).await.unwrap(); // 1 MiB + 1
+    match tokio::time::timeout(WAIT, bad.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, close_code::PROTOCOL_ERROR.into());
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+    good.send(&WorkerToCoordinator::GroupReady { generation: g1 })
+        .await
+        .unwrap();
+    let assign = next_matching(&mut good, |m| match m {
+        CoordinatorToWorker::Assign(x) => Some(x.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        assign.generation, g1,
+        "no generation change for a refused stranger"
+    );
+    c.shutdown("test over").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_step_without_all_votes_is_aborted_at_the_step_timeout_and_the_group_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 2, 8);
+    cfg.timeouts.step_timeout = Duration::from_millis(300);
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut a = Client::connect(client_config(&c, "a")).await.unwrap();
+    let mut b = Client::connect(client_config(&c, "b")).await.unwrap();
+    let (g1, _, _) = next_matching(&mut a, welcome).await;
+    next_matching(&mut b, welcome).await;
+    for client in [&a, &b] {
+        client
+            .send(&WorkerToCoordinator::GroupReady { generation: g1 })
+            .await
+            .unwrap();
+    }
+    let assign = next_matching(&mut a, |m| match m {
+        CoordinatorToWorker::Assign(x) => Some(x.clone()),
+        _ => None,
+    })
+    .await;
+    // Only a votes; b's all-reduce hangs.
+    a.send(&WorkerToCoordinator::Vote {
+        generation: g1,
+        step: assign.step,
+        outcome: VoteOutcome::Ok,
+    })
+    .await
+    .unwrap();
+    let reason = next_matching(&mut a, |m| match m {
+        CoordinatorToWorker::Abort { reason, .. } => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, eqim_common::proto::AbortReason::Timeout);
+    // Both answer the probe (the client library does it), so both regroup.
+    let (g2, _, world) = next_matching(&mut a, welcome).await;
+    assert_eq!((g2, world), (g1.next(), 2));
+    let status = c.status().await.unwrap();
+    assert_eq!(status.cursor.step, 0, "nothing was consumed");
+    assert_eq!(status.aborted_steps, 1);
+    c.shutdown("test over").await.unwrap();
+}
