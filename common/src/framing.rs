@@ -59,7 +59,7 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     Ok(msg)
 }
 
-/// Writes one frame: length, payload, no flush of the underlying transport beyond `flush()`.
+/// Writes one frame: the big-endian u32 length, then the payload.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     writer: &mut W,
     payload: &[u8],
@@ -71,8 +71,11 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
         });
     }
     let len = u32::try_from(payload.len()).expect("MAX_CONTROL_FRAME_BYTES fits in u32");
-    writer.write_all(&len.to_be_bytes()).await?;
-    writer.write_all(payload).await?;
+    // One write per frame, so a small message leaves in one packet rather than two.
+    let mut frame = Vec::with_capacity(4 + payload.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(payload);
+    writer.write_all(&frame).await?;
     writer.flush().await?;
     Ok(())
 }
