@@ -37,6 +37,8 @@ use tracing::{debug, info};
 
 /// Messages buffered between the reader task and [`Client::recv`].
 const INBOX_CAPACITY: usize = 256;
+const RETRY_BACKOFF_START: Duration = Duration::from_millis(100);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -60,6 +62,28 @@ pub enum ClientError {
     ClosedDuringHandshake,
     #[error("expected admitted or refused, got {0}")]
     Unexpected(&'static str),
+}
+
+impl ClientError {
+    /// Whether trying again later can succeed (the coordinator may be starting or restarting).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Resolve { .. }
+            | ClientError::Timeout(_)
+            | ClientError::ClosedDuringHandshake
+            | ClientError::Frame(_)
+            | ClientError::Refused(Refusal::JobFull { .. }) => true,
+            ClientError::Connection(e) => !matches!(
+                e,
+                quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::VersionMismatch
+            ),
+            ClientError::Connect(_)
+            | ClientError::Tls(_)
+            | ClientError::Endpoint(_)
+            | ClientError::Refused(_)
+            | ClientError::Unexpected(_) => false,
+        }
+    }
 }
 
 /// How to reach and authenticate with the coordinator.
@@ -254,6 +278,28 @@ impl Client {
             heartbeat,
             reader,
         })
+    }
+
+    /// Connects like [`Client::connect`], retrying with exponential backoff (100 ms to 2 s)
+    /// while the coordinator is not up yet or unreachable, for at most `patience`. Refusals for
+    /// a wrong token or version, a finished job and a certificate mismatch are final.
+    pub async fn connect_with_retry(
+        cfg: ClientConfig,
+        patience: Duration,
+    ) -> Result<Client, ClientError> {
+        let started = tokio::time::Instant::now();
+        let mut backoff = RETRY_BACKOFF_START;
+        loop {
+            match Client::connect(cfg.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(e) if e.is_retryable() && started.elapsed() + backoff < patience => {
+                    info!(cause = %e, retry_in = ?backoff, "coordinator not reachable yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Next message from the coordinator; `None` once the connection ended (see

@@ -633,3 +633,54 @@ async fn the_control_plane_costs_a_few_milliseconds_per_step_on_loopback() {
     let outcome = tokio::time::timeout(WAIT, c.wait()).await.unwrap().unwrap();
     assert!(outcome.ledger.summary()[0].is_exact());
 }
+
+#[tokio::test]
+async fn a_worker_started_before_the_coordinator_joins_once_it_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // The job's credentials exist first (copied to workers); the coordinator reuses them.
+    let creds =
+        eqim_coordinator::net::credentials::JobCredentials::load_or_create(dir.path()).unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client_creds = ClientCredentials::from_token_file(&creds.token_path).unwrap();
+    let cfg = ClientConfig::new(
+        format!("127.0.0.1:{port}"),
+        client_creds,
+        WorkerId::from("early"),
+    )
+    .with_timeouts(Duration::from_millis(100), HEARTBEAT_TIMEOUT);
+    let early = tokio::spawn(Client::connect_with_retry(cfg, WAIT));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut coordinator_cfg = config(dir.path(), 1, 8);
+    coordinator_cfg.bind.set_port(port);
+    let c = Coordinator::start(coordinator_cfg).await.unwrap();
+    let mut client = early.await.unwrap().expect("joined after retrying");
+    let (generation, rank, _) = next_matching(&mut client, welcome).await;
+    assert_eq!((generation, rank), (Generation(1), 0));
+    c.shutdown("test over").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_worker_replaces_its_old_connection_and_gets_a_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), 2, 8).await;
+    let mut a = Client::connect(client_config(&c, "a")).await.unwrap();
+    let old_b = Client::connect(client_config(&c, "b")).await.unwrap();
+    let (g1, _, _) = next_matching(&mut a, welcome).await;
+    let mut new_b = Client::connect(client_config(&c, "b")).await.unwrap();
+    let (g2, rank, world) = next_matching(&mut new_b, welcome).await;
+    assert_eq!((g2, rank, world), (g1.next(), 1, 2));
+    let (g2_a, _, _) = next_matching(&mut a, welcome).await;
+    assert_eq!(g2_a, g2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    match old_b.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(close.error_code, close_code::REPLACED.into())
+        }
+        other => panic!("old connection should be closed as replaced: {other:?}"),
+    }
+    c.shutdown("test over").await.unwrap();
+}
