@@ -242,8 +242,12 @@ impl Client {
         let answer = tokio::time::timeout(cfg.handshake_timeout, read_message(&mut recv))
             .await
             .map_err(|_| ClientError::Timeout(cfg.handshake_timeout))?;
-        match answer {
-            Ok(Some(CoordinatorToWorker::Admitted { .. })) => {}
+        let heartbeat_interval = match answer {
+            // Heartbeat at the coordinator's pace: its timeout is what counts.
+            Ok(Some(CoordinatorToWorker::Admitted {
+                heartbeat_interval_ms,
+            })) if heartbeat_interval_ms > 0 => Duration::from_millis(heartbeat_interval_ms),
+            Ok(Some(CoordinatorToWorker::Admitted { .. })) => cfg.heartbeat_interval,
             Ok(Some(CoordinatorToWorker::Refused { reason })) => {
                 connection.close(close_code::REFUSED.into(), b"refused");
                 return Err(ClientError::Refused(reason));
@@ -252,7 +256,7 @@ impl Client {
             Ok(None) => return Err(ClientError::ClosedDuringHandshake),
             // A refusal may close the connection right behind its message.
             Err(e) => return Err(e.into()),
-        }
+        };
         info!(worker_id = %cfg.worker_id, coordinator = %cfg.coordinator, "admitted");
         let sender = ControlSender {
             send: Arc::new(Mutex::new(send)),
@@ -265,7 +269,7 @@ impl Client {
         let heartbeat = tokio::spawn(heartbeat_loop(
             connection.clone(),
             status_rx,
-            cfg.heartbeat_interval,
+            heartbeat_interval,
         ));
         let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY);
         let reader = tokio::spawn(read_loop(recv, sender.clone(), inbox_tx));
