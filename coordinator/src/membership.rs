@@ -170,7 +170,9 @@ impl MembershipState {
                 last_heartbeat: now,
                 store,
                 ready: false,
-                probe_acked: false,
+                // Connecting just now is proof of life: a worker that joins during a probe
+                // never received it and must not be declared dead for not answering.
+                probe_acked: true,
             },
         );
         Ok(replaced)

@@ -285,6 +285,19 @@ fn a_probe_answered_by_everyone_regroups_the_same_members() {
 }
 
 #[test]
+fn a_worker_joining_during_a_probe_is_not_taken_for_dead() {
+    let t = Clock(Instant::now());
+    let mut s = training(&t, &["a"]);
+    s.start_probe(t.at(100), 3);
+    s.join(t.at(150), w("late"), SessionKey(8), store(), &cfg())
+        .unwrap();
+    s.probe_ack(t.at(160), &w("a"), 3);
+    let d = decide(t.at(700), &s, &cfg());
+    assert_eq!(d.action, Action::FormGeneration);
+    assert_eq!(d.reason, Reason::MembershipChanged { joined: 1, left: 0 });
+}
+
+#[test]
 fn a_member_silent_to_the_probe_is_declared_dead_at_the_probe_timeout() {
     let t = Clock(Instant::now());
     let mut s = training(&t, &["a", "b"]);
