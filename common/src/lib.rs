@@ -4,5 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod framing;
+pub mod ledger;
 pub mod metrics;
 pub mod train_config;
+pub mod proto;
+pub mod schedule;

@@ -45,6 +45,8 @@ enum Command {
     /// Measure the data loader's images/s (decode + augment) on one core and threaded.
     #[command(hide = true)]
     BenchLoader(eqim_worker::data::bench::BenchLoaderArgs),
+    /// Run the job coordinator (membership, step commits, data schedule) on this machine.
+    Coordinator(Box<eqim_coordinator::cli::CoordinatorArgs>),
 }
 
 fn main() -> Result<()> {
@@ -78,6 +80,7 @@ fn main() -> Result<()> {
         Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
         Command::PrepareDemoData(args) => eqim_worker::data::demo::run(&args)?,
         Command::BenchLoader(args) => eqim_worker::data::bench::run(&args)?,
+        Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
     }
     Ok(())
 }
