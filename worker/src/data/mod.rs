@@ -53,7 +53,8 @@ pub enum DataError {
 }
 
 /// Unreadable or corrupt image files found so far in this process (each file counted once).
-/// The metrics code exports it as a counter; training goes on without those files.
+/// The metrics code exports it as `eqim_common::metrics::DATA_UNREADABLE_FILES_TOTAL`; training
+/// goes on without those files.
 static UNREADABLE_FILES_SKIPPED: AtomicU64 = AtomicU64::new(0);
 
 /// How many distinct unreadable image files this process has skipped.
