@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use folder::{ImageDataset, ImageFolder};
 pub use latent_cache::{LatentCache, LatentCacheWriter};
 pub use loader::{Batch, BatchLoader, LoaderConfig, SampleSource};
-pub use transform::{Augment, ImageTransform, SampleRng, TransformConfig};
+pub use transform::{epoch_seed, Augment, ImageTransform, SampleRng, TransformConfig};
 
 /// File extensions (lowercase) the datasets load; other files in class folders are ignored.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
