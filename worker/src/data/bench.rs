@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::folder::{decode_rgb, ImageDataset, ImageFolder};
 use super::loader::{load_batch, BatchLoader, LoaderConfig, SampleSource};
-use super::resize::resize_bilinear;
+use super::resize::resize_fast;
 use super::transform::{Augment, ImageTransform, SampleRng, TransformConfig};
 
 #[derive(clap::Args, Debug)]
@@ -107,7 +107,7 @@ fn stage_rates(paths: &[PathBuf], transform: &ImageTransform) -> Result<(f64, f6
     for p in paths {
         let img = decode_rgb(p)?;
         let (w, h) = transform.resized_size(img.width(), img.height());
-        std::hint::black_box(resize_bilinear(&img, w, h));
+        std::hint::black_box(resize_fast(&img, w, h));
     }
     Ok((decode, paths.len() as f64 / start.elapsed().as_secs_f64()))
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::folder::decode_rgb;
+use super::resize::resize_fast;
 use super::transform::{SampleRng, STREAM_DEMO_CROPS};
 
 /// configs/demo-data.toml.
@@ -256,12 +257,7 @@ fn build(cfg: &DemoDataConfig, source: &Path, out: &Path) -> Result<Manifest> {
         for crop_box in crop_boxes(cfg, photo_index, img.width(), img.height()) {
             let [left, top, w, h] = crop_box;
             let region = imageops::crop_imm(&img, left, top, w, h).to_image();
-            let small = imageops::resize(
-                &region,
-                cfg.crop_size,
-                cfg.crop_size,
-                imageops::FilterType::Triangle,
-            );
+            let small = resize_fast(&region, cfg.crop_size, cfg.crop_size);
             let png = encode_png(&small)?;
             let file = format!("{}/{:05}.png", photo.class, next_in_class[label]);
             next_in_class[label] += 1;

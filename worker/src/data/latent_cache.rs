@@ -86,11 +86,39 @@ impl LatentCacheWriter {
     where
         F: Fn(&Tensor) -> Tensor,
     {
+        let tmp = path.with_extension("safetensors.tmp");
+        let summary = match self.write_temp(source, path, &tmp, encode) {
+            Ok(summary) => summary,
+            Err(err) => {
+                // Best effort: the error that matters is `err`; a leftover temp file is harmless.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(err);
+            }
+        };
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+        }
+        Ok(summary)
+    }
+
+    /// Encodes and writes the whole cache to `tmp`, synced to disk.
+    fn write_temp<F>(
+        &self,
+        source: Arc<dyn SampleSource>,
+        path: &Path,
+        tmp: &Path,
+        encode: F,
+    ) -> Result<LatentCacheSummary, DataError>
+    where
+        F: Fn(&Tensor) -> Tensor,
+    {
         let capacity = source.len();
         let all: Vec<usize> = (0..capacity).collect();
         let loader = BatchLoader::from_indices(source, &all, self.batch_size, &self.loader);
-        let tmp = path.with_extension("safetensors.tmp");
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let file = File::create(tmp).map_err(io_err(tmp))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let mut shape: Option<(usize, usize)> = None;
         let mut header_len = 0usize;
@@ -111,7 +139,7 @@ impl LatentCacheWriter {
                     // Reserve the largest header this cache can need; it is rewritten at the end.
                     header_len = reserved_header_len(capacity, l, c, &self.metadata);
                     out.write_all(&vec![0u8; 8 + header_len])
-                        .map_err(io_err(&tmp))?;
+                        .map_err(io_err(tmp))?;
                 }
                 Some(s) if s != (l, c) => {
                     return Err(cache_err(
@@ -129,7 +157,7 @@ impl LatentCacheWriter {
             let mut values = vec![0f32; rows.numel()];
             let numel = values.len();
             rows.copy_data(&mut values, numel);
-            write_f32s(&mut out, &values).map_err(io_err(&tmp))?;
+            write_f32s(&mut out, &values).map_err(io_err(tmp))?;
             labels.extend(
                 Vec::<i64>::try_from(&batch.labels).map_err(|e| cache_err(path, e.to_string()))?,
             );
@@ -142,23 +170,16 @@ impl LatentCacheWriter {
             ));
         };
         for v in labels.iter().chain(indices.iter()) {
-            out.write_all(&v.to_le_bytes()).map_err(io_err(&tmp))?;
+            out.write_all(&v.to_le_bytes()).map_err(io_err(tmp))?;
         }
-        let file = out.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
+        let file = out.into_inner().map_err(|e| io_err(tmp)(e.into_error()))?;
         let header = header_json(labels.len(), tokens, channels, &self.metadata);
         let padded = pad_header(header, header_len);
         file.write_all_at(&(padded.len() as u64).to_le_bytes(), 0)
-            .map_err(io_err(&tmp))?;
+            .map_err(io_err(tmp))?;
         file.write_all_at(padded.as_bytes(), 8)
-            .map_err(io_err(&tmp))?;
-        file.sync_all().map_err(io_err(&tmp))?;
-        drop(file);
-        std::fs::rename(&tmp, path).map_err(io_err(path))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(dir))?;
-        }
+            .map_err(io_err(tmp))?;
+        file.sync_all().map_err(io_err(tmp))?;
         Ok(LatentCacheSummary {
             rows: labels.len(),
             tokens,

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use folder::{ImageDataset, ImageFolder};
 pub use latent_cache::{LatentCache, LatentCacheWriter};
 pub use loader::{Batch, BatchLoader, LoaderConfig, SampleSource};
-pub use transform::{Augment, ImageTransform, SampleRng, TransformConfig};
+pub use transform::{epoch_seed, Augment, ImageTransform, SampleRng, TransformConfig};
 
 /// File extensions (lowercase) the datasets load; other files in class folders are ignored.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -53,7 +53,8 @@ pub enum DataError {
 }
 
 /// Unreadable or corrupt image files found so far in this process (each file counted once).
-/// The metrics code exports it as a counter; training goes on without those files.
+/// The metrics code exports it as `eqim_common::metrics::DATA_UNREADABLE_FILES_TOTAL`; training
+/// goes on without those files.
 static UNREADABLE_FILES_SKIPPED: AtomicU64 = AtomicU64::new(0);
 
 /// How many distinct unreadable image files this process has skipped.

@@ -386,3 +386,22 @@ fn latent_cache_rejects_foreign_and_truncated_files() {
     let err = LatentCache::open(&path).expect_err("truncated");
     assert!(err.to_string().contains("truncated"), "{err}");
 }
+
+#[test]
+fn latent_cache_writer_rejects_a_bad_encoder_and_leaves_no_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    save(dir.path(), "c/0.png", &pattern(32, 32, 0));
+    let eval = ImageTransform::new(TransformConfig::square(32), Augment::Eval).expect("valid");
+    let dataset = Arc::new(ImageDataset::new(
+        ImageFolder::open(dir.path()).expect("open"),
+        eval,
+    ));
+    let path = dir.path().join("cache.safetensors");
+    let flat = |images: &Tensor| images.flatten(1, -1);
+    let err = LatentCacheWriter::new(4)
+        .write(dataset, &path, flat)
+        .expect_err("2-D latents are refused");
+    assert!(err.to_string().contains("[B, L, C]"), "{err}");
+    assert!(!path.exists());
+    assert!(!path.with_extension("safetensors.tmp").exists());
+}

@@ -8,7 +8,7 @@
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::resize::resize_bilinear;
+use super::resize::resize_fast;
 use super::DataError;
 
 /// A small counter-based generator (SplitMix64) seeded from (seed, sample index). Portable and
@@ -208,8 +208,8 @@ impl ImageTransform {
         let source = if (rw, rh) == image.dimensions() {
             image
         } else {
-            // Pillow's antialiased bilinear, the resize torchvision's `Resize` runs.
-            resized = resize_bilinear(image, rw, rh);
+            // Pillow's antialiased bilinear (the resize torchvision's `Resize` runs), SIMD.
+            resized = resize_fast(image, rw, rh);
             &resized
         };
         let params = self.params(rw, rh, seed, index);
