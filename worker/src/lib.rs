@@ -3,6 +3,7 @@
 //! async tasks.
 
 pub mod collective;
+pub mod contact_sheet;
 pub mod data;
 pub mod doctor;
 pub mod launch;
