@@ -5,3 +5,4 @@
 pub mod doctor;
 pub mod model;
 pub mod verify;
+pub mod tokenizer_train;

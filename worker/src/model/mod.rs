@@ -2,3 +2,5 @@
 //! the reference state_dict keys exactly.
 
 pub mod weights;
+pub mod lpips;
+pub mod nlayer_disc;
