@@ -5,3 +5,5 @@
 
 pub mod losses;
 pub mod optim;
+pub mod config;
+pub mod images;
