@@ -2,3 +2,4 @@
 //! the reference state_dict keys exactly.
 
 pub mod weights;
+pub mod tokenizer;
