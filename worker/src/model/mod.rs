@@ -4,3 +4,4 @@
 pub mod weights;
 pub mod lpips;
 pub mod nlayer_disc;
+pub mod tokenizer;

@@ -79,3 +79,5 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> Result<f64> {
         d.max().double_value(&[])
     })
 }
+
+pub mod tokenizer;
