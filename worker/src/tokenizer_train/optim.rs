@@ -95,6 +95,23 @@ impl Adam {
         }
     }
 
+    /// An Adam step in which every gradient is zero (the reference's `0 · d_loss` backward before
+    /// the discriminator starts): the moments decay and the step counts advance.
+    pub fn step_zero_gradients(&mut self, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        let cfg = self.cfg;
+        for s in &mut self.slots {
+            s.step += 1;
+            s.exp_avg *= cfg.beta1;
+            s.exp_avg_sq *= cfg.beta2;
+            let bias_correction1 = 1.0 - cfg.beta1.powi(s.step as i32);
+            let bias_correction2 = 1.0 - cfg.beta2.powi(s.step as i32);
+            let denom = s.exp_avg_sq.sqrt() / bias_correction2.sqrt() + cfg.eps;
+            let update = &s.exp_avg / denom * (lr / bias_correction1);
+            s.param -= update;
+        }
+    }
+
     /// The state as named tensors under `prefix` (`{prefix}.exp_avg.{param}`, `.exp_avg_sq.`,
     /// `.step.` as an int64 scalar), for checkpoints.
     pub fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
@@ -371,6 +388,25 @@ mod tests {
         opt2.load_state("opt", &state).expect("load");
         assert!(opt2.slots[0].exp_avg.equal(&opt.slots[0].exp_avg));
         assert_eq!(opt2.slots[0].step, 2);
+    }
+
+    #[test]
+    fn zero_gradient_steps_equal_steps_with_zero_gradients() {
+        let p = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
+        let q = p.detach().copy().set_requires_grad(true);
+        let mut a = Adam::new(vec![("p".into(), p.shallow_clone())], AdamConfig::tokenizer());
+        let mut b = Adam::new(vec![("p".into(), q.shallow_clone())], AdamConfig::tokenizer());
+        for (opt, t) in [(&mut a, &p), (&mut b, &q)] {
+            opt.zero_grad();
+            (t * Tensor::from_slice(&[0.3f64, 0.7])).sum(Kind::Double).backward();
+            opt.step(0.1);
+        }
+        a.zero_grad();
+        (&p * 0.0).sum(Kind::Double).backward();
+        a.step(0.1);
+        b.step_zero_gradients(0.1);
+        assert!(p.allclose(&q, 0.0, 1e-15, false));
+        assert_eq!(a.slots[0].step, b.slots[0].step);
     }
 
     #[test]
