@@ -53,6 +53,12 @@ fn generated_images(n: i64) -> Tensor {
     (a + b * xx + c * yy).clamp(-1.0, 1.0)
 }
 
+/// One intra-op thread: the suite runs tests in parallel on shared cores.
+fn setup(seed: i64) {
+    tch::set_num_threads(1);
+    tch::manual_seed(seed);
+}
+
 fn l1(trainer: &TokenizerTrainer, x: &Tensor) -> f64 {
     let rec = trainer.reconstruct_mode(x).expect("reconstruct");
     (rec - x).abs().mean(Kind::Float).double_value(&[])
@@ -72,29 +78,30 @@ fn snapshot(trainer: &TokenizerTrainer, prefixes: &[&str]) -> Vec<(String, Tenso
 
 #[test]
 fn short_run_on_generated_images_lowers_reconstruction_loss() {
-    tch::manual_seed(1);
-    let (cfg, tok) = configs(&tiny_yaml(25, ""));
+    setup(1);
+    let (cfg, tok) = configs(&tiny_yaml(15, ""));
     let mut trainer = build_trainer(&cfg, &tok, tch::Device::Cpu).expect("trainer");
     let images = generated_images(8);
     let before = l1(&trainer, &images);
     let mut last_log = None;
-    for step in 0..30 {
+    for step in 0..20 {
         let idx = Tensor::from_slice(&[(step * 4) % 8, (step * 4 + 1) % 8, (step * 4 + 2) % 8, (step * 4 + 3) % 8]);
         last_log = Some(trainer.train_step(&images.index_select(0, &idx)).expect("step"));
     }
     let after = l1(&trainer, &images);
+    eprintln!("L1 {before:.4} -> {after:.4}");
     assert!(after < 0.6 * before, "L1 {before:.4} -> {after:.4}");
     let log = last_log.expect("ran");
     // past disc_start: the GAN term and its adaptive weight are active
-    assert_eq!(log.global_step, 29);
+    assert_eq!(log.global_step, 19);
     assert!(log.d_weight > 0.0 && log.disc_loss > 0.0, "{log:?}");
-    // every module's EMA was updated 30 times
-    assert!(trainer.emas.iter().all(|(_, e)| e.num_updates == 30));
+    // every module's EMA was updated 20 times
+    assert!(trainer.emas.iter().all(|(_, e)| e.num_updates == 20));
 }
 
 #[test]
 fn stage2_trains_the_decoder_and_leaves_the_encoder_bitwise_untouched() {
-    tch::manual_seed(2);
+    setup(2);
     let dir = tempfile::tempdir().expect("tempdir");
     let (cfg1, tok) = configs(&tiny_yaml(1, ""));
     let mut stage1 = build_trainer(&cfg1, &tok, tch::Device::Cpu).expect("stage 1");
@@ -148,7 +155,7 @@ fn stage2_trains_the_decoder_and_leaves_the_encoder_bitwise_untouched() {
 
 #[test]
 fn checkpoints_resume_the_full_training_state() {
-    tch::manual_seed(3);
+    setup(3);
     let dir = tempfile::tempdir().expect("tempdir");
     let (cfg, tok) = configs(&tiny_yaml(1, ""));
     let mut a = build_trainer(&cfg, &tok, tch::Device::Cpu).expect("trainer");
