@@ -23,6 +23,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a tokenizer (stage 1, or stage 2 decoder fine-tuning) from a YAML config.
+    TrainTokenizer(eqim_worker::tokenizer_train::TrainTokenizerArgs),
 }
 
 fn main() -> Result<()> {
@@ -48,6 +50,7 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Command::TrainTokenizer(args) => eqim_worker::tokenizer_train::run(&args)?,
     }
     Ok(())
 }

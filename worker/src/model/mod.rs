@@ -5,3 +5,4 @@ pub mod weights;
 pub mod lpips;
 pub mod nlayer_disc;
 pub mod tokenizer;
+pub mod diffaug;

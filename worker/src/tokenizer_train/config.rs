@@ -166,6 +166,9 @@ pub struct TrainLoopConfig {
     /// "cpu", "cuda" or "cuda:N"; default: cuda when available.
     #[serde(default)]
     pub device: Option<String>,
+    /// libtorch intra-op threads (default: libtorch's choice, one per core).
+    #[serde(default)]
+    pub threads: Option<i32>,
     /// Images in the before/after reconstruction sheet.
     #[serde(default = "default_sheet_images")]
     pub sheet_images: i64,

@@ -4,7 +4,7 @@
 //! Upstream: `tokenizer/modules/losses/contperceptual.py`, `vqperceptual.py` (`adopt_weight`,
 //! `hinge_d_loss`), `tokenizer/modules/distributions/distributions.py` (`GaussianDistribution.kl`).
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// `adopt_weight`: `weight` from `threshold` on, 0 before.
 pub fn adopt_weight(weight: f64, global_step: i64, threshold: i64) -> f64 {
@@ -73,6 +73,7 @@ pub fn semantic_loss(semantic_out: &Tensor, teacher_features: &Tensor) -> Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     fn t(v: &[f64], shape: &[i64]) -> Tensor {
         Tensor::from_slice(v).view(shape)

@@ -105,6 +105,9 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
     let t = cfg.eqim.train.clone();
     let d = cfg.eqim.data.clone();
     let device = pick_device(t.device.as_deref())?;
+    if let Some(n) = t.threads {
+        tch::set_num_threads(n);
+    }
     tch::manual_seed(t.seed);
     let mut trainer = build_trainer(&cfg, &tok_cfg, device)?;
 
