@@ -6,3 +6,4 @@ pub mod lpips;
 pub mod nlayer_disc;
 pub mod tokenizer;
 pub mod diffaug;
+pub mod dino_disc;
