@@ -240,7 +240,9 @@ impl SpectralConv1d {
                 self.weight_u.shallow_clone().copy_(&u);
             });
         }
-        let sigma = self.weight_u.dot(&w_mat.mv(&self.weight_v));
+        // copies: a later forward's power iteration must not change what this graph saved
+        let (u, v) = (self.weight_u.copy(), self.weight_v.copy());
+        let sigma = u.dot(&w_mat.mv(&v));
         &self.weight_orig / sigma
     }
 

@@ -17,11 +17,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::Device;
 
+use crate::model::dino_disc::{DinoDisc, DinoDiscConfig};
 use crate::model::lpips::Lpips;
 use crate::model::tokenizer::config::TokenizerConfig;
 use config::{expand_home, TrainTokenizerConfig};
 use images::ImageBatches;
-use trainer::TokenizerTrainer;
+use trainer::{Teachers, TokenizerTrainer};
 
 /// `eqim train-tokenizer` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,12 +38,6 @@ pub struct TrainTokenizerArgs {
 /// Losses the config may ask for that eqim does not compute yet, refused with the flag to change.
 fn check_supported(cfg: &TrainTokenizerConfig) -> Result<()> {
     let lp = &cfg.model.params.lossconfig.params;
-    if lp.disc_type == "dino" {
-        bail!(
-            "disc_type: dino (the DINO ViT-S discriminator) is not implemented in eqim yet; set \
-             model.params.lossconfig.params.disc_type: patchgan"
-        );
-    }
     if lp.semantic_loss_w > 0.0 {
         bail!(
             "the semantic alignment loss (DINOv2 teacher) is not implemented in eqim yet; set \
@@ -76,7 +71,16 @@ pub fn build_trainer(
         Some((vgg, heads)) => Some(Lpips::load(vgg, heads, device)?),
         None => None,
     };
-    let mut trainer = TokenizerTrainer::new(tok_cfg, cfg, lpips, device)?;
+    let dino = match &required.dino {
+        Some(path) => {
+            let dino_cfg = DinoDiscConfig::default();
+            let (vs, backbone) = DinoDisc::load_backbone(path, &dino_cfg, device)
+                .context("loading the DINO discriminator backbone (eqim.weights.dino_vits16)")?;
+            Some((dino_cfg, vs, backbone))
+        }
+        None => None,
+    };
+    let mut trainer = TokenizerTrainer::new(tok_cfg, cfg, Teachers { lpips, dino }, device)?;
     if let Some(ckpt) = &cfg.model.params.ckpt_path {
         let ckpt = expand_home(ckpt);
         if !cfg.model.params.stage2 {

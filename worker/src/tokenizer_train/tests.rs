@@ -182,3 +182,44 @@ fn checkpoints_resume_the_full_training_state() {
     let file = crate::model::weights::read_safetensors(&model_file).expect("read");
     crate::model::tokenizer::EquivariantTokenizer::load(&vs, &file, "test", None).expect("load");
 }
+
+#[test]
+fn dino_discriminator_with_diffaug_trains_with_a_random_backbone() {
+    setup(4);
+    let yaml = tiny_yaml(0, "").replace("disc_type: patchgan", "disc_type: dino");
+    let (cfg, tok) = configs(&yaml);
+    let dino_cfg = crate::model::dino_disc::DinoDiscConfig {
+        depth: 2,
+        key_depths: vec![0, 1],
+        embed_dim: 32,
+        num_heads: 2,
+        img_size: 32,
+        ..Default::default()
+    };
+    let (bvs, backbone) =
+        crate::model::dino_disc::DinoDisc::random_backbone(&dino_cfg, tch::Device::Cpu);
+    let teachers = trainer::Teachers {
+        lpips: None,
+        dino: Some((dino_cfg, bvs, backbone)),
+    };
+    let mut trainer =
+        TokenizerTrainer::new(&tok, &cfg, teachers, tch::Device::Cpu).expect("trainer");
+    let heads_before: Vec<(String, Tensor)> = trainer
+        .loss
+        .disc_vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.copy()))
+        .collect();
+    let images = generated_images(4);
+    let log = trainer.train_step(&images).expect("step");
+    assert!(log.d_weight > 0.0 && log.disc_loss > 0.0, "{log:?}");
+    let moved = heads_before
+        .iter()
+        .filter(|(k, v)| k.ends_with("weight_orig") && !trainer.loss.disc_vs.variables()[k].equal(v))
+        .count();
+    assert!(moved > 0, "the discriminator step moved no head weight");
+    // the config route refuses a missing backbone file by name
+    let err = format!("{:#}", build_trainer(&cfg, &tok, tch::Device::Cpu).err().expect("refused"));
+    assert!(err.contains("dino_vits16") && err.contains("disc_type: patchgan"), "{err}");
+}

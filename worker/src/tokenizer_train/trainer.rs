@@ -11,6 +11,8 @@ use tch::{nn, Device, Kind, Tensor};
 use super::config::{LossParams, TrainTokenizerConfig};
 use super::losses;
 use super::optim::{warm_up_decay_multiplier, Adam, AdamConfig, LitEma, WarmUpDecayConfig};
+use crate::model::diffaug::DiffAug;
+use crate::model::dino_disc::{DinoDisc, DinoDiscConfig, FrozenDinoSmall};
 use crate::model::lpips::Lpips;
 use crate::model::nlayer_disc::{NLayerDiscConfig, NLayerDiscriminator};
 use crate::model::tokenizer::config::TokenizerConfig;
@@ -26,13 +28,40 @@ pub const LAST_LAYER: &str = "decoder.conv_out.weight";
 const STAGE2_TRAINED: [&str; 3] = ["decoder", "semantic_decoder", "post_quant_layer"];
 const STAGE2_EMA: [&str; 2] = ["decoder", "post_quant_layer"];
 
+/// The GAN discriminator (`disc_type`).
+pub enum Discriminator {
+    /// taming's PatchGAN on raw images.
+    PatchGan(NLayerDiscriminator),
+    /// DINO ViT-S heads on DiffAug-augmented images.
+    Dino { disc: DinoDisc, aug: DiffAug },
+}
+
+impl Discriminator {
+    /// Logits for images in [-1, 1] (augmented first for the DINO discriminator, a fresh draw
+    /// per call as the reference).
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            Self::PatchGan(d) => d.forward_t(xs, train),
+            Self::Dino { disc, aug } => disc.forward_t(&aug.aug(xs), train),
+        }
+    }
+}
+
+/// The frozen pretrained networks a config's losses use (loaded by the caller).
+#[derive(Default)]
+pub struct Teachers {
+    pub lpips: Option<Lpips>,
+    /// For `disc_type: dino`: the backbone's config, its frozen store and the backbone.
+    pub dino: Option<(DinoDiscConfig, nn::VarStore, FrozenDinoSmall)>,
+}
+
 /// Everything the loss needs besides the autoencoder.
 pub struct LossNetworks {
     pub params: LossParams,
     pub lpips: Option<Lpips>,
     /// `loss.discriminator.*`
     pub disc_vs: nn::VarStore,
-    pub discriminator: NLayerDiscriminator,
+    pub discriminator: Discriminator,
 }
 
 /// What one batch did, for logs and tests.
@@ -92,21 +121,29 @@ impl TokenizerTrainer {
     pub fn new(
         tok_cfg: &TokenizerConfig,
         cfg: &TrainTokenizerConfig,
-        lpips: Option<Lpips>,
+        teachers: Teachers,
         device: Device,
     ) -> Result<Self> {
         let lp = cfg.model.params.lossconfig.params.clone();
         let vs = nn::VarStore::new(device);
         let model = EquivariantTokenizer::new(vs.root(), tok_cfg);
         let disc_vs = nn::VarStore::new(device);
-        let discriminator = NLayerDiscriminator::new(
-            disc_vs.root() / "loss" / "discriminator",
-            &NLayerDiscConfig {
-                input_nc: lp.disc_in_channels,
-                ndf: lp.disc_ndf,
-                n_layers: lp.disc_num_layers,
+        let disc_path = disc_vs.root() / "loss" / "discriminator";
+        let discriminator = match (lp.disc_type.as_str(), teachers.dino) {
+            ("dino", Some((dino_cfg, backbone_vs, backbone))) => Discriminator::Dino {
+                disc: DinoDisc::new(disc_path, &dino_cfg, backbone_vs, backbone),
+                aug: DiffAug::default(),
             },
-        );
+            ("dino", None) => bail!("disc_type: dino needs the DINO ViT-S/16 backbone (eqim.weights.dino_vits16)"),
+            _ => Discriminator::PatchGan(NLayerDiscriminator::new(
+                disc_path,
+                &NLayerDiscConfig {
+                    input_nc: lp.disc_in_channels,
+                    ndf: lp.disc_ndf,
+                    n_layers: lp.disc_num_layers,
+                },
+            )),
+        };
         let stage2 = cfg.model.params.stage2;
         let emas = EMA_MODULES
             .iter()
@@ -167,7 +204,7 @@ impl TokenizerTrainer {
             model,
             loss: LossNetworks {
                 params: lp,
-                lpips,
+                lpips: teachers.lpips,
                 disc_vs,
                 discriminator,
             },
