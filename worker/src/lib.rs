@@ -4,5 +4,5 @@
 
 pub mod doctor;
 pub mod model;
-pub mod verify;
 pub mod tokenizer_train;
+pub mod verify;

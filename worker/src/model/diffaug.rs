@@ -65,8 +65,14 @@ impl DiffAug {
         let batch_index = grid(b).view([b, 1, 1]);
         if flags.translate {
             let (dh, dw) = (py_round(h as f64 * 0.125), py_round(w as f64 * 0.125));
-            let shift_h = (rand01.get(0) * (2 * dh + 1) as f64).floor().to_kind(Kind::Int64) - dh;
-            let shift_w = (rand01.get(1) * (2 * dw + 1) as f64).floor().to_kind(Kind::Int64) - dw;
+            let shift_h = (rand01.get(0) * (2 * dh + 1) as f64)
+                .floor()
+                .to_kind(Kind::Int64)
+                - dh;
+            let shift_w = (rand01.get(1) * (2 * dw + 1) as f64)
+                .floor()
+                .to_kind(Kind::Int64)
+                - dw;
             // [B, H, 1] and [B, 1, W] indices into the 1-px zero-padded image
             let gh = (grid(h).view([1, h, 1]) + shift_h + 1).clamp(0, h + 1);
             let gw = (grid(w).view([1, 1, w]) + shift_w + 1).clamp(0, w + 1);
@@ -84,7 +90,10 @@ impl DiffAug {
             xs = (&xs - &mean) * (rand01.get(4).unsqueeze(-1) + 0.5) + &mean;
         }
         if flags.cutout {
-            let (ch, cw) = (py_round(h as f64 * self.cutout), py_round(w as f64 * self.cutout));
+            let (ch, cw) = (
+                py_round(h as f64 * self.cutout),
+                py_round(w as f64 * self.cutout),
+            );
             let off_h = (rand01.get(5) * (h + (1 - ch % 2)) as f64)
                 .floor()
                 .to_kind(Kind::Int64);
@@ -96,7 +105,7 @@ impl DiffAug {
             let mut mask = Tensor::ones([b, h, w], (xs.kind(), dev));
             let zeros = Tensor::zeros([1], (xs.kind(), dev));
             let _ = mask.index_put_(&[Some(batch_index), Some(gh), Some(gw)], &zeros, false); // in place
-            xs = xs * mask.unsqueeze(1);
+            xs *= mask.unsqueeze(1);
         }
         xs
     }
@@ -112,7 +121,9 @@ mod tests {
     }
 
     fn draws(v: [f64; 7]) -> Tensor {
-        Tensor::from_slice(&v).to_kind(Kind::Float).view([7, 1, 1, 1])
+        Tensor::from_slice(&v)
+            .to_kind(Kind::Float)
+            .view([7, 1, 1, 1])
     }
 
     #[test]

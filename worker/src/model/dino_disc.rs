@@ -95,7 +95,11 @@ impl SaBlock {
 
     fn forward(&self, xs: &Tensor) -> Tensor {
         let xs = xs + self.attention(&xs.apply(&self.norm1));
-        let h = xs.apply(&self.norm2).apply(&self.fc1).gelu("tanh").apply(&self.fc2);
+        let h = xs
+            .apply(&self.norm2)
+            .apply(&self.fc1)
+            .gelu("tanh")
+            .apply(&self.fc2);
         xs + h
     }
 }
@@ -147,8 +151,12 @@ impl FrozenDinoSmall {
             .zip(IMAGENET_STD)
             .map(|(m, s)| (0.5 - m) / s)
             .collect();
-        let scale = Tensor::from_slice(&scale).to_kind(Kind::Float).to_device(dev);
-        let shift = Tensor::from_slice(&shift).to_kind(Kind::Float).to_device(dev);
+        let scale = Tensor::from_slice(&scale)
+            .to_kind(Kind::Float)
+            .to_device(dev);
+        let shift = Tensor::from_slice(&shift)
+            .to_kind(Kind::Float)
+            .to_device(dev);
         let xs = xs.to_kind(Kind::Float) * scale.view([1, 3, 1, 1]) + shift.view([1, 3, 1, 1]);
         let (_, _, h, w) = xs.size4().expect("dino: x must be [B, 3, H, W]");
         let s = self.cfg.img_size;
@@ -168,9 +176,10 @@ impl FrozenDinoSmall {
         let xs = self.preprocess(xs);
         let b = xs.size()[0];
         let tokens = xs.apply(&self.patch_embed).flatten(2, -1).transpose(1, 2); // [B, L, C]
-        let mut x = Tensor::cat(&[self.cls_token.expand([b, -1, -1], false), tokens], 1)
-            + &self.pos_embed;
-        let readout = |x: &Tensor| (x.narrow(1, 1, x.size()[1] - 1) + x.narrow(1, 0, 1)).transpose(1, 2);
+        let mut x =
+            Tensor::cat(&[self.cls_token.expand([b, -1, -1], false), tokens], 1) + &self.pos_embed;
+        let readout =
+            |x: &Tensor| (x.narrow(1, 1, x.size()[1] - 1) + x.narrow(1, 0, 1)).transpose(1, 2);
         let mut acts = vec![readout(&x)];
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x);
@@ -211,12 +220,25 @@ impl SpectralConv1d {
                 non_linearity: nn::init::NonLinearity::ExplicitGain(1.0 / 3f64.sqrt()),
             },
         );
-        let bias = p.var("bias", &[c_out], nn::Init::Uniform { lo: -bound, up: bound });
+        let bias = p.var(
+            "bias",
+            &[c_out],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
         let mut weight_u = p.zeros_no_train("weight_u", &[c_out]);
         let mut weight_v = p.zeros_no_train("weight_v", &[c_in * k]);
         tch::no_grad(|| {
-            weight_u.copy_(&normalize(&Tensor::randn([c_out], (Kind::Float, p.device()))));
-            weight_v.copy_(&normalize(&Tensor::randn([c_in * k], (Kind::Float, p.device()))));
+            weight_u.copy_(&normalize(&Tensor::randn(
+                [c_out],
+                (Kind::Float, p.device()),
+            )));
+            weight_v.copy_(&normalize(&Tensor::randn(
+                [c_in * k],
+                (Kind::Float, p.device()),
+            )));
         });
         Self {
             weight_orig,
@@ -350,7 +372,12 @@ pub struct DinoDisc {
 impl DinoDisc {
     /// Heads under `p` (trainable); the backbone in its own frozen store on `p`'s device with
     /// the given weights (already loaded by the caller or random for tests).
-    pub fn new(p: nn::Path, cfg: &DinoDiscConfig, backbone_vs: nn::VarStore, backbone: FrozenDinoSmall) -> Self {
+    pub fn new(
+        p: nn::Path,
+        cfg: &DinoDiscConfig,
+        backbone_vs: nn::VarStore,
+        backbone: FrozenDinoSmall,
+    ) -> Self {
         let heads = (0..=cfg.key_depths.len() as i64)
             .map(|i| DinoHead::new(&p / "heads" / i, cfg))
             .collect();
@@ -362,7 +389,10 @@ impl DinoDisc {
     }
 
     /// A backbone with random weights (tests) in a frozen store.
-    pub fn random_backbone(cfg: &DinoDiscConfig, device: Device) -> (nn::VarStore, FrozenDinoSmall) {
+    pub fn random_backbone(
+        cfg: &DinoDiscConfig,
+        device: Device,
+    ) -> (nn::VarStore, FrozenDinoSmall) {
         let mut vs = nn::VarStore::new(device);
         let backbone = FrozenDinoSmall::new(vs.root(), cfg);
         vs.freeze();
@@ -371,7 +401,11 @@ impl DinoDisc {
 
     /// The DINO ViT-S/16 backbone from a safetensors file with the public checkpoint's keys;
     /// the key third of every `attn.qkv.bias` is zeroed as the reference does.
-    pub fn load_backbone(path: &Path, cfg: &DinoDiscConfig, device: Device) -> Result<(nn::VarStore, FrozenDinoSmall)> {
+    pub fn load_backbone(
+        path: &Path,
+        cfg: &DinoDiscConfig,
+        device: Device,
+    ) -> Result<(nn::VarStore, FrozenDinoSmall)> {
         let mut vs = nn::VarStore::new(device);
         let backbone = FrozenDinoSmall::new(vs.root(), cfg);
         let mut tensors = super::weights::read_safetensors(path)?;
@@ -432,8 +466,14 @@ mod tests {
         ] {
             assert!(vars.contains_key(key), "missing {key}");
         }
-        assert_eq!(vars["loss.discriminator.heads.1.1.fn.0.weight_orig"].size(), vec![384, 384, 9]);
-        assert_eq!(vars["loss.discriminator.heads.1.2.weight_orig"].size(), vec![1, 384, 1]);
+        assert_eq!(
+            vars["loss.discriminator.heads.1.1.fn.0.weight_orig"].size(),
+            vec![384, 384, 9]
+        );
+        assert_eq!(
+            vars["loss.discriminator.heads.1.2.weight_orig"].size(),
+            vec![1, 384, 1]
+        );
         // backbone keys of dino_deitsmall16_pretrain.pth
         let bvs = nn::VarStore::new(Device::Cpu);
         let _b = FrozenDinoSmall::new(bvs.root(), &cfg);
@@ -504,10 +544,17 @@ mod tests {
         super::super::weights::save_file(&bvs, &path).expect("save");
         let (lvs, loaded) = DinoDisc::load_backbone(&path, &cfg, Device::Cpu).expect("load");
         let bias = &lvs.variables()["blocks.0.attn.qkv.bias"];
-        assert_eq!(bias.narrow(0, 32, 32).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(
+            bias.narrow(0, 32, 32)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
         drop((bvs, backbone));
         let d = DinoDisc::new(vs.root(), &cfg, lvs, loaded);
-        let x = (Tensor::rand([2, 3, 16, 24], (Kind::Float, Device::Cpu)) * 2 - 1).set_requires_grad(true);
+        let x = (Tensor::rand([2, 3, 16, 24], (Kind::Float, Device::Cpu)) * 2 - 1)
+            .set_requires_grad(true);
         let logits = d.forward_t(&x, true);
         // 3 readouts of 4 patches (32/16)², one logit each
         assert_eq!(logits.size(), vec![2, 3 * 4]);

@@ -177,16 +177,12 @@ pub fn lpips_from_features(
     lins: &[Tensor],
     train: bool,
 ) -> Tensor {
-    let per_layer = feats0
-        .iter()
-        .zip(feats1)
-        .zip(lins)
-        .map(|((a, b), w)| {
-            let diff = (normalize_tensor(a) - normalize_tensor(b)).square();
-            let diff = diff.dropout(0.5, train);
-            diff.conv2d(w, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
-                .mean_dim([2i64, 3].as_slice(), true, None)
-        });
+    let per_layer = feats0.iter().zip(feats1).zip(lins).map(|((a, b), w)| {
+        let diff = (normalize_tensor(a) - normalize_tensor(b)).square();
+        let diff = diff.dropout(0.5, train);
+        diff.conv2d(w, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
+            .mean_dim([2i64, 3].as_slice(), true, None)
+    });
     per_layer
         .reduce(|acc, t| acc + t)
         .expect("lpips: at least one feature layer")
@@ -223,8 +219,14 @@ mod tests {
         let mut feats1 = Vec::new();
         let mut lins = Vec::new();
         for _layer in 0..2 {
-            let a = Tensor::randn([1, c as i64, h as i64, wd as i64], (Kind::Double, Device::Cpu));
-            let b = Tensor::randn([1, c as i64, h as i64, wd as i64], (Kind::Double, Device::Cpu));
+            let a = Tensor::randn(
+                [1, c as i64, h as i64, wd as i64],
+                (Kind::Double, Device::Cpu),
+            );
+            let b = Tensor::randn(
+                [1, c as i64, h as i64, wd as i64],
+                (Kind::Double, Device::Cpu),
+            );
             let w = Tensor::rand([1, c as i64, 1, 1], (Kind::Double, Device::Cpu));
             let to_vec = |t: &Tensor| -> Vec<Vec<f64>> {
                 (0..c as i64)
@@ -310,7 +312,10 @@ mod tests {
         }
         let t = crate::model::weights::read_safetensors(heads).expect("heads file");
         for (k, c) in LPIPS_CHANNELS.iter().enumerate() {
-            assert_eq!(t[&format!("lin{k}.model.1.weight")].size(), vec![1, *c, 1, 1]);
+            assert_eq!(
+                t[&format!("lin{k}.model.1.weight")].size(),
+                vec![1, *c, 1, 1]
+            );
         }
     }
 }

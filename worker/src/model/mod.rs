@@ -1,9 +1,9 @@
 //! Models in tch. File layout mirrors the reference's module tree so that `nn::Path` segments spell
 //! the reference state_dict keys exactly.
 
-pub mod weights;
+pub mod diffaug;
+pub mod dino_disc;
 pub mod lpips;
 pub mod nlayer_disc;
 pub mod tokenizer;
-pub mod diffaug;
-pub mod dino_disc;
+pub mod weights;

@@ -133,7 +133,10 @@ mod tests {
         assert!((w.std(true).double_value(&[]) - 0.02).abs() < 0.002);
         let bn = &vars["main.9.weight"];
         assert!((bn.mean(Kind::Float).double_value(&[]) - 1.0).abs() < 0.01);
-        assert_eq!(vars["main.9.bias"].abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(
+            vars["main.9.bias"].abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
     }
 
     #[test]

@@ -225,7 +225,8 @@ impl TrainTokenizerConfig {
     pub fn from_yaml(text: &str, source: &str) -> Result<Self> {
         let cfg: Self = serde_yaml::from_str(text)
             .with_context(|| format!("parsing the train-tokenizer config {source}"))?;
-        cfg.validate().with_context(|| format!("checking {source}"))?;
+        cfg.validate()
+            .with_context(|| format!("checking {source}"))?;
         Ok(cfg)
     }
 

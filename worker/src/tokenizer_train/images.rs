@@ -223,7 +223,10 @@ mod tests {
     #[test]
     fn empty_folder_is_refused_by_name() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = format!("{:#}", ImageBatches::new(dir.path(), 8, 8, 0).err().expect("error"));
+        let err = format!(
+            "{:#}",
+            ImageBatches::new(dir.path(), 8, 8, 0).err().expect("error")
+        );
         assert!(err.contains("eqim.data.train_dir"), "{err}");
     }
 }

@@ -28,7 +28,7 @@ pub fn nll_loss(x: &Tensor, xrec: &Tensor, lpips: Option<(&Tensor, f64)>) -> Ten
     let b = x.size()[0] as f64;
     let mut rec = (x - xrec).abs();
     if let Some((p_loss, weight)) = lpips {
-        rec = rec + p_loss * weight;
+        rec += p_loss * weight;
     }
     rec.sum(rec.kind()) / b
 }
@@ -54,7 +54,12 @@ pub fn generator_hinge_loss(logits_fake: &Tensor) -> Tensor {
 
 /// `calculate_adaptive_weight`: ‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), clamped to [0, 1e4], × disc_weight,
 /// with W the decoder's last conv weight. The graph is kept for the total loss' backward pass.
-pub fn adaptive_weight(nll: &Tensor, g_loss: &Tensor, last_layer: &Tensor, disc_weight: f64) -> f64 {
+pub fn adaptive_weight(
+    nll: &Tensor,
+    g_loss: &Tensor,
+    last_layer: &Tensor,
+    disc_weight: f64,
+) -> f64 {
     let nll_grad = Tensor::run_backward(&[nll], &[last_layer], true, false);
     let g_grad = Tensor::run_backward(&[g_loss], &[last_layer], true, false);
     let ratio = nll_grad[0].norm().double_value(&[]) / (g_grad[0].norm().double_value(&[]) + 1e-4);
@@ -117,10 +122,13 @@ mod tests {
         assert!((hinge_d_loss(&real, &fake).double_value(&[]) - want).abs() < 1e-12);
         // softplus(−real) = ln(1+e^−2), ln(1+e^−0.5), ln(1+e^1); softplus(fake) likewise
         let sp = |v: f64| (1.0 + v.exp()).ln();
-        let want_vanilla = 0.5
-            * ((sp(-2.0) + sp(-0.5) + sp(1.0)) / 3.0 + (sp(-2.0) + sp(0.0) + sp(1.5)) / 3.0);
+        let want_vanilla =
+            0.5 * ((sp(-2.0) + sp(-0.5) + sp(1.0)) / 3.0 + (sp(-2.0) + sp(0.0) + sp(1.5)) / 3.0);
         let got = vanilla_d_loss(&real, &fake).double_value(&[]);
-        assert!((got - want_vanilla).abs() < 1e-12, "{got} vs {want_vanilla}");
+        assert!(
+            (got - want_vanilla).abs() < 1e-12,
+            "{got} vs {want_vanilla}"
+        );
         assert!((generator_hinge_loss(&fake).double_value(&[]) - 0.5 / 3.0).abs() < 1e-12);
     }
 

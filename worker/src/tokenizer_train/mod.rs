@@ -116,14 +116,14 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
     let mut trainer = build_trainer(&cfg, &tok_cfg, device)?;
 
     let out_dir = expand_home(&t.out_dir);
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("creating {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let last = out_dir.join("last.safetensors");
     if t.resume && last.is_file() {
         trainer.resume(&last)?;
         tracing::info!(step = trainer.global_step, path = %last.display(), "resumed");
     }
-    let mut batches = ImageBatches::new(&expand_home(&d.train_dir), d.height, d.width, t.seed as u64)?;
+    let mut batches =
+        ImageBatches::new(&expand_home(&d.train_dir), d.height, d.width, t.seed as u64)?;
     tracing::info!(
         images = batches.len(),
         device = ?device,
@@ -132,8 +132,13 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
     );
     let sheet_inputs = batches.fixed_batch(t.sheet_images.max(1) as usize)?;
     let l1 = |trainer: &TokenizerTrainer| -> Result<(tch::Tensor, f64)> {
-        let rec = trainer.reconstruct_mode(&sheet_inputs)?.to_device(Device::Cpu);
-        let l1 = (&rec - &sheet_inputs).abs().mean(tch::Kind::Float).double_value(&[]);
+        let rec = trainer
+            .reconstruct_mode(&sheet_inputs)?
+            .to_device(Device::Cpu);
+        let l1 = (&rec - &sheet_inputs)
+            .abs()
+            .mean(tch::Kind::Float)
+            .double_value(&[]);
         Ok((rec, l1))
     };
     let (before, l1_before) = l1(&trainer)?;

@@ -118,7 +118,10 @@ impl Adam {
         let mut out = Vec::with_capacity(self.slots.len() * 3);
         for s in &self.slots {
             out.push((format!("{prefix}.exp_avg.{}", s.name), s.exp_avg.copy()));
-            out.push((format!("{prefix}.exp_avg_sq.{}", s.name), s.exp_avg_sq.copy()));
+            out.push((
+                format!("{prefix}.exp_avg_sq.{}", s.name),
+                s.exp_avg_sq.copy(),
+            ));
             out.push((format!("{prefix}.step.{}", s.name), Tensor::from(s.step)));
         }
         out
@@ -184,7 +187,11 @@ pub fn warm_up_decay_multiplier(n: i64, cfg: &WarmUpDecayConfig) -> f64 {
     if n < warm {
         return ramp(n);
     }
-    let mut lr = if warm > 0 { ramp(warm - 1) } else { cfg.lr_start };
+    let mut lr = if warm > 0 {
+        ramp(warm - 1)
+    } else {
+        cfg.lr_start
+    };
     let decays = if cfg.interval > 0 {
         (n - warm) / cfg.interval
     } else {
@@ -356,7 +363,10 @@ mod tests {
     #[test]
     fn adam_matches_hand_computed_steps() {
         let p = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
-        let mut opt = Adam::new(vec![("p".into(), p.shallow_clone())], AdamConfig::tokenizer());
+        let mut opt = Adam::new(
+            vec![("p".into(), p.shallow_clone())],
+            AdamConfig::tokenizer(),
+        );
         // two steps with gradients g1 = [0.5, -1], g2 = [1, 2]
         let grads = [[0.5, -1.0], [1.0, 2.0]];
         let (b1, b2, eps, lr) = (0.5f64, 0.9f64, 1e-8, 0.1);
@@ -394,11 +404,19 @@ mod tests {
     fn zero_gradient_steps_equal_steps_with_zero_gradients() {
         let p = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
         let q = p.detach().copy().set_requires_grad(true);
-        let mut a = Adam::new(vec![("p".into(), p.shallow_clone())], AdamConfig::tokenizer());
-        let mut b = Adam::new(vec![("p".into(), q.shallow_clone())], AdamConfig::tokenizer());
+        let mut a = Adam::new(
+            vec![("p".into(), p.shallow_clone())],
+            AdamConfig::tokenizer(),
+        );
+        let mut b = Adam::new(
+            vec![("p".into(), q.shallow_clone())],
+            AdamConfig::tokenizer(),
+        );
         for (opt, t) in [(&mut a, &p), (&mut b, &q)] {
             opt.zero_grad();
-            (t * Tensor::from_slice(&[0.3f64, 0.7])).sum(Kind::Double).backward();
+            (t * Tensor::from_slice(&[0.3f64, 0.7]))
+                .sum(Kind::Double)
+                .backward();
             opt.step(0.1);
         }
         a.zero_grad();
@@ -412,7 +430,10 @@ mod tests {
     #[test]
     fn adam_skips_parameters_without_gradients() {
         let p = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
-        let mut opt = Adam::new(vec![("p".into(), p.shallow_clone())], AdamConfig::tokenizer());
+        let mut opt = Adam::new(
+            vec![("p".into(), p.shallow_clone())],
+            AdamConfig::tokenizer(),
+        );
         opt.step(1.0);
         assert_eq!(p.double_value(&[0]), 1.0);
         assert_eq!(opt.slots[0].step, 0);
@@ -430,14 +451,23 @@ mod tests {
             let d = 0.99f64.min((1.0 + n as f64) / (10.0 + n as f64));
             shadow -= (1.0 - d) * (shadow - n as f64);
         }
-        let got = ema.shadows().next().expect("one shadow").1.double_value(&[0]);
+        let got = ema
+            .shadows()
+            .next()
+            .expect("one shadow")
+            .1
+            .double_value(&[0]);
         assert!((got - shadow).abs() < 1e-9, "{got} vs {shadow}");
         assert_eq!(ema.num_updates, 200);
         // still warming up at 201 updates: (1 + 201)/(10 + 201) < 0.99 until n = 890
         assert_eq!(ema.next_decay(), 202.0 / 211.0);
         ema.num_updates = 900;
         assert_eq!(ema.next_decay(), 0.99);
-        let names: Vec<String> = ema.state_tensors("ema_x").into_iter().map(|(k, _)| k).collect();
+        let names: Vec<String> = ema
+            .state_tensors("ema_x")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(names, ["ema_x.ab", "ema_x.decay", "ema_x.num_updates"]);
         ema.copy_to_live();
         assert_eq!(p.double_value(&[0]), got);

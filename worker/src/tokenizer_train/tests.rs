@@ -85,8 +85,17 @@ fn short_run_on_generated_images_lowers_reconstruction_loss() {
     let before = l1(&trainer, &images);
     let mut last_log = None;
     for step in 0..20 {
-        let idx = Tensor::from_slice(&[(step * 4) % 8, (step * 4 + 1) % 8, (step * 4 + 2) % 8, (step * 4 + 3) % 8]);
-        last_log = Some(trainer.train_step(&images.index_select(0, &idx)).expect("step"));
+        let idx = Tensor::from_slice(&[
+            (step * 4) % 8,
+            (step * 4 + 1) % 8,
+            (step * 4 + 2) % 8,
+            (step * 4 + 3) % 8,
+        ]);
+        last_log = Some(
+            trainer
+                .train_step(&images.index_select(0, &idx))
+                .expect("step"),
+        );
     }
     let after = l1(&trainer, &images);
     eprintln!("L1 {before:.4} -> {after:.4}");
@@ -144,13 +153,24 @@ fn stage2_trains_the_decoder_and_leaves_the_encoder_bitwise_untouched() {
         .iter()
         .filter(|(name, before)| !stage2.vs.variables()[name].equal(before))
         .count();
-    assert!(changed > trained.len() / 2, "{changed} of {} decoder tensors changed", trained.len());
+    assert!(
+        changed > trained.len() / 2,
+        "{changed} of {} decoder tensors changed",
+        trained.len()
+    );
     // only the decoder and post_quant_layer EMAs advance (3 stage-1 updates + 3)
     for (name, ema) in &stage2.emas {
-        let want = if name == "decoder" || name == "post_quant_layer" { 6 } else { 3 };
+        let want = if name == "decoder" || name == "post_quant_layer" {
+            6
+        } else {
+            3
+        };
         assert_eq!(ema.num_updates, want, "ema_{name}");
     }
-    assert!(!stage2.opt_ae.param_names().any(|n| n.starts_with("encoder.")));
+    assert!(!stage2
+        .opt_ae
+        .param_names()
+        .any(|n| n.starts_with("encoder.")));
 }
 
 #[test]
@@ -168,8 +188,10 @@ fn checkpoints_resume_the_full_training_state() {
     let mut b = build_trainer(&cfg, &tok, tch::Device::Cpu).expect("trainer");
     b.resume(&path).expect("resume");
     assert_eq!(b.global_step, 2);
-    let sa: std::collections::BTreeMap<String, Tensor> = a.checkpoint_tensors().into_iter().collect();
-    let sb: std::collections::BTreeMap<String, Tensor> = b.checkpoint_tensors().into_iter().collect();
+    let sa: std::collections::BTreeMap<String, Tensor> =
+        a.checkpoint_tensors().into_iter().collect();
+    let sb: std::collections::BTreeMap<String, Tensor> =
+        b.checkpoint_tensors().into_iter().collect();
     assert_eq!(sa.keys().collect::<Vec<_>>(), sb.keys().collect::<Vec<_>>());
     for (k, v) in &sa {
         assert!(v.equal(&sb[k]), "{k} differs after resume");
@@ -216,10 +238,20 @@ fn dino_discriminator_with_diffaug_trains_with_a_random_backbone() {
     assert!(log.d_weight > 0.0 && log.disc_loss > 0.0, "{log:?}");
     let moved = heads_before
         .iter()
-        .filter(|(k, v)| k.ends_with("weight_orig") && !trainer.loss.disc_vs.variables()[k].equal(v))
+        .filter(|(k, v)| {
+            k.ends_with("weight_orig") && !trainer.loss.disc_vs.variables()[k].equal(v)
+        })
         .count();
     assert!(moved > 0, "the discriminator step moved no head weight");
     // the config route refuses a missing backbone file by name
-    let err = format!("{:#}", build_trainer(&cfg, &tok, tch::Device::Cpu).err().expect("refused"));
-    assert!(err.contains("dino_vits16") && err.contains("disc_type: patchgan"), "{err}");
+    let err = format!(
+        "{:#}",
+        build_trainer(&cfg, &tok, tch::Device::Cpu)
+            .err()
+            .expect("refused")
+    );
+    assert!(
+        err.contains("dino_vits16") && err.contains("disc_type: patchgan"),
+        "{err}"
+    );
 }

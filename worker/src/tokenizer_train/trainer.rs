@@ -33,7 +33,7 @@ pub enum Discriminator {
     /// taming's PatchGAN on raw images.
     PatchGan(NLayerDiscriminator),
     /// DINO ViT-S heads on DiffAug-augmented images.
-    Dino { disc: DinoDisc, aug: DiffAug },
+    Dino { disc: Box<DinoDisc>, aug: DiffAug },
 }
 
 impl Discriminator {
@@ -131,10 +131,12 @@ impl TokenizerTrainer {
         let disc_path = disc_vs.root() / "loss" / "discriminator";
         let discriminator = match (lp.disc_type.as_str(), teachers.dino) {
             ("dino", Some((dino_cfg, backbone_vs, backbone))) => Discriminator::Dino {
-                disc: DinoDisc::new(disc_path, &dino_cfg, backbone_vs, backbone),
+                disc: Box::new(DinoDisc::new(disc_path, &dino_cfg, backbone_vs, backbone)),
                 aug: DiffAug::default(),
             },
-            ("dino", None) => bail!("disc_type: dino needs the DINO ViT-S/16 backbone (eqim.weights.dino_vits16)"),
+            ("dino", None) => {
+                bail!("disc_type: dino needs the DINO ViT-S/16 backbone (eqim.weights.dino_vits16)")
+            }
             _ => Discriminator::PatchGan(NLayerDiscriminator::new(
                 disc_path,
                 &NLayerDiscConfig {
@@ -200,7 +202,7 @@ impl TokenizerTrainer {
         Ok(Self {
             device,
             tok_cfg: tok_cfg.clone(),
-            vs: vs,
+            vs,
             model,
             loss: LossNetworks {
                 params: lp,
@@ -283,7 +285,7 @@ impl TokenizerTrainer {
             let g_loss = losses::generator_hinge_loss(&logits_fake);
             let d_weight =
                 losses::adaptive_weight(&nll, &g_loss, &self.last_layer()?, lp.disc_weight);
-            total = total + &g_loss * (d_weight * disc_factor);
+            total += &g_loss * (d_weight * disc_factor);
             log.g_loss = g_loss.double_value(&[]);
             log.d_weight = d_weight;
         }
