@@ -210,3 +210,179 @@ impl EquivariantTokenizer {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// Three levels, the second downsampling only the height (len_down_scale 1), attention at 8,
+    /// two res blocks, semantic map tapped after `mid`: a shape of the family the fixture lacks.
+    fn odd_config() -> TokenizerConfig {
+        let json = serde_json::json!({
+            "ddconfig": {"ch": 32, "out_ch": 3, "ch_mult": [1, 2, 2], "num_res_blocks": 2,
+                "attn_resolutions": [8], "in_channels": 3, "resolution": 16, "z_channels": 4,
+                "len_down_scale": 1, "semantic_map": "mid", "double_enc": false},
+            "sematicconfig": {"ch": 32, "out_ch": 96, "ch_mult": [2, 2], "num_res_blocks": 1,
+                "attn_resolutions": [8], "in_channels": 3, "resolution": 16, "z_channels": 4,
+                "downsample_scale": 1},
+            "embed_dim": 6, "post_channels": 16, "std": 2.5, "use_ema": true
+        });
+        TokenizerConfig::from_json(&json).unwrap()
+    }
+
+    #[test]
+    fn other_configs_encode_and_decode_any_width_and_name_the_expected_height() {
+        let _guard = tch::no_grad_guard();
+        let cfg = odd_config();
+        assert_eq!(cfg.ddconfig.encoder_width_factor(), 2);
+        assert_eq!(cfg.ddconfig.decoder_width_factor(), 2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = EquivariantTokenizer::new(vs.root(), &cfg);
+        let vars = vs.variables();
+        // Height-only resampling: conv to C/2 (encoder level 1), 2C (decoder level 2).
+        assert_eq!(
+            vars["encoder.down.1.downsample.conv.conv.weight"].size(),
+            [32, 64, 3, 3]
+        );
+        assert_eq!(
+            vars["decoder.up.2.upsample.conv.conv.weight"].size(),
+            [128, 64, 3, 3]
+        );
+        assert_eq!(vars["decoder.up.2.block.2.conv1.weight"].size(), [64, 64, 3, 3]);
+        assert!(vars.contains_key("encoder.down.1.attn.1.q.weight"));
+        assert!(vars.contains_key("semantic_decoder.down.0.downsample.conv.conv.weight"));
+        for width in [8, 14, 40] {
+            let x = Tensor::rand([2, 3, 16, width], (Kind::Float, Device::Cpu)) * 2 - 1;
+            let mean = model.encode(&x).unwrap().mode();
+            assert_eq!(mean.size(), [2, width / 2, 6]);
+            assert_eq!(model.decode(&mean).unwrap().size(), [2, 3, 16, width]);
+            if width % 4 == 0 {
+                // mid tap [B, 64, 4, L], one (2,2) downsample in the semantic decoder.
+                let (image, semantic) = model.decode_with_semantic(&mean).unwrap();
+                assert_eq!(image.size(), [2, 3, 16, width]);
+                assert_eq!(semantic.size(), [2, 96, 2, width / 4]);
+            }
+        }
+        let err = model
+            .encode(&Tensor::zeros([1, 3, 32, 8], (Kind::Float, Device::Cpu)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected height 16"), "{err}");
+        let err = model
+            .encode(&Tensor::zeros([1, 3, 16, 9], (Kind::Float, Device::Cpu)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("multiple of 2"), "{err}");
+        assert!(model
+            .decode(&Tensor::zeros([1, 4, 5], (Kind::Float, Device::Cpu)))
+            .is_err());
+    }
+
+    #[test]
+    fn full_config_has_the_reference_parameter_count() {
+        let cfg = TokenizerConfig::full();
+        cfg.validate().unwrap();
+        // Parameter shapes only: a meta-free count from a VarStore with zero-initialised vars.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = EquivariantTokenizer::new(vs.root(), &cfg);
+        let vars = vs.variables();
+        let count = |prefix: &str| -> i64 {
+            vars.iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(_, v)| v.numel() as i64)
+                .sum()
+        };
+        assert_eq!(count("encoder."), 86_050_816);
+        assert_eq!(count("decoder."), 121_548_547);
+        assert_eq!(count("semantic_decoder."), 67_663_360);
+        assert_eq!(count("quant_layer."), 3_145_984);
+        assert_eq!(count("post_quant_layer."), 3_149_824);
+        assert_eq!(
+            vars["decoder.up.4.upsample.conv.conv.weight"].size(),
+            [2048, 512, 3, 3]
+        );
+        assert_eq!(
+            vars["encoder.down.3.downsample.conv.conv.weight"].size(),
+            [128, 512, 3, 3]
+        );
+        assert_eq!(cfg.ddconfig.encoder_width_factor(), 16);
+    }
+
+    #[test]
+    fn ema_names_drop_the_dots_under_the_module_prefix() {
+        assert_eq!(
+            ema::ema_name("decoder.up.4.upsample.conv.conv.weight").as_deref(),
+            Some("ema_decoder.up4upsampleconvconvweight")
+        );
+        assert_eq!(
+            ema::ema_name("quant_layer.weight").as_deref(),
+            Some("ema_quant_layer.weight")
+        );
+        assert_eq!(ema::ema_name("loss.logvar"), None);
+        assert!(ema::is_ema_bookkeeping("ema_encoder.num_updates"));
+        assert!(!ema::is_ema_bookkeeping("ema_encoder.conv_inweight"));
+    }
+
+    /// A checkpoint-like map: live weights, distinct EMA copies, bookkeeping and loss keys.
+    fn checkpoint_of(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
+        let mut file = BTreeMap::new();
+        for (name, v) in vs.variables() {
+            let ema = ema::ema_name(&name).unwrap();
+            file.insert(ema, v.randn_like());
+            file.insert(name, v.randn_like());
+        }
+        for m in ema::EMA_MODULES {
+            file.insert(format!("ema_{m}.decay"), Tensor::from(0.99f32));
+            file.insert(format!("ema_{m}.num_updates"), Tensor::from(7i32));
+        }
+        file.insert("loss.logvar".into(), Tensor::from(0f32));
+        file
+    }
+
+    #[test]
+    fn load_prefers_ema_reports_loss_keys_and_refuses_unknown_ones() {
+        let cfg = odd_config();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = EquivariantTokenizer::new(vs.root(), &cfg);
+        let n = vs.variables().len();
+        let mut file = checkpoint_of(&vs);
+        let report = EquivariantTokenizer::load(&vs, &file, "ckpt", None).unwrap();
+        assert_eq!(report.choice, WeightChoice::Ema);
+        assert_eq!(report.other_copy, n);
+        assert_eq!(report.ema_bookkeeping, 10);
+        assert_eq!(report.ignored_loss_keys, vec!["loss.logvar".to_string()]);
+        let w = &vs.variables()["decoder.conv_in.weight"];
+        assert!(w.equal(&file["ema_decoder.conv_inweight"]));
+
+        let report = EquivariantTokenizer::load(&vs, &file, "ckpt", Some(WeightChoice::Live)).unwrap();
+        assert_eq!(report.other_copy, n);
+        assert!(vs.variables()["decoder.conv_in.weight"].equal(&file["decoder.conv_in.weight"]));
+
+        file.insert("model_ema.stray".into(), Tensor::from(1f32));
+        let err = EquivariantTokenizer::load(&vs, &file, "ckpt", None).unwrap_err();
+        assert!(err.to_string().contains("model_ema.stray"), "{err}");
+        file.remove("model_ema.stray");
+        file.remove("ema_encoder.conv_inweight");
+        let err = EquivariantTokenizer::load(&vs, &file, "ckpt", None).unwrap_err();
+        assert!(err.to_string().contains("encoder.conv_in.weight"), "{err}");
+    }
+
+    #[test]
+    fn posterior_sample_is_seeded_and_its_noise_scale_is_clipped() {
+        let mean = Tensor::zeros([64, 3, 5], (Kind::Float, Device::Cpu));
+        let post = GaussianDistribution::new(mean, 2.5);
+        tch::manual_seed(3);
+        let a = post.sample();
+        tch::manual_seed(3);
+        let b = post.sample();
+        assert!(a.equal(&b));
+        // Draw order as the reference: scales from randn(B), then the noise randn(shape).
+        tch::manual_seed(3);
+        let scale = (Tensor::randn([64], (Kind::Float, Device::Cpu)) * (2.5 / 0.8)).clamp(-2.5, 2.5);
+        let noise = Tensor::randn([64, 3, 5], (Kind::Float, Device::Cpu));
+        assert!(a.allclose(&(scale.view([64, 1, 1]) * noise), 0.0, 0.0, false));
+        assert!(scale.abs().max().double_value(&[]) <= 2.5);
+        assert!(post.mode().equal(&post.mean));
+    }
+}
