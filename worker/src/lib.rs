@@ -3,5 +3,7 @@
 //! async tasks.
 
 pub mod doctor;
+pub mod imageio;
 pub mod model;
+pub mod tokenizer_cli;
 pub mod verify;

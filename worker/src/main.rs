@@ -23,6 +23,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Encode images into column tokens (one token per 16-px column for the released tokenizer).
+    Encode(eqim_worker::tokenizer_cli::EncodeArgs),
+    /// Decode a tokens file into PNG images.
+    Decode(eqim_worker::tokenizer_cli::DecodeArgs),
+    /// Check the tokenizer against a reference parity fixture.
+    #[command(hide = true)]
+    VerifyTokenizer(eqim_worker::tokenizer_cli::VerifyTokenizerArgs),
 }
 
 fn main() -> Result<()> {
@@ -48,6 +55,11 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Command::Encode(args) => eqim_worker::tokenizer_cli::encode(&args)?,
+        Command::Decode(args) => {
+            eqim_worker::tokenizer_cli::decode(&args)?;
+        }
+        Command::VerifyTokenizer(args) => eqim_worker::tokenizer_cli::verify_tokenizer(&args)?,
     }
     Ok(())
 }

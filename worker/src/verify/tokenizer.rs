@@ -193,8 +193,18 @@ mod tests {
             assert!(names.contains(&want), "case {want} missing from {names:?}");
         }
         for r in &reports {
-            eprintln!("{}: max abs err {:.3e} ({})", r.case, r.max_abs_err, r.detail);
-            assert!(r.passed(), "{}: {:.3e} > {:.0e} ({})", r.case, r.max_abs_err, r.tol, r.detail);
+            eprintln!(
+                "{}: max abs err {:.3e} ({})",
+                r.case, r.max_abs_err, r.detail
+            );
+            assert!(
+                r.passed(),
+                "{}: {:.3e} > {:.0e} ({})",
+                r.case,
+                r.max_abs_err,
+                r.tol,
+                r.detail
+            );
         }
     }
 

@@ -172,9 +172,10 @@ impl Module for DownsampleShuffleResidual {
         let (b, c, h, w) = shuffled.size4().expect("downsample: [B, C, H, W]");
         let groups = stride.factors().0 * stride.factors().1;
         // [B, C, groups, H, W] -> mean over the pixel group
-        let skip = shuffled
-            .view([b, c / groups, groups, h, w])
-            .mean_dim(2, false, tch::Kind::Float);
+        let skip =
+            shuffled
+                .view([b, c / groups, groups, h, w])
+                .mean_dim(2, false, tch::Kind::Float);
         res + skip
     }
 }

@@ -94,7 +94,10 @@ impl EquivariantTokenizerDecoder1D {
     /// Token features [B, L, C*H] -> the latent map [B, C, H, L] after `decoder1d` and `conv_in`.
     pub fn rasterize(&self, zs: &Tensor) -> Tensor {
         // Conv1d over tokens on [B, C*H, L], back to [B, L, C*H]
-        let h = zs.permute([0, 2, 1]).apply(&self.decoder1d).permute([0, 2, 1]);
+        let h = zs
+            .permute([0, 2, 1])
+            .apply(&self.decoder1d)
+            .permute([0, 2, 1]);
         let (b, l, _) = h.size3().expect("decoder: z must be [B, L, C*H]");
         // [B, L, C, H] -> [B, C, H, L]
         h.reshape([b, l, self.z_channels, -1])

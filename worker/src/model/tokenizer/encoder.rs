@@ -45,8 +45,8 @@ impl Module for Mid {
 /// Runs a level's res blocks, each followed by its attention block when the level has them.
 pub fn run_blocks(xs: &Tensor, block: &[ResnetBlock], attn: &[AttnBlock], n: usize) -> Tensor {
     let mut h = xs.shallow_clone();
-    for i in 0..n {
-        h = h.apply(&block[i]);
+    for (i, b) in block.iter().take(n).enumerate() {
+        h = h.apply(b);
         if let Some(a) = attn.get(i) {
             h = h.apply(a);
         }
