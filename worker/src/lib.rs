@@ -2,6 +2,7 @@
 //! collectives and the QUIC client. tch calls block, so they run on dedicated threads, never inside
 //! async tasks.
 
+pub mod convert;
 pub mod doctor;
 pub mod imageio;
 pub mod model;

@@ -27,6 +27,8 @@ enum Command {
     Encode(eqim_worker::tokenizer_cli::EncodeArgs),
     /// Decode a tokens file into PNG images.
     Decode(eqim_worker::tokenizer_cli::DecodeArgs),
+    /// Convert a reference PyTorch checkpoint (tokenizer.ckpt, places_large.ckpt) to safetensors.
+    ConvertCheckpoint(eqim_worker::convert::ConvertArgs),
     /// Check the tokenizer against a reference parity fixture.
     #[command(hide = true)]
     VerifyTokenizer(eqim_worker::tokenizer_cli::VerifyTokenizerArgs),
@@ -58,6 +60,9 @@ fn main() -> Result<()> {
         Command::Encode(args) => eqim_worker::tokenizer_cli::encode(&args)?,
         Command::Decode(args) => {
             eqim_worker::tokenizer_cli::decode(&args)?;
+        }
+        Command::ConvertCheckpoint(args) => {
+            eprint!("{}", eqim_worker::convert::run(&args)?);
         }
         Command::VerifyTokenizer(args) => eqim_worker::tokenizer_cli::verify_tokenizer(&args)?,
     }
