@@ -27,6 +27,8 @@ enum Command {
     Encode(eqim_worker::tokenizer_cli::EncodeArgs),
     /// Decode a tokens file into PNG images.
     Decode(eqim_worker::tokenizer_cli::DecodeArgs),
+    /// Decode an image's first k tokens followed by random ones, k = 0..L, into one image strip.
+    ExplainTokens(eqim_worker::tokenizer_cli::ExplainTokensArgs),
     /// Convert a reference PyTorch checkpoint (tokenizer.ckpt, places_large.ckpt) to safetensors.
     ConvertCheckpoint(eqim_worker::convert::ConvertArgs),
     /// Check the tokenizer against a reference parity fixture.
@@ -60,6 +62,9 @@ fn main() -> Result<()> {
         Command::Encode(args) => eqim_worker::tokenizer_cli::encode(&args)?,
         Command::Decode(args) => {
             eqim_worker::tokenizer_cli::decode(&args)?;
+        }
+        Command::ExplainTokens(args) => {
+            let _strip = eqim_worker::tokenizer_cli::explain_tokens(&args)?;
         }
         Command::ConvertCheckpoint(args) => {
             eprint!("{}", eqim_worker::convert::run(&args)?);

@@ -247,6 +247,74 @@ pub fn verify_tokenizer(args: &VerifyTokenizerArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExplainTokensArgs {
+    /// The image to explain.
+    pub image: PathBuf,
+    /// Output PNG: L+1 rows, row k decoded from the image's first k tokens and random tokens
+    /// after them.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Resize and crop the image to fit the tokenizer (default: refuse other sizes).
+    #[arg(long)]
+    pub fit: bool,
+    /// Use the posterior mean instead of a posterior sample (the reference notebook samples).
+    #[arg(long)]
+    pub mode: bool,
+    #[command(flatten)]
+    pub tokenizer: TokenizerArgs,
+}
+
+/// The token sets `explain-tokens` decodes: for k = 0..=L, the first k tokens of `latent`
+/// followed by `noise`'s tokens k..L. latent, noise: [1, L, C] -> [L+1, L, C].
+pub fn progressive_tokens(latent: &Tensor, noise: &Tensor) -> Tensor {
+    let l = latent.size()[1];
+    let rows: Vec<Tensor> = (0..=l)
+        .map(|k| Tensor::cat(&[latent.narrow(1, 0, k), noise.narrow(1, k, l - k)], 1))
+        .collect();
+    Tensor::cat(&rows, 0)
+}
+
+/// `eqim explain-tokens` (the reference's token_meaning notebook as a command): shows that each
+/// token owns a column band of the image. Returns the strip [3, (L+1) H, W].
+pub fn explain_tokens(args: &ExplainTokensArgs) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let tok = load_tokenizer(&args.tokenizer)?;
+    let dd = &tok.model.cfg.ddconfig;
+    let fit = if args.fit {
+        Fit::ResizeHeight
+    } else {
+        Fit::Exact
+    };
+    let x = imageio::load_for_tokenizer(
+        &args.image,
+        dd.resolution as u32,
+        dd.encoder_width_factor() as u32,
+        fit,
+    )?;
+    let device = tok.vs.device();
+    tch::manual_seed(args.tokenizer.seed as i64);
+    let posterior = tok.model.encode(&x.unsqueeze(0).to_device(device))?;
+    let latent = if args.mode {
+        posterior.mode()
+    } else {
+        posterior.sample()
+    };
+    let noise =
+        Tensor::randn(latent.size().as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
+    let sets = progressive_tokens(&latent, &noise);
+    let mut rows = Vec::new();
+    for k in 0..sets.size()[0] {
+        let image = tok.model.decode(&sets.narrow(0, k, 1))?;
+        rows.push(image.get(0).to_device(Device::Cpu));
+    }
+    // Rows stacked along the height: [3, (L+1) H, W]
+    let strip = Tensor::cat(&rows, 1);
+    imageio::save_png(&strip, &args.out)?;
+    tracing::info!(rows = rows.len(), "wrote {}", args.out.display());
+    Ok(strip)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,10 +327,10 @@ mod tests {
             })
     }
 
-    /// A 64x32 image with smooth gradients and a hard edge, written as PNG.
-    fn write_test_image(path: &Path) {
-        let img = image::RgbImage::from_fn(64, 32, |x, y| {
-            let edge = if x > 40 { 200 } else { 30 };
+    /// A `width`x32 image with smooth gradients and a hard edge, written as PNG.
+    fn write_test_image(path: &Path, width: u32) {
+        let img = image::RgbImage::from_fn(width, 32, |x, y| {
+            let edge = if x > width * 2 / 3 { 200 } else { 30 };
             image::Rgb([(x * 4) as u8, (y * 8) as u8, edge])
         });
         img.save(path).unwrap();
@@ -273,7 +341,7 @@ mod tests {
         let _guard = tch::no_grad_guard();
         let dir = tempfile::tempdir().unwrap();
         let img_path = dir.path().join("in.png");
-        write_test_image(&img_path);
+        write_test_image(&img_path, 64);
         let fixture = fixtures_dir();
         let tokenizer = TokenizerArgs {
             config: Some(fixture.join("tokenizer_tiny.json")),
@@ -365,5 +433,38 @@ mod tests {
         assert!(va.iter().all(|(k, v)| v.equal(&vb[k])));
         let err = load_tokenizer(&load_args_for_errors()).err().unwrap();
         assert!(err.to_string().contains("--checkpoint"), "{err}");
+    }
+
+    #[test]
+    fn explain_tokens_rows_swap_in_image_tokens_one_at_a_time() {
+        let latent = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([1, 3, 2]) + 1.0;
+        let noise = Tensor::zeros([1, 3, 2], (Kind::Float, Device::Cpu));
+        let sets = progressive_tokens(&latent, &noise);
+        assert_eq!(sets.size(), [4, 3, 2]);
+        assert!(sets.get(0).equal(&noise.get(0)));
+        assert!(sets.get(3).equal(&latent.get(0)));
+        // Row 1: token 0 from the image, tokens 1 and 2 random.
+        let row1 = Vec::<f32>::try_from(sets.get(1).flatten(0, -1)).unwrap();
+        assert_eq!(row1, vec![1.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let img_path = dir.path().join("in.png");
+        write_test_image(&img_path, 8);
+        let out = dir.path().join("strip.png");
+        let strip = explain_tokens(&ExplainTokensArgs {
+            image: img_path,
+            out: out.clone(),
+            fit: false,
+            mode: true,
+            tokenizer: TokenizerArgs {
+                random_weights: true,
+                ..load_args_for_errors()
+            },
+        })
+        .unwrap();
+        // 8 px wide -> 4 tokens -> 5 rows of 32 px.
+        assert_eq!(strip.size(), [3, 5 * 32, 8]);
+        let png = image::open(&out).unwrap().to_rgb8();
+        assert_eq!((png.width(), png.height()), (8, 5 * 32));
     }
 }
