@@ -312,6 +312,30 @@ mod tests {
     }
 
     #[test]
+    fn gradients_flow_through_encode_and_decode_when_autograd_is_on() {
+        // The inference path multiplies and adds in place; with autograd it must not.
+        let cfg = odd_config();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = EquivariantTokenizer::new(vs.root(), &cfg);
+        let x = Tensor::rand([1, 3, 16, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let z = model.encode(&x).unwrap().mode();
+        let loss = model.decode(&z).unwrap().square().mean(Kind::Float);
+        loss.backward();
+        let vars = vs.variables();
+        for name in [
+            "encoder.conv_in.weight",
+            "decoder.up.0.block.0.conv1.weight",
+            "decoder.up.2.upsample.conv.conv.weight",
+        ] {
+            let g = vars[name].grad();
+            assert!(
+                g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn full_config_has_the_reference_parameter_count() {
         let cfg = TokenizerConfig::full();
         cfg.validate().unwrap();
