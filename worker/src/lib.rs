@@ -2,7 +2,10 @@
 //! collectives and the QUIC client. tch calls block, so they run on dedicated threads, never inside
 //! async tasks.
 
+pub mod convert;
 pub mod doctor;
+pub mod imageio;
 pub mod model;
 pub mod tokenizer_train;
+pub mod tokenizer_cli;
 pub mod verify;

@@ -11,6 +11,26 @@ pub fn nonlinearity(xs: &Tensor) -> Tensor {
     xs * xs.sigmoid()
 }
 
+/// [`nonlinearity`] that consumes its input: without autograd it multiplies in place, so a
+/// full-size activation is freed one op earlier (bitwise equal: the product is commutative).
+pub fn nonlinearity_owned(mut xs: Tensor) -> Tensor {
+    if xs.requires_grad() {
+        return nonlinearity(&xs);
+    }
+    let gate = xs.sigmoid();
+    xs *= &gate;
+    xs
+}
+
+/// `a + b` that reuses `a`'s memory when no gradient flows (bitwise equal to `b + a`).
+pub fn add_owned(mut a: Tensor, b: &Tensor) -> Tensor {
+    if a.requires_grad() || b.requires_grad() || a.size() != b.size() {
+        return &a + b;
+    }
+    a += b;
+    a
+}
+
 /// `Normalize(C)`: GroupNorm with 32 groups, eps 1e-6, affine.
 pub fn normalize(p: nn::Path, channels: i64) -> nn::GroupNorm {
     let cfg = nn::GroupNormConfig {
@@ -70,11 +90,14 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let h = nonlinearity(&xs.apply(&self.norm1)).apply(&self.conv1);
-        let h = nonlinearity(&h.apply(&self.norm2)).apply(&self.conv2);
+        // One full-size temporary at a time besides the input (long panoramas decode at 16 L px).
+        let h = nonlinearity_owned(xs.apply(&self.norm1)).apply(&self.conv1);
+        let normed = h.apply(&self.norm2);
+        drop(h);
+        let h = nonlinearity_owned(normed).apply(&self.conv2);
         match &self.nin_shortcut {
-            Some(nin) => xs.apply(nin) + h,
-            None => xs + h,
+            Some(nin) => add_owned(h, &xs.apply(nin)),
+            None => add_owned(h, xs),
         }
     }
 }
@@ -208,11 +231,11 @@ impl Module for UpsampleShuffleResidual {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let stride = self.conv.stride;
         let res = pixel_shuffle(&xs.apply(&self.conv.conv), stride);
-        let groups = stride.factors().0 * stride.factors().1;
-        let skip = pixel_shuffle(
-            &xs.repeat_interleave_self_int(groups, Some(1), None::<i64>),
-            stride,
-        );
-        res + skip
+        // repeat_interleave(fh*fw, dim=1) then pixel_shuffle is a nearest-neighbour upsample; the
+        // values are copies, so the direct op is exact and needs one full-size tensor less.
+        let (fh, fw) = stride.factors();
+        let (_, _, h, w) = xs.size4().expect("upsample: x must be [B, C, H, W]");
+        let skip = xs.upsample_nearest2d([h * fh, w * fw], Some(fh as f64), Some(fw as f64));
+        add_owned(res, &skip)
     }
 }

@@ -287,3 +287,74 @@ impl TokenizerConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The released inference config in the reference's YAML layout (values from
+    /// shared/spec/reference.md section 2.1), with the keys the port does not use.
+    const REFERENCE_LAYOUT: &str = "
+model:
+  base_learning_rate: 1.92e-4
+  target: tokenizer.models.tokenizer.EquivariantTokenizer
+  params:
+    embed_dim: 256
+    use_ema: true
+    post_channels: 4096
+    std: 2.5
+    ckpt_path: pretrained_models/tokenizer.ckpt
+    stage2: true
+    ddconfig:
+      double_enc: false
+      z_channels: 256
+      resolution: 256
+      in_channels: 3
+      out_ch: 3
+      ch: 128
+      ch_mult: [1, 1, 2, 4, 4]
+      num_res_blocks: 2
+      dropout: 0.0
+      attn_resolutions: [16]
+      len_down_scale: 4
+      semantic_map: res
+    sematicconfig:
+      z_channels: 256
+      resolution: 256
+      in_channels: 3
+      out_ch: 768
+      ch: 64
+      ch_mult: [8, 12]
+      num_res_blocks: 2
+      dropout: 0.0
+      attn_resolutions: []
+      downsample_scale: 0
+    lossconfig:
+      target: tokenizer.modules.losses.DummyLoss
+";
+
+    #[test]
+    fn reference_yaml_layout_reads_as_the_full_preset() {
+        let value: serde_yaml::Value = serde_yaml::from_str(REFERENCE_LAYOUT).unwrap();
+        let cfg = TokenizerConfig::from_value(value).unwrap();
+        assert_eq!(cfg, TokenizerConfig::full());
+        assert_eq!(cfg.ddconfig.latent_height(), 16);
+        assert_eq!(cfg.ddconfig.decoder_width_factor(), 16);
+    }
+
+    #[test]
+    fn inconsistent_configs_are_refused_with_the_fix() {
+        let mut cfg = TokenizerConfig::full();
+        cfg.post_channels = 2048;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("post_channels 2048 must equal"), "{err}");
+        let mut cfg = TokenizerConfig::full();
+        cfg.sematicconfig.ch_mult = vec![4, 12];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("semantic map channels 512"), "{err}");
+        let value: serde_yaml::Value =
+            serde_yaml::from_str("model: {params: {embed_dim: 3}}").unwrap();
+        let err = TokenizerConfig::from_value(value).unwrap_err().to_string();
+        assert!(err.contains("ddconfig"), "{err}");
+    }
+}

@@ -2,7 +2,7 @@
 //! a column of the latent map, then an LDM-style upsampling CNN.
 //! Upstream: https://github.com/drx-code/EquivariantModeling/blob/main/tokenizer/modules/diffusionmodules/model.py
 
-use super::blocks::{conv1d_k3, conv3x3, nonlinearity, normalize};
+use super::blocks::{conv1d_k3, conv3x3, nonlinearity_owned, normalize};
 use super::blocks::{AttnBlock, ResnetBlock, UpsampleShuffleResidual};
 use super::config::DdConfig;
 use super::encoder::{run_blocks, Mid};
@@ -128,7 +128,9 @@ impl EquivariantTokenizerDecoder1D {
                 h = h.apply(us);
             }
         }
-        let image = nonlinearity(&h.apply(&self.norm_out)).apply(&self.conv_out);
+        let normed = h.apply(&self.norm_out);
+        drop(h);
+        let image = nonlinearity_owned(normed).apply(&self.conv_out);
         (image, semantic)
     }
 }

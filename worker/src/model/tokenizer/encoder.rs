@@ -2,7 +2,7 @@
 //! column one token, followed by a 1D conv across the tokens.
 //! Upstream: https://github.com/drx-code/EquivariantModeling/blob/main/tokenizer/modules/diffusionmodules/model.py
 
-use super::blocks::{conv1d_k3, conv3x3, nonlinearity, normalize};
+use super::blocks::{conv1d_k3, conv3x3, nonlinearity_owned, normalize};
 use super::blocks::{AttnBlock, DownsampleShuffleResidual, ResnetBlock};
 use super::config::DdConfig;
 use tch::nn::{self, Module};
@@ -45,8 +45,8 @@ impl Module for Mid {
 /// Runs a level's res blocks, each followed by its attention block when the level has them.
 pub fn run_blocks(xs: &Tensor, block: &[ResnetBlock], attn: &[AttnBlock], n: usize) -> Tensor {
     let mut h = xs.shallow_clone();
-    for i in 0..n {
-        h = h.apply(&block[i]);
+    for (i, b) in block.iter().take(n).enumerate() {
+        h = h.apply(b);
         if let Some(a) = attn.get(i) {
             h = h.apply(a);
         }
@@ -126,7 +126,7 @@ impl EquivariantTokenizerEncoder1D {
                 h = h.apply(ds);
             }
         }
-        let h = nonlinearity(&h.apply(&self.mid).apply(&self.norm_out)).apply(&self.conv_out);
+        let h = nonlinearity_owned(h.apply(&self.mid).apply(&self.norm_out)).apply(&self.conv_out);
         // Columnisation: [B, C, H, W] -> [B, W, C, H] -> [B, W, C*H] (feature index c*H + y)
         let (b, c, hh, w) = h.size4().expect("encoder: conv_out gives [B, C, H, W]");
         let columns = h.permute([0, 3, 1, 2]).reshape([b, w, c * hh]);

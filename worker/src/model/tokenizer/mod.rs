@@ -210,3 +210,244 @@ impl EquivariantTokenizer {
         Ok(report)
     }
 }
+
+/// Fills every variable of `vs` with seeded random values that do not depend on the global torch
+/// RNG (so parallel threads cannot disturb them): weights uniform in +-1/sqrt(fan_in) (PyTorch's
+/// default conv bound), biases uniform in +-0.1, GroupNorm scales 1. For tests and measurements.
+pub fn randomize(vs: &nn::VarStore, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    use sha2::{Digest, Sha256};
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in vs.variables() {
+        let digest = Sha256::digest(name.as_bytes());
+        let name_hash = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes of a sha256"));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash);
+        let size = var.size();
+        let numel = var.numel();
+        let values: Vec<f32> = if size.len() >= 2 {
+            let bound = 1.0 / ((numel as f64 / size[0] as f64).sqrt()) as f32;
+            (0..numel).map(|_| rng.gen_range(-bound..bound)).collect()
+        } else if name.ends_with(".bias") {
+            (0..numel).map(|_| rng.gen_range(-0.1f32..0.1)).collect()
+        } else {
+            vec![1.0; numel]
+        };
+        var.copy_(
+            &Tensor::from_slice(&values)
+                .view(size.as_slice())
+                .to_device(var.device()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// Three levels, the second downsampling only the height (len_down_scale 1), attention at 8,
+    /// two res blocks, semantic map tapped after `mid`: a shape of the family the fixture lacks.
+    fn odd_config() -> TokenizerConfig {
+        let json = serde_json::json!({
+            "ddconfig": {"ch": 32, "out_ch": 3, "ch_mult": [1, 2, 2], "num_res_blocks": 2,
+                "attn_resolutions": [8], "in_channels": 3, "resolution": 16, "z_channels": 4,
+                "len_down_scale": 1, "semantic_map": "mid", "double_enc": false},
+            "sematicconfig": {"ch": 32, "out_ch": 96, "ch_mult": [2, 2], "num_res_blocks": 1,
+                "attn_resolutions": [8], "in_channels": 3, "resolution": 16, "z_channels": 4,
+                "downsample_scale": 1},
+            "embed_dim": 6, "post_channels": 16, "std": 2.5, "use_ema": true
+        });
+        TokenizerConfig::from_json(&json).unwrap()
+    }
+
+    #[test]
+    fn other_configs_encode_and_decode_any_width_and_name_the_expected_height() {
+        let _guard = tch::no_grad_guard();
+        let cfg = odd_config();
+        assert_eq!(cfg.ddconfig.encoder_width_factor(), 2);
+        assert_eq!(cfg.ddconfig.decoder_width_factor(), 2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = EquivariantTokenizer::new(vs.root(), &cfg);
+        let vars = vs.variables();
+        // Height-only resampling: conv to C/2 (encoder level 1), 2C (decoder level 2).
+        assert_eq!(
+            vars["encoder.down.1.downsample.conv.conv.weight"].size(),
+            [32, 64, 3, 3]
+        );
+        assert_eq!(
+            vars["decoder.up.2.upsample.conv.conv.weight"].size(),
+            [128, 64, 3, 3]
+        );
+        assert_eq!(
+            vars["decoder.up.2.block.2.conv1.weight"].size(),
+            [64, 64, 3, 3]
+        );
+        assert!(vars.contains_key("encoder.down.1.attn.1.q.weight"));
+        assert!(vars.contains_key("semantic_decoder.down.0.downsample.conv.conv.weight"));
+        for width in [8, 14, 40] {
+            let x = Tensor::rand([2, 3, 16, width], (Kind::Float, Device::Cpu)) * 2 - 1;
+            let mean = model.encode(&x).unwrap().mode();
+            assert_eq!(mean.size(), [2, width / 2, 6]);
+            assert_eq!(model.decode(&mean).unwrap().size(), [2, 3, 16, width]);
+            if width % 4 == 0 {
+                // mid tap [B, 64, 4, L], one (2,2) downsample in the semantic decoder.
+                let (image, semantic) = model.decode_with_semantic(&mean).unwrap();
+                assert_eq!(image.size(), [2, 3, 16, width]);
+                assert_eq!(semantic.size(), [2, 96, 2, width / 4]);
+            }
+        }
+        let err = model
+            .encode(&Tensor::zeros([1, 3, 32, 8], (Kind::Float, Device::Cpu)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected height 16"), "{err}");
+        let err = model
+            .encode(&Tensor::zeros([1, 3, 16, 9], (Kind::Float, Device::Cpu)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("multiple of 2"), "{err}");
+        assert!(model
+            .decode(&Tensor::zeros([1, 4, 5], (Kind::Float, Device::Cpu)))
+            .is_err());
+    }
+
+    #[test]
+    fn gradients_flow_through_encode_and_decode_when_autograd_is_on() {
+        // The inference path multiplies and adds in place; with autograd it must not.
+        let cfg = odd_config();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = EquivariantTokenizer::new(vs.root(), &cfg);
+        let x = Tensor::rand([1, 3, 16, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let z = model.encode(&x).unwrap().mode();
+        let loss = model.decode(&z).unwrap().square().mean(Kind::Float);
+        loss.backward();
+        let vars = vs.variables();
+        for name in [
+            "encoder.conv_in.weight",
+            "decoder.up.0.block.0.conv1.weight",
+            "decoder.up.2.upsample.conv.conv.weight",
+        ] {
+            let g = vars[name].grad();
+            assert!(
+                g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn full_config_has_the_reference_parameter_count() {
+        let cfg = TokenizerConfig::full();
+        cfg.validate().unwrap();
+        // Parameter shapes only: a meta-free count from a VarStore with zero-initialised vars.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = EquivariantTokenizer::new(vs.root(), &cfg);
+        let vars = vs.variables();
+        let count = |prefix: &str| -> i64 {
+            vars.iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(_, v)| v.numel() as i64)
+                .sum()
+        };
+        assert_eq!(count("encoder."), 86_050_816);
+        assert_eq!(count("decoder."), 121_548_547);
+        assert_eq!(count("semantic_decoder."), 67_663_360);
+        assert_eq!(count("quant_layer."), 3_145_984);
+        assert_eq!(count("post_quant_layer."), 3_149_824);
+        assert_eq!(
+            vars["decoder.up.4.upsample.conv.conv.weight"].size(),
+            [2048, 512, 3, 3]
+        );
+        assert_eq!(
+            vars["encoder.down.3.downsample.conv.conv.weight"].size(),
+            [128, 512, 3, 3]
+        );
+        assert_eq!(cfg.ddconfig.encoder_width_factor(), 16);
+    }
+
+    #[test]
+    fn ema_names_drop_the_dots_under_the_module_prefix() {
+        assert_eq!(
+            ema::ema_name("decoder.up.4.upsample.conv.conv.weight").as_deref(),
+            Some("ema_decoder.up4upsampleconvconvweight")
+        );
+        assert_eq!(
+            ema::ema_name("quant_layer.weight").as_deref(),
+            Some("ema_quant_layer.weight")
+        );
+        assert_eq!(ema::ema_name("loss.logvar"), None);
+        assert!(ema::is_ema_bookkeeping("ema_encoder.num_updates"));
+        assert!(!ema::is_ema_bookkeeping("ema_encoder.conv_inweight"));
+    }
+
+    /// A checkpoint-like map: live weights, distinct EMA copies, bookkeeping and loss keys.
+    fn checkpoint_of(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
+        let mut file = BTreeMap::new();
+        for (name, v) in vs.variables() {
+            let ema = ema::ema_name(&name).unwrap();
+            file.insert(ema, v.randn_like());
+            file.insert(name, v.randn_like());
+        }
+        for m in ema::EMA_MODULES {
+            file.insert(format!("ema_{m}.decay"), Tensor::from(0.99f32));
+            file.insert(format!("ema_{m}.num_updates"), Tensor::from(7i32));
+        }
+        file.insert("loss.logvar".into(), Tensor::from(0f32));
+        file
+    }
+
+    #[test]
+    fn load_prefers_ema_reports_loss_keys_and_refuses_unknown_ones() {
+        let cfg = odd_config();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = EquivariantTokenizer::new(vs.root(), &cfg);
+        let n = vs.variables().len();
+        let mut file = checkpoint_of(&vs);
+        let report = EquivariantTokenizer::load(&vs, &file, "ckpt", None).unwrap();
+        assert_eq!(report.choice, WeightChoice::Ema);
+        assert_eq!(report.other_copy, n);
+        assert_eq!(report.ema_bookkeeping, 10);
+        assert_eq!(report.ignored_loss_keys, vec!["loss.logvar".to_string()]);
+        let w = &vs.variables()["decoder.conv_in.weight"];
+        assert!(w.equal(&file["ema_decoder.conv_inweight"]));
+
+        let report =
+            EquivariantTokenizer::load(&vs, &file, "ckpt", Some(WeightChoice::Live)).unwrap();
+        assert_eq!(report.other_copy, n);
+        assert!(vs.variables()["decoder.conv_in.weight"].equal(&file["decoder.conv_in.weight"]));
+
+        file.insert("model_ema.stray".into(), Tensor::from(1f32));
+        let err = EquivariantTokenizer::load(&vs, &file, "ckpt", None).unwrap_err();
+        assert!(err.to_string().contains("model_ema.stray"), "{err}");
+        file.remove("model_ema.stray");
+        file.remove("ema_encoder.conv_inweight");
+        let err = EquivariantTokenizer::load(&vs, &file, "ckpt", None).unwrap_err();
+        assert!(err.to_string().contains("encoder.conv_in.weight"), "{err}");
+    }
+
+    #[test]
+    fn posterior_sample_scales_its_noise_per_image_and_clips_the_scale() {
+        // Statistical, so that other tests drawing from the shared torch RNG cannot disturb it.
+        let mean = Tensor::full([2000, 64, 4], 3.0, (Kind::Float, Device::Cpu));
+        let post = GaussianDistribution::new(mean, 2.5);
+        let noise = post.sample() - 3.0;
+        // Per-image std estimate ~ |s_b| (256 values each, ~5% error).
+        let per_image = noise.view([2000, 256]).std_dim(1, true, false);
+        let max = per_image.max().double_value(&[]);
+        assert!(
+            max < 2.5 * 1.25 && max > 2.2,
+            "largest per-image scale {max}"
+        );
+        // P(|N(0, 3.125^2)| > 2.2) = 0.48: the share of images at or near the clip.
+        let at_clip = per_image.gt(2.2).to_kind(Kind::Float).mean(Kind::Float);
+        let at_clip = at_clip.double_value(&[]);
+        assert!(
+            (0.40..0.56).contains(&at_clip),
+            "share at the clip {at_clip}"
+        );
+        assert!(post.mode().equal(&post.mean));
+        let fixed = post.sample_with_std(0.5) - 3.0;
+        let s = fixed.std(true).double_value(&[]);
+        assert!((s - 0.5).abs() < 0.01, "fixed std {s}");
+    }
+}

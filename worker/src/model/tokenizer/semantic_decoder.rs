@@ -3,7 +3,7 @@
 //! `num_res_blocks` (the last is dead weight in the checkpoint; built so that loading is strict).
 //! Upstream: https://github.com/drx-code/EquivariantModeling/blob/main/tokenizer/modules/diffusionmodules/model.py
 
-use super::blocks::{conv3x3, nonlinearity, normalize};
+use super::blocks::{conv3x3, nonlinearity_owned, normalize};
 use super::blocks::{AttnBlock, DownsampleShuffleResidual, ResnetBlock};
 use super::config::{SemanticConfig, Stride};
 use super::encoder::{run_blocks, DownLevel};
@@ -71,6 +71,6 @@ impl Module for EquivariantTokenizerSemanticDecoder1D {
                 h = h.apply(ds);
             }
         }
-        nonlinearity(&h.apply(&self.norm_out)).apply(&self.conv_out)
+        nonlinearity_owned(h.apply(&self.norm_out)).apply(&self.conv_out)
     }
 }
