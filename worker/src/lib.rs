@@ -6,6 +6,6 @@ pub mod convert;
 pub mod doctor;
 pub mod imageio;
 pub mod model;
-pub mod tokenizer_train;
 pub mod tokenizer_cli;
+pub mod tokenizer_train;
 pub mod verify;
