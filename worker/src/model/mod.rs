@@ -3,6 +3,7 @@
 
 pub mod diffaug;
 pub mod dino_disc;
+pub mod dinov2;
 pub mod lpips;
 pub mod nlayer_disc;
 pub mod tokenizer;

@@ -18,6 +18,7 @@ use std::time::Instant;
 use tch::Device;
 
 use crate::model::dino_disc::{DinoDisc, DinoDiscConfig};
+use crate::model::dinov2::{Dinov2Config, Dinov2Teacher};
 use crate::model::lpips::Lpips;
 use crate::model::tokenizer::config::TokenizerConfig;
 use config::{expand_home, TrainTokenizerConfig};
@@ -36,12 +37,15 @@ pub struct TrainTokenizerArgs {
 }
 
 /// Losses the config may ask for that eqim does not compute yet, refused with the flag to change.
-fn check_supported(cfg: &TrainTokenizerConfig) -> Result<()> {
+fn check_supported(cfg: &TrainTokenizerConfig, tok_cfg: &TokenizerConfig) -> Result<()> {
     let lp = &cfg.model.params.lossconfig.params;
-    if lp.semantic_loss_w > 0.0 {
+    let teacher_dim = Dinov2Config::default().embed_dim;
+    if lp.semantic_loss_w > 0.0 && tok_cfg.sematicconfig.out_ch != teacher_dim {
         bail!(
-            "the semantic alignment loss (DINOv2 teacher) is not implemented in eqim yet; set \
-             model.params.lossconfig.params.semantic_loss_w: 0"
+            "semantic_loss_w > 0 aligns the semantic decoder with DINOv2 ViT-B/14 features of \
+             {teacher_dim} channels, but model.params.sematicconfig.out_ch is {}; set it to \
+             {teacher_dim} or set model.params.lossconfig.params.semantic_loss_w: 0",
+            tok_cfg.sematicconfig.out_ch
         );
     }
     Ok(())
@@ -65,7 +69,7 @@ pub fn build_trainer(
     tok_cfg: &TokenizerConfig,
     device: Device,
 ) -> Result<TokenizerTrainer> {
-    check_supported(cfg)?;
+    check_supported(cfg, tok_cfg)?;
     let required = cfg.required_weights()?;
     let lpips = match &required.lpips {
         Some((vgg, heads)) => Some(Lpips::load(vgg, heads, device)?),
@@ -80,7 +84,19 @@ pub fn build_trainer(
         }
         None => None,
     };
-    let mut trainer = TokenizerTrainer::new(tok_cfg, cfg, Teachers { lpips, dino }, device)?;
+    let dinov2 = match &required.dinov2 {
+        Some(path) => Some(
+            Dinov2Teacher::load(path, &Dinov2Config::default(), device)
+                .context("loading the DINOv2 teacher (eqim.weights.dinov2_vitb14)")?,
+        ),
+        None => None,
+    };
+    let teachers = Teachers {
+        lpips,
+        dino,
+        dinov2,
+    };
+    let mut trainer = TokenizerTrainer::new(tok_cfg, cfg, teachers, device)?;
     if let Some(ckpt) = &cfg.model.params.ckpt_path {
         let ckpt = expand_home(ckpt);
         if !cfg.model.params.stage2 {

@@ -223,6 +223,7 @@ fn dino_discriminator_with_diffaug_trains_with_a_random_backbone() {
     let teachers = trainer::Teachers {
         lpips: None,
         dino: Some((dino_cfg, bvs, backbone)),
+        dinov2: None,
     };
     let mut trainer =
         TokenizerTrainer::new(&tok, &cfg, teachers, tch::Device::Cpu).expect("trainer");
@@ -254,4 +255,47 @@ fn dino_discriminator_with_diffaug_trains_with_a_random_backbone() {
         err.contains("dino_vits16") && err.contains("disc_type: patchgan"),
         "{err}"
     );
+}
+
+#[test]
+fn semantic_alignment_trains_the_semantic_decoder_against_a_random_teacher() {
+    setup(5);
+    let yaml = tiny_yaml(100, "").replace(
+        "semantic_loss_w: 0.0",
+        "semantic_loss_w: 5.0, semantic_iter_start: 1",
+    );
+    let (cfg, tok) = configs(&yaml);
+    let teacher_cfg = crate::model::dinov2::Dinov2Config {
+        embed_dim: 96,
+        depth: 1,
+        num_heads: 2,
+        pos_grid: 4,
+        ..Default::default()
+    };
+    let teachers = trainer::Teachers {
+        dinov2: Some(crate::model::dinov2::Dinov2Teacher::random(
+            &teacher_cfg,
+            tch::Device::Cpu,
+        )),
+        ..Default::default()
+    };
+    let mut trainer =
+        TokenizerTrainer::new(&tok, &cfg, teachers, tch::Device::Cpu).expect("trainer");
+    let sem_before = snapshot(&trainer, &["semantic_decoder."]);
+    let images = generated_images(4);
+    // step 0: before semantic_iter_start, the semantic decoder gets no gradient
+    let log0 = trainer.train_step(&images).expect("step 0");
+    assert_eq!(log0.semantic, 0.0);
+    assert!(snapshot(&trainer, &["semantic_decoder."])
+        .iter()
+        .zip(&sem_before)
+        .all(|((_, a), (_, b))| a.equal(b)));
+    let log1 = trainer.train_step(&images).expect("step 1");
+    assert!(log1.semantic > 0.0, "{log1:?}");
+    let moved = snapshot(&trainer, &["semantic_decoder."])
+        .iter()
+        .zip(&sem_before)
+        .filter(|((_, a), (_, b))| !a.equal(b))
+        .count();
+    assert!(moved > 0, "the semantic decoder did not train");
 }

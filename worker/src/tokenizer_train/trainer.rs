@@ -13,6 +13,7 @@ use super::losses;
 use super::optim::{warm_up_decay_multiplier, Adam, AdamConfig, LitEma, WarmUpDecayConfig};
 use crate::model::diffaug::DiffAug;
 use crate::model::dino_disc::{DinoDisc, DinoDiscConfig, FrozenDinoSmall};
+use crate::model::dinov2::Dinov2Teacher;
 use crate::model::lpips::Lpips;
 use crate::model::nlayer_disc::{NLayerDiscConfig, NLayerDiscriminator};
 use crate::model::tokenizer::config::TokenizerConfig;
@@ -53,12 +54,15 @@ pub struct Teachers {
     pub lpips: Option<Lpips>,
     /// For `disc_type: dino`: the backbone's config, its frozen store and the backbone.
     pub dino: Option<(DinoDiscConfig, nn::VarStore, FrozenDinoSmall)>,
+    /// For `semantic_loss_w > 0`: the DINOv2 teacher.
+    pub dinov2: Option<Dinov2Teacher>,
 }
 
 /// Everything the loss needs besides the autoencoder.
 pub struct LossNetworks {
     pub params: LossParams,
     pub lpips: Option<Lpips>,
+    pub dinov2: Option<Dinov2Teacher>,
     /// `loss.discriminator.*`
     pub disc_vs: nn::VarStore,
     pub discriminator: Discriminator,
@@ -75,6 +79,7 @@ pub struct StepLog {
     pub g_loss: f64,
     pub d_weight: f64,
     pub disc_loss: f64,
+    pub semantic: f64,
     pub lr: f64,
 }
 
@@ -125,6 +130,9 @@ impl TokenizerTrainer {
         device: Device,
     ) -> Result<Self> {
         let lp = cfg.model.params.lossconfig.params.clone();
+        if lp.semantic_loss_w > 0.0 && teachers.dinov2.is_none() {
+            bail!("semantic_loss_w > 0 needs the DINOv2 teacher (eqim.weights.dinov2_vitb14)");
+        }
         let vs = nn::VarStore::new(device);
         let model = EquivariantTokenizer::new(vs.root(), tok_cfg);
         let disc_vs = nn::VarStore::new(device);
@@ -207,6 +215,7 @@ impl TokenizerTrainer {
             loss: LossNetworks {
                 params: lp,
                 lpips: teachers.lpips,
+                dinov2: teachers.dinov2,
                 disc_vs,
                 discriminator,
             },
@@ -265,9 +274,22 @@ impl TokenizerTrainer {
         };
         let disc_factor = losses::adopt_weight(lp.disc_factor, step, lp.disc_start);
 
+        let semantic_factor =
+            losses::adopt_weight(lp.semantic_loss_w, step, lp.semantic_iter_start);
+
         // optimizer_idx 0: the autoencoder (Lightning freezes the other optimizer's params)
         self.set_disc_trainable(false);
-        let (xrec, mean) = self.reconstruct(&x)?;
+        let posterior = self.model.encode(&x)?;
+        let z = posterior.sample();
+        let mean = posterior.mean;
+        // The semantic decoder only runs when its loss counts (the reference always runs it).
+        let (xrec, semantic_out) = match (&self.loss.dinov2, semantic_factor > 0.0) {
+            (Some(_), true) => {
+                let (image, semantic) = self.model.decode_with_semantic(&z)?;
+                (image, Some(semantic))
+            }
+            _ => (self.model.decode(&z)?, None),
+        };
         let p_loss = self
             .loss
             .lpips
@@ -280,6 +302,15 @@ impl TokenizerTrainer {
         );
         let kl = losses::kl_loss(&mean);
         let mut total = &nll + &kl * lp.kl_weight;
+        if let (Some(teacher), Some(out)) = (&self.loss.dinov2, &semantic_out) {
+            let (_, _, h, w) = out
+                .size4()
+                .context("semantic decoder output must be [B, C, h, w]")?;
+            let features = teacher.patch_features(&x, h, w);
+            let semantic = losses::semantic_loss(out, &features);
+            log.semantic = semantic.double_value(&[]);
+            total += semantic * semantic_factor;
+        }
         if disc_factor > 0.0 {
             let logits_fake = self.loss.discriminator.forward_t(&xrec, true);
             let g_loss = losses::generator_hinge_loss(&logits_fake);
@@ -295,7 +326,7 @@ impl TokenizerTrainer {
         log.l1 = (&x - &xrec).abs().mean(Kind::Float).double_value(&[]);
         log.nll = nll.double_value(&[]);
         log.kl = kl.double_value(&[]);
-        drop((total, nll, kl, xrec, p_loss));
+        drop((total, nll, kl, xrec, p_loss, semantic_out));
 
         // optimizer_idx 1: the discriminator, on a fresh forward pass as Lightning runs it
         self.set_disc_trainable(true);
