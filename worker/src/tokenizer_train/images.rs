@@ -144,10 +144,13 @@ impl ImageBatches {
         Ok(Tensor::stack(&items, 0))
     }
 
-    /// The first `n` images, centre-cropped and unflipped (for the reconstruction sheet).
+    /// `n` images spread evenly over the sorted file list (so over the class folders),
+    /// centre-cropped and unflipped (for the reconstruction sheet).
     pub fn fixed_batch(&mut self, n: usize) -> Result<Tensor> {
-        let items = (0..n.min(self.paths.len()))
-            .map(|i| self.load(i, false))
+        let total = self.paths.len();
+        let n = n.min(total);
+        let items = (0..n)
+            .map(|i| self.load(i * total / n, false))
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&items, 0))
     }

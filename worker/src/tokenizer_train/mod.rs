@@ -187,16 +187,23 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
     let model_path = out_dir.join("tokenizer.safetensors");
     trainer.save_model(&model_path)?;
     let (after, l1_after) = l1(&trainer)?;
+    let after_ema = trainer
+        .reconstruct_ema(&sheet_inputs)?
+        .to_device(Device::Cpu);
+    let l1_ema = (&after_ema - &sheet_inputs)
+        .abs()
+        .mean(tch::Kind::Float)
+        .double_value(&[]);
     let sheet = out_dir.join("reconstructions.png");
-    images::write_sheet(&[&sheet_inputs, &before, &after], &sheet)?;
+    images::write_sheet(&[&sheet_inputs, &before, &after, &after_ema], &sheet)?;
     println!(
         "trained steps {first_step}..{} in {elapsed:.1} s; reconstruction L1 (posterior mean, {} \
-         sheet images, [-1,1] scale): {l1_before:.4} -> {l1_after:.4}",
+         sheet images, [-1,1] scale): {l1_before:.4} -> {l1_after:.4} (EMA weights {l1_ema:.4})",
         trainer.global_step,
         sheet_inputs.size()[0],
     );
     println!(
-        "wrote {} (training state), {} (model + EMA), {} (rows: input, before, after)",
+        "wrote {} (training state), {} (model + EMA), {} (rows: input, before, after, after with EMA weights)",
         last.display(),
         model_path.display(),
         sheet.display()

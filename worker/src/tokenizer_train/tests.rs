@@ -98,6 +98,15 @@ fn short_run_on_generated_images_lowers_reconstruction_loss() {
         );
     }
     let after = l1(&trainer, &images);
+    // the EMA reconstruction swaps weights in and restores the live ones
+    let live_before = snapshot(&trainer, &["decoder."]);
+    let _ema_rec = trainer.reconstruct_ema(&images).expect("ema reconstruct");
+    let live_after = snapshot(&trainer, &["decoder."]);
+    assert!(live_before
+        .iter()
+        .zip(&live_after)
+        .all(|((_, a), (_, b))| a.equal(b)));
+    assert_eq!(l1(&trainer, &images), after);
     eprintln!("L1 {before:.4} -> {after:.4}");
     assert!(after < 0.6 * before, "L1 {before:.4} -> {after:.4}");
     let log = last_log.expect("ran");

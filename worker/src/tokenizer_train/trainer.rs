@@ -365,6 +365,29 @@ impl TokenizerTrainer {
         Ok(self.model.decode(&mean)?)
     }
 
+    /// Like [`TokenizerTrainer::reconstruct_mode`] with the EMA weights swapped in (the weights
+    /// inference uses); the live weights are restored afterwards.
+    pub fn reconstruct_ema(&self, x: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let live: Vec<(Tensor, Tensor)> = self
+            .vs
+            .variables()
+            .into_values()
+            .map(|v| {
+                let saved = v.copy();
+                (v, saved)
+            })
+            .collect();
+        for (_, ema) in &self.emas {
+            ema.copy_to_live();
+        }
+        let out = self.reconstruct_mode(x);
+        for (mut v, saved) in live {
+            v.copy_(&saved);
+        }
+        out
+    }
+
     /// Model weights (live + EMA) and the discriminator, loadable by `EquivariantTokenizer::load`.
     pub fn model_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> = self
