@@ -59,6 +59,7 @@ pub struct LossParams {
     pub logvar_init: f64,
     #[serde(default = "one")]
     pub kl_weight: f64,
+    /// Parsed but unused, as in the reference (its forward never applies it).
     #[serde(default = "one")]
     pub pixelloss_weight: f64,
     #[serde(default = "three")]

@@ -196,6 +196,15 @@ fn checkpoints_resume_the_full_training_state() {
     a.save_checkpoint(&path).expect("save");
     let mut b = build_trainer(&cfg, &tok, tch::Device::Cpu).expect("trainer");
     b.resume(&path).expect("resume");
+    // a stage-2 run refuses to resume a stage-1 training state
+    let extra = format!("    stage2: true\n    ckpt_path: {}", path.display());
+    let (cfg2, tok2) = configs(&tiny_yaml(1, &extra));
+    let mut c = build_trainer(&cfg2, &tok2, tch::Device::Cpu).expect("stage 2");
+    let err = format!("{:#}", c.resume(&path).err().expect("refused"));
+    assert!(
+        err.contains("stage-1 checkpoint") && err.contains("out_dir"),
+        "{err}"
+    );
     assert_eq!(b.global_step, 2);
     let sa: std::collections::BTreeMap<String, Tensor> =
         a.checkpoint_tensors().into_iter().collect();

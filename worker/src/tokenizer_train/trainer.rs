@@ -230,6 +230,15 @@ impl TokenizerTrainer {
         })
     }
 
+    /// 1 or 2.
+    pub fn stage(&self) -> i64 {
+        if self.stage2 {
+            2
+        } else {
+            1
+        }
+    }
+
     /// The autoencoder LR at the current step (the schedule drives opt_ae only).
     pub fn ae_lr(&self) -> f64 {
         match &self.schedule {
@@ -409,6 +418,7 @@ impl TokenizerTrainer {
         out.extend(self.opt_ae.state_tensors("optimizer_ae"));
         out.extend(self.opt_disc.state_tensors("optimizer_disc"));
         out.push(("global_step".into(), Tensor::from(self.global_step)));
+        out.push(("stage".into(), Tensor::from(self.stage())));
         out
     }
 
@@ -438,11 +448,21 @@ impl TokenizerTrainer {
     pub fn resume(&mut self, path: &Path) -> Result<()> {
         let file = weights::read_safetensors(path)?;
         let source = path.display().to_string();
+        let stage = file.get("stage").map(|t| t.int64_value(&[]));
+        if stage != Some(self.stage()) {
+            bail!(
+                "{source} is a stage-{} checkpoint but this config trains stage {}: give this \
+                 run its own eqim.train.out_dir (or set eqim.train.resume: false)",
+                stage.map_or("?".to_owned(), |s| s.to_string()),
+                self.stage()
+            );
+        }
         let live = select_prefixed(&file, |k| {
             !k.starts_with("ema_")
                 && !k.starts_with("optimizer_")
                 && !k.starts_with("loss.")
                 && k != "global_step"
+                && k != "stage"
         });
         weights::load_strict(&self.vs, &live, &source, |_| false)?;
         let disc = select_prefixed(&file, |k| k.starts_with("loss.discriminator."));
@@ -470,7 +490,7 @@ impl TokenizerTrainer {
         let file = weights::read_safetensors(path)?;
         let source = path.display().to_string();
         let model_keys = select_prefixed(&file, |k| {
-            !k.starts_with("optimizer_") && k != "global_step"
+            !k.starts_with("optimizer_") && k != "global_step" && k != "stage"
         });
         EquivariantTokenizer::load(&self.vs, &model_keys, &source, Some(WeightChoice::Ema))
             .with_context(|| format!("stage 2: loading the stage-1 EMA weights from {source}"))?;
