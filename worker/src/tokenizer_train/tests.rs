@@ -200,7 +200,7 @@ fn checkpoints_resume_the_full_training_state() {
     let extra = format!("    stage2: true\n    ckpt_path: {}", path.display());
     let (cfg2, tok2) = configs(&tiny_yaml(1, &extra));
     let mut c = build_trainer(&cfg2, &tok2, tch::Device::Cpu).expect("stage 2");
-    let err = format!("{:#}", c.resume(&path).err().expect("refused"));
+    let err = format!("{:#}", c.resume(&path).expect_err("refused"));
     assert!(
         err.contains("stage-1 checkpoint") && err.contains("out_dir"),
         "{err}"
