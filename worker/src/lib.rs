@@ -4,13 +4,17 @@
 
 pub mod collective;
 pub mod contact_sheet;
+pub mod convert;
 pub mod data;
 pub mod doctor;
+pub mod imageio;
 pub mod launch;
 pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod sample_tokens;
 pub mod sampling;
+pub mod tokenizer_cli;
+pub mod tokenizer_train;
 pub mod train;
 pub mod verify;

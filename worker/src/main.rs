@@ -47,6 +47,19 @@ enum Command {
     BenchLoader(eqim_worker::data::bench::BenchLoaderArgs),
     /// Run the job coordinator (membership, step commits, data schedule) on this machine.
     Coordinator(Box<eqim_coordinator::cli::CoordinatorArgs>),
+    /// Train a tokenizer (stage 1, or stage 2 decoder fine-tuning) from a YAML config.
+    TrainTokenizer(eqim_worker::tokenizer_train::TrainTokenizerArgs),
+    /// Encode images into column tokens (one token per 16-px column for the released tokenizer).
+    Encode(eqim_worker::tokenizer_cli::EncodeArgs),
+    /// Decode a tokens file into PNG images.
+    Decode(eqim_worker::tokenizer_cli::DecodeArgs),
+    /// Decode an image's first k tokens followed by random ones, k = 0..L, into one image strip.
+    ExplainTokens(eqim_worker::tokenizer_cli::ExplainTokensArgs),
+    /// Convert a reference PyTorch checkpoint (tokenizer.ckpt, places_large.ckpt) to safetensors.
+    ConvertCheckpoint(eqim_worker::convert::ConvertArgs),
+    /// Check the tokenizer against a reference parity fixture.
+    #[command(hide = true)]
+    VerifyTokenizer(eqim_worker::tokenizer_cli::VerifyTokenizerArgs),
 }
 
 fn main() -> Result<()> {
@@ -81,6 +94,18 @@ fn main() -> Result<()> {
         Command::PrepareDemoData(args) => eqim_worker::data::demo::run(&args)?,
         Command::BenchLoader(args) => eqim_worker::data::bench::run(&args)?,
         Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
+        Command::TrainTokenizer(args) => eqim_worker::tokenizer_train::run(&args)?,
+        Command::Encode(args) => eqim_worker::tokenizer_cli::encode(&args)?,
+        Command::Decode(args) => {
+            eqim_worker::tokenizer_cli::decode(&args)?;
+        }
+        Command::ExplainTokens(args) => {
+            let _strip = eqim_worker::tokenizer_cli::explain_tokens(&args)?;
+        }
+        Command::ConvertCheckpoint(args) => {
+            eprint!("{}", eqim_worker::convert::run(&args)?);
+        }
+        Command::VerifyTokenizer(args) => eqim_worker::tokenizer_cli::verify_tokenizer(&args)?,
     }
     Ok(())
 }
