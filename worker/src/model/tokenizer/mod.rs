@@ -173,6 +173,11 @@ impl EquivariantTokenizer {
         } else {
             WeightChoice::Live
         });
+        if choice == WeightChoice::Ema && !ema::has_ema(file) {
+            return Err(TokenizerError::Config(format!(
+                "{source_name} holds no EMA weights (ema_* keys); load the live ones (--weights live)"
+            )));
+        }
         let mut live_names: Vec<String> = vs.variables().into_keys().collect();
         live_names.sort();
         let (selected, not_selected) = ema::select(file, &live_names, choice);
@@ -415,6 +420,17 @@ mod tests {
             EquivariantTokenizer::load(&vs, &file, "ckpt", Some(WeightChoice::Live)).unwrap();
         assert_eq!(report.other_copy, n);
         assert!(vs.variables()["decoder.conv_in.weight"].equal(&file["decoder.conv_in.weight"]));
+
+        let live_only: BTreeMap<String, Tensor> = file
+            .iter()
+            .filter(|(k, _)| !k.starts_with("ema_"))
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
+        let report = EquivariantTokenizer::load(&vs, &live_only, "live.st", None).unwrap();
+        assert_eq!(report.choice, WeightChoice::Live);
+        let err = EquivariantTokenizer::load(&vs, &live_only, "live.st", Some(WeightChoice::Ema))
+            .unwrap_err();
+        assert!(err.to_string().contains("--weights live"), "{err}");
 
         file.insert("model_ema.stray".into(), Tensor::from(1f32));
         let err = EquivariantTokenizer::load(&vs, &file, "ckpt", None).unwrap_err();
