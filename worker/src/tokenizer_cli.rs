@@ -2,7 +2,7 @@
 //! shared `verify-reference` dispatcher lands) and `eqim explain-tokens`.
 
 use crate::imageio::{self, Fit};
-use crate::model::tokenizer::{EquivariantTokenizer, TokenizerConfig, WeightChoice};
+use crate::model::tokenizer::{EquivariantTokenizer, Parts, TokenizerConfig, WeightChoice};
 use crate::model::weights::{read_safetensors, write_safetensors_atomic};
 use crate::verify::{self, FixtureFiles, VerifyOptions};
 use anyhow::{bail, Context, Result};
@@ -97,13 +97,18 @@ pub struct LoadedTokenizer {
 
 /// Builds the tokenizer the arguments describe and loads its weights.
 pub fn load_tokenizer(args: &TokenizerArgs) -> Result<LoadedTokenizer> {
+    load_tokenizer_parts(args, Parts::All)
+}
+
+/// [`load_tokenizer`] building only the given parts (decoding needs no encoder).
+pub fn load_tokenizer_parts(args: &TokenizerArgs, parts: Parts) -> Result<LoadedTokenizer> {
     let cfg = match &args.config {
         Some(path) => TokenizerConfig::from_file(path)?,
         None => TokenizerConfig::full(),
     };
     let device = parse_device(&args.device)?;
     let vs = nn::VarStore::new(device);
-    let model = EquivariantTokenizer::new(vs.root(), &cfg);
+    let model = EquivariantTokenizer::with_parts(vs.root(), &cfg, parts);
     match (&args.checkpoint, args.random_weights) {
         (Some(path), _) => {
             if path.extension().is_some_and(|e| e == "ckpt" || e == "pth") {
@@ -207,7 +212,7 @@ pub fn read_tokens(path: &Path) -> Result<Tensor> {
 /// `eqim decode`: a tokens file -> PNGs, one image at a time to bound memory.
 pub fn decode(args: &DecodeArgs) -> Result<Vec<PathBuf>> {
     let _guard = tch::no_grad_guard();
-    let tok = load_tokenizer(&args.tokenizer)?;
+    let tok = load_tokenizer_parts(&args.tokenizer, Parts::DecoderOnly)?;
     let tokens = read_tokens(&args.tokens)?;
     let mut written = Vec::new();
     for i in 0..tokens.size()[0] {
