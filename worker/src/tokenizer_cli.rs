@@ -323,14 +323,7 @@ pub fn explain_tokens(args: &ExplainTokensArgs) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixtures_dir() -> PathBuf {
-        std::env::var_os("EQIM_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-            })
-    }
+    use crate::verify::tokenizer::fixtures_dir;
 
     /// A `width`x32 image with smooth gradients and a hard edge, written as PNG.
     fn write_test_image(path: &Path, width: u32) {
