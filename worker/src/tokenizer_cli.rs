@@ -64,6 +64,10 @@ pub struct DecodeArgs {
     /// Output folder; image i is written as `{i:05}.png`.
     #[arg(long)]
     pub out: PathBuf,
+    /// Divide the tokens by this before decoding: 0.05493 (vae_norm) for generator latents,
+    /// 1 for tokens from `eqim encode`.
+    #[arg(long, default_value_t = 1.0)]
+    pub latent_scale: f64,
     #[command(flatten)]
     pub tokenizer: TokenizerArgs,
 }
@@ -213,7 +217,13 @@ pub fn read_tokens(path: &Path) -> Result<Tensor> {
 pub fn decode(args: &DecodeArgs) -> Result<Vec<PathBuf>> {
     let _guard = tch::no_grad_guard();
     let tok = load_tokenizer_parts(&args.tokenizer, Parts::DecoderOnly)?;
-    let tokens = read_tokens(&args.tokens)?;
+    if !(args.latent_scale.is_finite() && args.latent_scale > 0.0) {
+        bail!(
+            "--latent-scale must be a positive number, got {}",
+            args.latent_scale
+        );
+    }
+    let tokens = read_tokens(&args.tokens)? / args.latent_scale;
     let mut written = Vec::new();
     for i in 0..tokens.size()[0] {
         let z = tokens.get(i).unsqueeze(0).to_device(tok.vs.device());
@@ -377,7 +387,8 @@ mod tests {
         let written = decode(&DecodeArgs {
             tokens: tokens_path,
             out: out_dir.clone(),
-            tokenizer,
+            latent_scale: 1.0,
+            tokenizer: tokenizer.clone(),
         })
         .unwrap();
         assert_eq!(
@@ -388,6 +399,28 @@ mod tests {
         assert_eq!((png.width(), png.height()), (64, 32));
         let want_png = imageio::tensor_to_rgb(&tok.model.decode(&want).unwrap().get(0)).unwrap();
         assert_eq!(png, want_png);
+
+        // Generator latents are tokens x vae_norm; --latent-scale undoes it.
+        let scaled_path = dir.path().join("scaled.safetensors");
+        write_safetensors_atomic(&[(TOKENS_KEY.to_owned(), &tokens * 0.05493)], &scaled_path)
+            .unwrap();
+        let scaled_out = dir.path().join("scaled");
+        let written = decode(&DecodeArgs {
+            tokens: scaled_path,
+            out: scaled_out,
+            latent_scale: 0.05493,
+            tokenizer: tokenizer.clone(),
+        })
+        .unwrap();
+        let png = image::open(&written[1]).unwrap().to_rgb8();
+        let diff = png
+            .as_raw()
+            .iter()
+            .zip(want_png.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(diff <= 1, "rescaled tokens decode differently: {diff}");
 
         let err = encode(&EncodeArgs {
             images: vec![fixture.join("../fixtures/README.md")],
