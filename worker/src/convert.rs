@@ -83,9 +83,7 @@ mod tests {
     }
 
     fn tiny_config() -> TokenizerConfig {
-        let dir = std::env::var_os("EQIM_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+        let dir = crate::verify::tokenizer::fixtures_dir();
         let text = std::fs::read_to_string(dir.join("tokenizer_tiny.json")).unwrap();
         TokenizerConfig::from_json(&serde_json::from_str(&text).unwrap()).unwrap()
     }

@@ -2,7 +2,7 @@
 //! shared `verify-reference` dispatcher lands) and `eqim explain-tokens`.
 
 use crate::imageio::{self, Fit};
-use crate::model::tokenizer::{EquivariantTokenizer, TokenizerConfig, WeightChoice};
+use crate::model::tokenizer::{EquivariantTokenizer, Parts, TokenizerConfig, WeightChoice};
 use crate::model::weights::{read_safetensors, write_safetensors_atomic};
 use crate::verify::{self, FixtureFiles, VerifyOptions};
 use anyhow::{bail, Context, Result};
@@ -64,6 +64,10 @@ pub struct DecodeArgs {
     /// Output folder; image i is written as `{i:05}.png`.
     #[arg(long)]
     pub out: PathBuf,
+    /// Divide the tokens by this before decoding: 0.05493 (vae_norm) for generator latents,
+    /// 1 for tokens from `eqim encode`.
+    #[arg(long, default_value_t = 1.0)]
+    pub latent_scale: f64,
     #[command(flatten)]
     pub tokenizer: TokenizerArgs,
 }
@@ -97,13 +101,18 @@ pub struct LoadedTokenizer {
 
 /// Builds the tokenizer the arguments describe and loads its weights.
 pub fn load_tokenizer(args: &TokenizerArgs) -> Result<LoadedTokenizer> {
+    load_tokenizer_parts(args, Parts::All)
+}
+
+/// [`load_tokenizer`] building only the given parts (decoding needs no encoder).
+pub fn load_tokenizer_parts(args: &TokenizerArgs, parts: Parts) -> Result<LoadedTokenizer> {
     let cfg = match &args.config {
         Some(path) => TokenizerConfig::from_file(path)?,
         None => TokenizerConfig::full(),
     };
     let device = parse_device(&args.device)?;
     let vs = nn::VarStore::new(device);
-    let model = EquivariantTokenizer::new(vs.root(), &cfg);
+    let model = EquivariantTokenizer::with_parts(vs.root(), &cfg, parts);
     match (&args.checkpoint, args.random_weights) {
         (Some(path), _) => {
             if path.extension().is_some_and(|e| e == "ckpt" || e == "pth") {
@@ -207,20 +216,36 @@ pub fn read_tokens(path: &Path) -> Result<Tensor> {
 /// `eqim decode`: a tokens file -> PNGs, one image at a time to bound memory.
 pub fn decode(args: &DecodeArgs) -> Result<Vec<PathBuf>> {
     let _guard = tch::no_grad_guard();
-    let tok = load_tokenizer(&args.tokenizer)?;
+    let tok = load_tokenizer_parts(&args.tokenizer, Parts::DecoderOnly)?;
     let tokens = read_tokens(&args.tokens)?;
+    decode_to_pngs(&tok, &tokens, args.latent_scale, &args.out)
+        .with_context(|| format!("decoding {}", args.tokens.display()))
+}
+
+/// Decodes tokens [N, L, C] (divided by `latent_scale` first: 0.05493 for generator latents)
+/// one image at a time and writes `out/{i:05}.png`. For `eqim decode` and the sampler.
+pub fn decode_to_pngs(
+    tok: &LoadedTokenizer,
+    tokens: &Tensor,
+    latent_scale: f64,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    let _guard = tch::no_grad_guard();
+    if !(latent_scale.is_finite() && latent_scale > 0.0) {
+        bail!("the latent scale must be a positive number, got {latent_scale}");
+    }
     let mut written = Vec::new();
     for i in 0..tokens.size()[0] {
-        let z = tokens.get(i).unsqueeze(0).to_device(tok.vs.device());
+        let z = (tokens.get(i).unsqueeze(0) / latent_scale).to_device(tok.vs.device());
         let image = tok
             .model
             .decode(&z)
-            .with_context(|| format!("decoding image {i} of {}", args.tokens.display()))?;
-        let path = args.out.join(format!("{i:05}.png"));
+            .with_context(|| format!("decoding image {i}"))?;
+        let path = out.join(format!("{i:05}.png"));
         imageio::save_png(&image.get(0), &path)?;
         written.push(path);
     }
-    tracing::info!(images = written.len(), "wrote {}", args.out.display());
+    tracing::info!(images = written.len(), "wrote {}", out.display());
     Ok(written)
 }
 
@@ -318,14 +343,7 @@ pub fn explain_tokens(args: &ExplainTokensArgs) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixtures_dir() -> PathBuf {
-        std::env::var_os("EQIM_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-            })
-    }
+    use crate::verify::tokenizer::fixtures_dir;
 
     /// A `width`x32 image with smooth gradients and a hard edge, written as PNG.
     fn write_test_image(path: &Path, width: u32) {
@@ -379,7 +397,8 @@ mod tests {
         let written = decode(&DecodeArgs {
             tokens: tokens_path,
             out: out_dir.clone(),
-            tokenizer,
+            latent_scale: 1.0,
+            tokenizer: tokenizer.clone(),
         })
         .unwrap();
         assert_eq!(
@@ -390,6 +409,28 @@ mod tests {
         assert_eq!((png.width(), png.height()), (64, 32));
         let want_png = imageio::tensor_to_rgb(&tok.model.decode(&want).unwrap().get(0)).unwrap();
         assert_eq!(png, want_png);
+
+        // Generator latents are tokens x vae_norm; --latent-scale undoes it.
+        let scaled_path = dir.path().join("scaled.safetensors");
+        write_safetensors_atomic(&[(TOKENS_KEY.to_owned(), &tokens * 0.05493)], &scaled_path)
+            .unwrap();
+        let scaled_out = dir.path().join("scaled");
+        let written = decode(&DecodeArgs {
+            tokens: scaled_path,
+            out: scaled_out,
+            latent_scale: 0.05493,
+            tokenizer: tokenizer.clone(),
+        })
+        .unwrap();
+        let png = image::open(&written[1]).unwrap().to_rgb8();
+        let diff = png
+            .as_raw()
+            .iter()
+            .zip(want_png.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(diff <= 1, "rescaled tokens decode differently: {diff}");
 
         let err = encode(&EncodeArgs {
             images: vec![fixture.join("../fixtures/README.md")],

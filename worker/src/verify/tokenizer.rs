@@ -161,19 +161,19 @@ fn run_case(
     })
 }
 
+/// Fixture folder for tests: `EQIM_FIXTURES`, else `<repo>/../shared/fixtures`.
+#[cfg(test)]
+pub(crate) fn fixtures_dir() -> std::path::PathBuf {
+    std::env::var_os("EQIM_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    /// Fixture folder: `EQIM_FIXTURES`, else `<repo>/../shared/fixtures`.
-    pub fn fixtures_dir() -> PathBuf {
-        std::env::var_os("EQIM_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-            })
-    }
 
     #[test]
     fn tokenizer_tiny_matches_the_reference_at_1e_5() {

@@ -43,34 +43,64 @@ pub struct LoadReport {
     pub other_copy: usize,
     /// `ema_*.decay` / `ema_*.num_updates`.
     pub ema_bookkeeping: usize,
+    /// Keys (live or EMA) of modules not built (see [`Parts`]).
+    pub unbuilt_module_keys: usize,
     /// Training-loss keys (`loss.*`: LPIPS, discriminator, DINOv2 teacher), ignored.
     pub ignored_loss_keys: Vec<String>,
 }
 
+/// Which modules to build: decoding alone needs 28% of the weights' memory less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parts {
+    /// Everything in the checkpoint (parity checks, training).
+    All,
+    /// `post_quant_layer` and `decoder` only; `encode` and the semantic decoder are unavailable
+    /// and the other modules' keys are skipped at load.
+    DecoderOnly,
+}
+
+/// The encoder side: `encoder` and `quant_layer`.
+#[derive(Debug)]
+pub struct EncoderSide {
+    pub encoder: EquivariantTokenizerEncoder1D,
+    pub quant_layer: nn::Conv1D,
+}
+
 #[derive(Debug)]
 pub struct EquivariantTokenizer {
-    pub encoder: EquivariantTokenizerEncoder1D,
+    /// None when built with [`Parts::DecoderOnly`].
+    pub encoder_side: Option<EncoderSide>,
     pub decoder: EquivariantTokenizerDecoder1D,
-    pub semantic_decoder: EquivariantTokenizerSemanticDecoder1D,
-    pub quant_layer: nn::Conv1D,
+    /// None when built with [`Parts::DecoderOnly`].
+    pub semantic_decoder: Option<EquivariantTokenizerSemanticDecoder1D>,
     pub post_quant_layer: nn::Conv1D,
     pub cfg: TokenizerConfig,
 }
 
 impl EquivariantTokenizer {
     pub fn new(p: nn::Path, cfg: &TokenizerConfig) -> Self {
-        Self {
+        Self::with_parts(p, cfg, Parts::All)
+    }
+
+    pub fn with_parts(p: nn::Path, cfg: &TokenizerConfig, parts: Parts) -> Self {
+        let all = parts == Parts::All;
+        let encoder_side = all.then(|| EncoderSide {
             encoder: EquivariantTokenizerEncoder1D::new(&p / "encoder", &cfg.ddconfig),
-            decoder: EquivariantTokenizerDecoder1D::new(&p / "decoder", &cfg.ddconfig),
-            semantic_decoder: EquivariantTokenizerSemanticDecoder1D::new(
-                &p / "semantic_decoder",
-                &cfg.sematicconfig,
-            ),
             quant_layer: blocks::conv1d_k3(
                 &p / "quant_layer",
                 cfg.quant_in_channels(),
                 cfg.embed_dim,
             ),
+        });
+        Self {
+            encoder_side,
+            decoder: EquivariantTokenizerDecoder1D::new(&p / "decoder", &cfg.ddconfig),
+            semantic_decoder: all.then(|| {
+                EquivariantTokenizerSemanticDecoder1D::new(
+                    &p / "semantic_decoder",
+                    &cfg.sematicconfig,
+                )
+            }),
             post_quant_layer: blocks::conv1d_k3(
                 &p / "post_quant_layer",
                 cfg.embed_dim,
@@ -117,11 +147,16 @@ impl EquivariantTokenizer {
             )));
         }
         self.tokens_for_width(*w)?;
-        let columns = self.encoder.forward(xs);
+        let Some(side) = &self.encoder_side else {
+            return Err(TokenizerError::Config(
+                "this tokenizer was built without its encoder (Parts::DecoderOnly)".into(),
+            ));
+        };
+        let columns = side.encoder.forward(xs);
         // quant_layer on [B, C, L], back to [B, L, embed_dim]
         let moments = columns
             .permute([0, 2, 1])
-            .apply(&self.quant_layer)
+            .apply(&side.quant_layer)
             .permute([0, 2, 1]);
         Ok(GaussianDistribution::new(moments, self.cfg.std))
     }
@@ -154,9 +189,14 @@ impl EquivariantTokenizer {
     /// The reference's `decode`: (image, semantic decoder output).
     pub fn decode_with_semantic(&self, zs: &Tensor) -> Result<(Tensor, Tensor), TokenizerError> {
         self.check_tokens(zs)?;
+        let Some(semantic_decoder) = &self.semantic_decoder else {
+            return Err(TokenizerError::Config(
+                "this tokenizer was built without its semantic decoder (Parts::DecoderOnly)".into(),
+            ));
+        };
         let (image, semantic) = self.decoder.forward(&self.post_quant(zs), true);
         let semantic = semantic.expect("decoder: semantic map requested");
-        Ok((image, self.semantic_decoder.forward(&semantic)))
+        Ok((image, semantic_decoder.forward(&semantic)))
     }
 
     /// Loads weights from named tensors (a converted checkpoint or a fixture): the EMA copy when
@@ -173,6 +213,11 @@ impl EquivariantTokenizer {
         } else {
             WeightChoice::Live
         });
+        if choice == WeightChoice::Ema && !ema::has_ema(file) {
+            return Err(TokenizerError::Config(format!(
+                "{source_name} holds no EMA weights (ema_* keys); load the live ones (--weights live)"
+            )));
+        }
         let mut live_names: Vec<String> = vs.variables().into_keys().collect();
         live_names.sort();
         let (selected, not_selected) = ema::select(file, &live_names, choice);
@@ -181,6 +226,7 @@ impl EquivariantTokenizer {
             choice,
             other_copy: 0,
             ema_bookkeeping: 0,
+            unbuilt_module_keys: 0,
             ignored_loss_keys: Vec::new(),
         };
         let mut unknown = Vec::new();
@@ -191,8 +237,16 @@ impl EquivariantTokenizer {
                     .iter()
                     .any(|n| ema::ema_name(n).as_deref() == Some(key.as_str())),
             };
+            let module = key.strip_prefix("ema_").unwrap_or(&key);
+            let module = module.split('.').next().unwrap_or(module);
+            let unbuilt = ema::EMA_MODULES.contains(&module)
+                && !live_names
+                    .iter()
+                    .any(|n| n.starts_with(&format!("{module}.")));
             if is_other_copy {
                 report.other_copy += 1;
+            } else if unbuilt && !ema::is_ema_bookkeeping(&key) {
+                report.unbuilt_module_keys += 1;
             } else if ema::is_ema_bookkeeping(&key) {
                 report.ema_bookkeeping += 1;
             } else if key.starts_with("loss.") {
@@ -415,6 +469,34 @@ mod tests {
             EquivariantTokenizer::load(&vs, &file, "ckpt", Some(WeightChoice::Live)).unwrap();
         assert_eq!(report.other_copy, n);
         assert!(vs.variables()["decoder.conv_in.weight"].equal(&file["decoder.conv_in.weight"]));
+
+        let live_only: BTreeMap<String, Tensor> = file
+            .iter()
+            .filter(|(k, _)| !k.starts_with("ema_"))
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
+        let report = EquivariantTokenizer::load(&vs, &live_only, "live.st", None).unwrap();
+        assert_eq!(report.choice, WeightChoice::Live);
+        let err = EquivariantTokenizer::load(&vs, &live_only, "live.st", Some(WeightChoice::Ema))
+            .unwrap_err();
+        assert!(err.to_string().contains("--weights live"), "{err}");
+
+        let dec_vs = nn::VarStore::new(Device::Cpu);
+        let decoder_only =
+            EquivariantTokenizer::with_parts(dec_vs.root(), &cfg, Parts::DecoderOnly);
+        let report = EquivariantTokenizer::load(&dec_vs, &file, "ckpt", None).unwrap();
+        assert_eq!(
+            report.unbuilt_module_keys,
+            2 * (n - dec_vs.variables().len())
+        );
+        assert!(
+            dec_vs.variables()["decoder.conv_in.weight"].equal(&file["ema_decoder.conv_inweight"])
+        );
+        let z = Tensor::zeros([1, 3, 6], (Kind::Float, Device::Cpu));
+        assert_eq!(decoder_only.decode(&z).unwrap().size(), [1, 3, 16, 6]);
+        assert!(decoder_only
+            .encode(&Tensor::zeros([1, 3, 16, 6], (Kind::Float, Device::Cpu)))
+            .is_err());
 
         file.insert("model_ema.stray".into(), Tensor::from(1f32));
         let err = EquivariantTokenizer::load(&vs, &file, "ckpt", None).unwrap_err();
