@@ -7,6 +7,6 @@ pub mod config;
 pub mod framing;
 pub mod ledger;
 pub mod metrics;
-pub mod train_config;
 pub mod proto;
 pub mod schedule;
+pub mod train_config;

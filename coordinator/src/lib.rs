@@ -7,14 +7,14 @@
 //! flow between workers and the coordinator is described in [`net`]; workers use [`client`].
 #![forbid(unsafe_code)]
 
-pub mod dashboards;
-pub mod metrics_http;
-pub mod metrics_registry;
 pub mod actor;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dashboards;
 pub mod membership;
+pub mod metrics_http;
+pub mod metrics_registry;
 pub mod net;
 pub mod steps;
 

@@ -38,10 +38,19 @@ pub struct SheetRow {
 pub fn compose(rows: &[SheetRow], layout: &SheetLayout) -> RgbImage {
     let s = layout.scale.max(1);
     let row_width = |r: &SheetRow| -> u32 {
-        r.images.iter().map(|i| i.width() * s + layout.gap).sum::<u32>() + layout.gap
+        r.images
+            .iter()
+            .map(|i| i.width() * s + layout.gap)
+            .sum::<u32>()
+            + layout.gap
     };
     let row_height = |r: &SheetRow| r.images.iter().map(|i| i.height() * s).max().unwrap_or(0);
-    let width = rows.iter().map(row_width).max().unwrap_or(layout.gap).max(1);
+    let width = rows
+        .iter()
+        .map(row_width)
+        .max()
+        .unwrap_or(layout.gap)
+        .max(1);
     let height = rows
         .iter()
         .map(|r| row_height(r) + layout.gap + if r.new_group { layout.group_gap } else { 0 })
@@ -55,7 +64,12 @@ pub fn compose(rows: &[SheetRow], layout: &SheetLayout) -> RgbImage {
         }
         let mut x = layout.gap;
         for img in &row.images {
-            let big = imageops::resize(img, img.width() * s, img.height() * s, imageops::FilterType::Nearest);
+            let big = imageops::resize(
+                img,
+                img.width() * s,
+                img.height() * s,
+                imageops::FilterType::Nearest,
+            );
             imageops::replace(&mut canvas, &big, i64::from(x), i64::from(y));
             x += big.width() + layout.gap;
         }
@@ -87,10 +101,21 @@ mod tests {
     fn images_land_scaled_at_their_grid_positions() {
         let red = RgbImage::from_pixel(2, 2, Rgb([255, 0, 0]));
         let blue = RgbImage::from_pixel(4, 2, Rgb([0, 0, 255]));
-        let layout = SheetLayout { scale: 2, gap: 1, group_gap: 3, background: [0, 0, 0] };
+        let layout = SheetLayout {
+            scale: 2,
+            gap: 1,
+            group_gap: 3,
+            background: [0, 0, 0],
+        };
         let rows = vec![
-            SheetRow { images: vec![red.clone(), blue.clone()], new_group: false },
-            SheetRow { images: vec![blue], new_group: true },
+            SheetRow {
+                images: vec![red.clone(), blue.clone()],
+                new_group: false,
+            },
+            SheetRow {
+                images: vec![blue],
+                new_group: true,
+            },
         ];
         let sheet = compose(&rows, &layout);
         // Row 0 is 1 + 4 + 1 + 8 + 1 wide; height 1 + 4 + 1 + 3 + 4 + 1.

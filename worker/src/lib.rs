@@ -6,6 +6,7 @@ pub mod collective;
 pub mod contact_sheet;
 pub mod convert;
 pub mod data;
+pub mod demo;
 pub mod doctor;
 pub mod imageio;
 pub mod launch;

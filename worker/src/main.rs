@@ -40,6 +40,10 @@ enum Command {
     TrainGenerator(eqim_worker::train::cli::TrainGeneratorArgs),
     /// Sample latent tokens with a generator checkpoint into a safetensors file.
     SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
+    /// Encode a class-per-folder image tree with a tokenizer into a latent cache (both flips).
+    CacheLatents(Box<eqim_worker::demo::CacheLatentsArgs>),
+    /// Paste real images, samples (one row per class) and panoramas into one PNG.
+    ContactSheet(eqim_worker::demo::ContactSheetArgs),
     /// Cut the demo scene dataset out of unpacked Debian wallpaper packages (scripts/fetch-demo-data calls this).
     PrepareDemoData(eqim_worker::data::demo::PrepareDemoDataArgs),
     /// Measure the data loader's images/s (decode + augment) on one core and threaded.
@@ -91,6 +95,10 @@ fn main() -> Result<()> {
         }
         Command::TrainGenerator(args) => eqim_worker::train::cli::run(&args)?,
         Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
+        Command::CacheLatents(args) => {
+            eqim_worker::demo::cache_latents(&args)?;
+        }
+        Command::ContactSheet(args) => eqim_worker::demo::contact_sheet(&args)?,
         Command::PrepareDemoData(args) => eqim_worker::data::demo::run(&args)?,
         Command::BenchLoader(args) => eqim_worker::data::bench::run(&args)?,
         Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
