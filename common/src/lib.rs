@@ -4,4 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod framing;
+pub mod ledger;
 pub mod metrics;
+pub mod proto;
+pub mod schedule;

@@ -26,6 +26,8 @@ enum Command {
     /// Time gloo all-reduce across local processes (a benchmark, see scripts/bench-allreduce).
     #[command(hide = true)]
     BenchAllreduce(eqim_worker::collective::bench::BenchArgs),
+    /// Run the job coordinator (membership, step commits, data schedule) on this machine.
+    Coordinator(Box<eqim_coordinator::cli::CoordinatorArgs>),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +54,7 @@ fn main() -> Result<()> {
             }
         }
         Command::BenchAllreduce(args) => eqim_worker::collective::bench::run(&args)?,
+        Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
     }
     Ok(())
 }
