@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod verify;
+pub mod runtime;

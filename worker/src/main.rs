@@ -28,6 +28,10 @@ enum Command {
     BenchAllreduce(eqim_worker::collective::bench::BenchArgs),
     /// Run the job coordinator (membership, step commits, data schedule) on this machine.
     Coordinator(Box<eqim_coordinator::cli::CoordinatorArgs>),
+    /// Join a job as a worker: connect to the coordinator, train what it assigns.
+    Worker(Box<eqim_worker::runtime::agent::WorkerArgs>),
+    /// Run a local cluster: a coordinator and N workers on this machine.
+    Launch(eqim_worker::runtime::launch_cmd::LaunchArgs),
 }
 
 fn main() -> Result<()> {
@@ -55,6 +59,8 @@ fn main() -> Result<()> {
         }
         Command::BenchAllreduce(args) => eqim_worker::collective::bench::run(&args)?,
         Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
+        Command::Worker(args) => eqim_worker::runtime::agent::run(*args)?,
+        Command::Launch(args) => eqim_worker::runtime::launch_cmd::run(args)?,
     }
     Ok(())
 }

@@ -1,0 +1,312 @@
+//! The worker's training thread: owns the model, the c10d store and process group, and obeys
+//! the agent's commands one at a time. tch and c10d calls block, so they live here and never in
+//! an async task; results go back to the agent as events.
+
+use super::trainable::Trainable;
+use crate::collective::ddp::{broadcast_tensors, GradientBuckets, DEFAULT_BUCKET_BYTES};
+use crate::collective::{GlooDevice, GroupOptions, ProcessGroup, Store};
+use anyhow::{Context, Result};
+use eqim_common::proto::{Assignment, Cursor, Generation, Rendezvous, VoteOutcome};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info, warn};
+
+/// What the agent asks the training thread to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Build the process group of a generation and take the state from rank 0.
+    Join {
+        generation: Generation,
+        rank: u32,
+        world_size: u32,
+        rendezvous: Rendezvous,
+        resume: Cursor,
+    },
+    /// Compute a step's gradients and all-reduce them; answer with a vote.
+    Step(Assignment),
+    /// Apply the pending update of `step`.
+    Commit { generation: Generation, step: u64 },
+    /// Drop the pending gradients of `step`.
+    Abort { generation: Generation, step: u64 },
+    /// The job is over: write the final state if asked, then stop.
+    Finish,
+}
+
+/// What the training thread reports.
+#[derive(Debug)]
+pub enum Event {
+    GroupReady {
+        generation: Generation,
+    },
+    Vote {
+        generation: Generation,
+        step: u64,
+        outcome: VoteOutcome,
+        loss: f64,
+        step_seconds: f64,
+        allreduce_seconds: f64,
+        samples: u64,
+    },
+    /// The update of `step` is applied; `step + 1` steps are done.
+    Applied {
+        step: u64,
+    },
+    Finished,
+}
+
+/// Settings of the training thread.
+#[derive(Debug, Clone)]
+pub struct TrainerConfig {
+    /// Address of this machine other workers reach our TCPStore and gloo sockets at.
+    pub host: String,
+    /// Bound on every collective and store wait (a hung peer is detected after it).
+    pub collective_timeout: Duration,
+    /// Where to write the final state (safetensors) at the end of the job.
+    pub final_state: Option<PathBuf>,
+}
+
+struct Group {
+    generation: Generation,
+    rank: u32,
+    process_group: ProcessGroup,
+    // Kept alive for the group's lifetime: the group's store view and, on non-zero ranks, the
+    // connection to rank 0's TCPStore.
+    _view: Store,
+    _remote: Option<Store>,
+}
+
+struct Pending {
+    generation: Generation,
+    step: u64,
+}
+
+/// Runs the training loop until `Finish` or until the agent hangs up.
+pub struct Trainer<T: Trainable> {
+    cfg: TrainerConfig,
+    model: T,
+    own_store: Store,
+    buckets: GradientBuckets,
+    group: Option<Group>,
+    pending: Option<Pending>,
+    /// Number of steps applied (the next step to run).
+    next_step: u64,
+    events: UnboundedSender<Event>,
+}
+
+impl<T: Trainable> Trainer<T> {
+    /// Hosts this worker's TCPStore (used when it is rank 0 of a generation) on a free port.
+    pub fn new(cfg: TrainerConfig, model: T, events: UnboundedSender<Event>) -> Result<Self> {
+        let own_store = Store::host(&cfg.host, 0, cfg.collective_timeout)
+            .with_context(|| format!("hosting this worker's TCPStore on {}", cfg.host))?;
+        let buckets = GradientBuckets::new(model.var_store(), DEFAULT_BUCKET_BYTES)
+            .context("planning gradient buckets")?;
+        Ok(Self {
+            cfg,
+            model,
+            own_store,
+            buckets,
+            group: None,
+            pending: None,
+            next_step: 0,
+            events,
+        })
+    }
+
+    /// Port of the TCPStore this worker hosts.
+    pub fn store_port(&self) -> u16 {
+        self.own_store.port()
+    }
+
+    fn emit(&self, event: Event) {
+        if self.events.send(event).is_err() {
+            debug!("agent gone; event dropped");
+        }
+    }
+
+    /// Obeys commands until `Finish` or the channel closes.
+    pub fn run(mut self, commands: mpsc::Receiver<Command>) -> Result<()> {
+        while let Ok(command) = commands.recv() {
+            match command {
+                Command::Join {
+                    generation,
+                    rank,
+                    world_size,
+                    rendezvous,
+                    resume,
+                } => {
+                    self.pending = None;
+                    if let Some(old) = self.group.take() {
+                        drop_group(old);
+                    }
+                    let started = Instant::now();
+                    match self.join(generation, rank, world_size, &rendezvous, resume) {
+                        Ok(group) => {
+                            info!(%generation, rank, world_size, step = resume.step, ms = started.elapsed().as_millis() as u64, "group ready");
+                            self.group = Some(group);
+                            self.next_step = resume.step;
+                            self.emit(Event::GroupReady { generation });
+                        }
+                        // The coordinator's rendezvous timeout forms the next generation.
+                        Err(e) => warn!(%generation, cause = format!("{e:#}"), "cannot build the group"),
+                    }
+                }
+                Command::Step(assignment) => self.step(assignment),
+                Command::Commit { generation, step } => match self.pending.take() {
+                    Some(p) if p.generation == generation && p.step == step => {
+                        self.model.apply_step().context("applying a committed step")?;
+                        self.next_step = step + 1;
+                        self.emit(Event::Applied { step });
+                    }
+                    other => {
+                        anyhow::bail!(
+                            "commit of step {step} ({generation}) but the pending step is {:?}: this worker's state no longer matches the job",
+                            other.map(|p| (p.generation, p.step))
+                        );
+                    }
+                },
+                Command::Abort { generation, step } => {
+                    debug!(%generation, step, "step aborted; gradients dropped");
+                    self.pending = None;
+                }
+                Command::Finish => {
+                    if let Some(path) = &self.cfg.final_state {
+                        save_state(&self.model, path)?;
+                        info!(path = %path.display(), "final state written");
+                    }
+                    if let Some(old) = self.group.take() {
+                        drop_group(old);
+                    }
+                    self.emit(Event::Finished);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn join(
+        &mut self,
+        generation: Generation,
+        rank: u32,
+        world_size: u32,
+        rendezvous: &Rendezvous,
+        resume: Cursor,
+    ) -> Result<Group> {
+        let timeout = self.cfg.collective_timeout;
+        let is_own = rendezvous.store_port == self.own_store.port()
+            && (rendezvous.store_host == self.cfg.host || rank == 0);
+        let remote = if is_own {
+            None
+        } else {
+            Some(
+                Store::connect(&rendezvous.store_host, rendezvous.store_port, timeout)
+                    .with_context(|| {
+                        format!(
+                            "connecting to the TCPStore of rank 0 at {}:{}",
+                            rendezvous.store_host, rendezvous.store_port
+                        )
+                    })?,
+            )
+        };
+        let base = remote.as_ref().unwrap_or(&self.own_store);
+        let view = base
+            .prefixed(&rendezvous.prefix)
+            .context("creating the generation's store view")?;
+        let options = GroupOptions::gloo(rank as usize, world_size as usize, timeout)
+            .with_gloo_device(GlooDevice::Hostname(self.cfg.host.clone()));
+        let process_group = ProcessGroup::with_options(&view, &options)
+            .with_context(|| format!("creating the process group of {generation}"))?;
+        // Newcomers take weights and optimizer moments from rank 0, which (old members come
+        // first in the roster) holds the state of the committed step.
+        let state: Vec<_> = self
+            .model
+            .state_tensors()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        broadcast_tensors(&process_group, &state, 0, DEFAULT_BUCKET_BYTES)
+            .context("receiving the training state from rank 0")?;
+        debug!(%generation, step = resume.step, epoch = resume.epoch, "state synchronised");
+        Ok(Group {
+            generation,
+            rank,
+            process_group,
+            _view: view,
+            _remote: remote,
+        })
+    }
+
+    fn step(&mut self, a: Assignment) {
+        let started = Instant::now();
+        let samples: u64 = a.micro_batches.iter().map(|m| m.len() as u64).sum();
+        let (outcome, loss, allreduce_seconds) = match self.compute(&a) {
+            Ok((loss, allreduce_seconds)) => {
+                self.pending = Some(Pending {
+                    generation: a.generation,
+                    step: a.step,
+                });
+                (VoteOutcome::Ok, loss, allreduce_seconds)
+            }
+            Err(e) => {
+                warn!(generation = %a.generation, step = a.step, cause = format!("{e:#}"), "step failed");
+                self.pending = None;
+                (
+                    VoteOutcome::Failed {
+                        reason: format!("{e:#}"),
+                    },
+                    f64::NAN,
+                    0.0,
+                )
+            }
+        };
+        self.emit(Event::Vote {
+            generation: a.generation,
+            step: a.step,
+            outcome,
+            loss,
+            step_seconds: started.elapsed().as_secs_f64(),
+            allreduce_seconds,
+            samples,
+        });
+    }
+
+    fn compute(&mut self, a: &Assignment) -> Result<(f64, f64)> {
+        let group = self
+            .group
+            .as_ref()
+            .filter(|g| g.generation == a.generation)
+            .with_context(|| format!("no process group for {}", a.generation))?;
+        anyhow::ensure!(
+            a.step == self.next_step,
+            "assigned step {} but this worker has applied {} steps",
+            a.step,
+            self.next_step
+        );
+        self.model.zero_grads()?;
+        let mut loss = 0.0;
+        for micro_batch in &a.micro_batches {
+            loss += self.model.accumulate_grads(micro_batch, a.step_samples)?;
+        }
+        let reduce_started = Instant::now();
+        // Each rank's gradients are already divided by the step's sample count: sum them.
+        self.buckets
+            .allreduce_sum_divided(&group.process_group, 1.0)
+            .with_context(|| format!("all-reduce of step {} (rank {})", a.step, group.rank))?;
+        Ok((loss, reduce_started.elapsed().as_secs_f64()))
+    }
+}
+
+fn drop_group(group: Group) {
+    if let Err(e) = group.process_group.destroy() {
+        debug!(cause = %e, "destroying the old process group");
+    }
+}
+
+/// Writes every state tensor to `path` as safetensors (temp file, fsync, rename).
+pub fn save_state<T: Trainable>(model: &T, path: &std::path::Path) -> Result<()> {
+    let named = model.state_tensors();
+    crate::model::weights::write_safetensors_atomic(&named, path)
+        .with_context(|| format!("writing the state to {}", path.display()))
+}
