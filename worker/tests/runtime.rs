@@ -192,3 +192,114 @@ fn two_workers_match_one_worker_with_the_whole_batch() {
     eqim_worker::runtime::trainer::save_state(&mlp, &initial).unwrap();
     assert!(max_abs_diff(&initial, &one_paths[0]) > 1e-3);
 }
+
+fn signal(w: &Worker, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(w.child.id() as i32);
+    nix::sys::signal::kill(pid, sig).unwrap();
+}
+
+#[test]
+fn kill_9_of_one_of_three_workers_loses_no_sample_and_survivors_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    runtime().block_on(async {
+        let c = Coordinator::start(config(&dir.join("job"), 3, schedule(480, 6, 6)))
+            .await
+            .unwrap();
+        let mut workers: Vec<Worker> = (0..3)
+            .map(|i| spawn_worker(&c, dir, &format!("w{i}")))
+            .collect();
+        wait_for_step(&c, 15).await;
+        let before = c.status().await.unwrap();
+        signal(&workers[1], nix::sys::signal::Signal::SIGKILL);
+        let killed_at = Instant::now();
+        // The survivors go on from their in-memory state in a new generation.
+        wait_for_step(&c, before.cursor.step + 5).await;
+        let recovery = killed_at.elapsed();
+        let after = c.status().await.unwrap();
+        assert!(after.generation > before.generation);
+        assert_eq!(after.members.len(), 2, "{:?}", after.members);
+        eprintln!(
+            "kill -9 at step {}: 5 more steps committed {recovery:?} later in {} ({} aborted steps)",
+            before.cursor.step, after.generation, after.aborted_steps
+        );
+        let outcome = finish(c).await;
+        assert_exact_ledger(&outcome);
+        assert_eq!(outcome.cursor.step, 80);
+        for i in [0, 2] {
+            let status = wait_exit(&mut workers[i], Duration::from_secs(20));
+            assert!(status.success(), "w{i}: {status}\n{}", log_of(dir, &format!("w{i}")));
+            // Survivors were never restarted: one process, one "admitted" line each.
+            assert_eq!(log_of(dir, &format!("w{i}")).matches("admitted").count(), 1);
+        }
+        let _ = wait_exit(&mut workers[1], Duration::from_secs(5));
+        assert_eq!(
+            max_abs_diff(&workers[0].final_state, &workers[2].final_state),
+            0.0
+        );
+    });
+}
+
+#[test]
+fn a_late_worker_receives_the_state_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    runtime().block_on(async {
+        let c = Coordinator::start(config(&dir.join("job"), 2, schedule(720, 6, 6)))
+            .await
+            .unwrap();
+        let mut workers: Vec<Worker> = (0..2)
+            .map(|i| spawn_worker(&c, dir, &format!("w{i}")))
+            .collect();
+        wait_for_step(&c, 10).await;
+        let joined_at_step = c.status().await.unwrap().cursor.step;
+        workers.push(spawn_worker(&c, dir, "late"));
+        let start = Instant::now();
+        while c.status().await.unwrap().roster.len() < 3 {
+            assert!(start.elapsed() < JOB_TIMEOUT, "the late worker never joined");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let outcome = finish(c).await;
+        assert_exact_ledger(&outcome);
+        assert_eq!(outcome.cursor.step, 120);
+        for w in &mut workers {
+            let status = wait_exit(w, Duration::from_secs(20));
+            assert!(status.success(), "{}: {status}\n{}", w.name, log_of(dir, &w.name));
+        }
+        let late_log = log_of(dir, "late");
+        assert!(late_log.contains("group ready"), "{late_log}");
+        assert!(late_log.contains("step applied"), "{late_log}");
+        eprintln!("late worker joined after step {joined_at_step}");
+        // Its weights equal the others': it took the state by broadcast, then trained in step.
+        assert_eq!(max_abs_diff(&workers[0].final_state, &workers[2].final_state), 0.0);
+        assert_eq!(max_abs_diff(&workers[1].final_state, &workers[2].final_state), 0.0);
+    });
+}
+
+#[test]
+fn sigterm_makes_a_worker_leave_promptly_and_the_job_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    runtime().block_on(async {
+        let c = Coordinator::start(config(&dir.join("job"), 3, schedule(240, 6, 6)))
+            .await
+            .unwrap();
+        let mut workers: Vec<Worker> = (0..3)
+            .map(|i| spawn_worker(&c, dir, &format!("w{i}")))
+            .collect();
+        wait_for_step(&c, 10).await;
+        signal(&workers[2], nix::sys::signal::Signal::SIGTERM);
+        let sent = Instant::now();
+        let status = wait_exit(&mut workers[2], Duration::from_secs(5));
+        let took = sent.elapsed();
+        assert!(status.success(), "{status}\n{}", log_of(dir, "w2"));
+        eprintln!("SIGTERM to exit: {took:?}");
+        let outcome = finish(c).await;
+        assert_exact_ledger(&outcome);
+        for w in workers.iter_mut().take(2) {
+            let status = wait_exit(w, Duration::from_secs(20));
+            assert!(status.success(), "{}: {status}\n{}", w.name, log_of(dir, &w.name));
+        }
+        assert!(log_of(dir, "w2").contains("leaving the job"));
+    });
+}
