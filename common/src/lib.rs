@@ -9,3 +9,4 @@ pub mod ledger;
 pub mod metrics;
 pub mod proto;
 pub mod schedule;
+pub mod checkpoint;

@@ -17,6 +17,7 @@ pub mod config;
 pub mod membership;
 pub mod net;
 pub mod steps;
+pub mod checkpoints;
 
 use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};
 use anyhow::{Context, Result};

@@ -32,6 +32,8 @@ enum Command {
     Worker(Box<eqim_worker::runtime::agent::WorkerArgs>),
     /// Run a local cluster: a coordinator and N workers on this machine.
     Launch(eqim_worker::runtime::launch_cmd::LaunchArgs),
+    /// Print per epoch how many samples a job's committed steps saw once, twice or never.
+    Ledger(eqim_worker::runtime::ledger_cmd::LedgerArgs),
 }
 
 fn main() -> Result<()> {
@@ -61,6 +63,7 @@ fn main() -> Result<()> {
         Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
         Command::Worker(args) => eqim_worker::runtime::agent::run(*args)?,
         Command::Launch(args) => eqim_worker::runtime::launch_cmd::run(args)?,
+        Command::Ledger(args) => eqim_worker::runtime::ledger_cmd::run(args)?,
     }
     Ok(())
 }

@@ -303,3 +303,106 @@ fn sigterm_makes_a_worker_leave_promptly_and_the_job_goes_on() {
         assert!(log_of(dir, "w2").contains("leaving the job"));
     });
 }
+
+fn wait_for_file(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < JOB_TIMEOUT, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn checkpointed(dataset_len: u64) -> ScheduleConfig {
+    ScheduleConfig {
+        checkpoint_every_steps: Some(10),
+        ..schedule(dataset_len, 6, 6)
+    }
+}
+
+#[test]
+fn checkpoints_resume_bitwise_after_kills_a_corrupt_checkpoint_and_a_coordinator_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // Reference: the same job, uninterrupted.
+    let (clean, clean_paths) = run_job(&dir.join("clean"), 2, checkpointed(240));
+    assert_exact_ledger(&clean);
+    assert_eq!(clean.cursor.step, 40);
+
+    // 1. Kill every worker and the coordinator after the step-20 checkpoint, corrupt it, resume.
+    let crashed = dir.join("crashed");
+    let job = crashed.join("job");
+    let root = job.join("checkpoints");
+    runtime().block_on(async {
+        let c = Coordinator::start(config(&job, 2, checkpointed(240)))
+            .await
+            .unwrap();
+        let mut workers: Vec<Worker> = (0..2)
+            .map(|i| spawn_worker(&c, &crashed, &format!("w{i}")))
+            .collect();
+        wait_for_file(&root.join("step-00000020").join("manifest.json"));
+        for w in &mut workers {
+            signal(w, nix::sys::signal::Signal::SIGKILL);
+            let _ = wait_exit(w, Duration::from_secs(5));
+        }
+        c.shutdown("test crash").await.unwrap();
+    });
+    let state = root.join("step-00000020").join("state.safetensors");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&state, bytes).unwrap();
+    let lines = eqim_worker::runtime::ledger_cmd::report(&root).unwrap();
+    assert!(
+        lines[0].contains("step-00000020") && lines[0].contains("SHA-256"),
+        "{lines:?}"
+    );
+    assert!(lines[1].contains("step-00000010"), "{lines:?}");
+    let (resumed, resumed_paths) = run_job(&crashed, 2, checkpointed(240));
+    assert_exact_ledger(&resumed);
+    assert_eq!(resumed.cursor.step, 40);
+    assert!(log_of(&crashed, "w0").contains("step-00000010"));
+    for (a, b) in clean_paths.iter().zip(&resumed_paths) {
+        assert_eq!(max_abs_diff(a, b), 0.0, "resume from step 10 is not bitwise");
+    }
+    let lines = eqim_worker::runtime::ledger_cmd::report(&root).unwrap();
+    assert!(lines.iter().any(|l| l.contains("each sample exactly once")), "{lines:?}");
+
+    // 2. Restart only the coordinator: the workers keep running, reconnect and reload step 10.
+    let restarted = dir.join("restarted");
+    let job = restarted.join("job");
+    runtime().block_on(async {
+        let c = Coordinator::start(config(&job, 2, checkpointed(240)))
+            .await
+            .unwrap();
+        let addr = c.local_addr;
+        let mut workers: Vec<Worker> = (0..2)
+            .map(|i| spawn_worker(&c, &restarted, &format!("w{i}")))
+            .collect();
+        wait_for_file(&job.join("checkpoints/step-00000010/manifest.json"));
+        c.shutdown("test restart").await.unwrap();
+        let mut cfg = config(&job, 2, checkpointed(240));
+        cfg.bind = addr;
+        // The old endpoint's socket closes once its connections drain (a real restart is a
+        // new process, where the exit frees it).
+        let start = Instant::now();
+        let c = loop {
+            match Coordinator::start(cfg.clone()).await {
+                Ok(c) => break c,
+                Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("restarting the coordinator: {e:#}"),
+            }
+        };
+        let outcome = finish(c).await;
+        assert_exact_ledger(&outcome);
+        assert_eq!(outcome.cursor.step, 40);
+        for (w, clean) in workers.iter_mut().zip(&clean_paths) {
+            let status = wait_exit(w, Duration::from_secs(20));
+            assert!(status.success(), "{}: {status}\n{}", w.name, log_of(&restarted, &w.name));
+            assert!(log_of(&restarted, &w.name).contains("reconnecting"));
+            assert_eq!(max_abs_diff(clean, &w.final_state), 0.0);
+        }
+    });
+}

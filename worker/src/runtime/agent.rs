@@ -49,6 +49,10 @@ pub struct WorkerArgs {
     /// Bound on every collective and store wait (seconds): a hung peer is detected after it.
     #[arg(long, default_value_t = 10.0)]
     pub collective_timeout: f64,
+    /// The job's checkpoint directory, shared with the coordinator (default: `checkpoints`
+    /// next to the token file, i.e. in the coordinator's job directory).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
     /// Write the final training state (safetensors) here when the job ends.
     #[arg(long, value_name = "FILE")]
     pub final_state: Option<PathBuf>,
@@ -110,6 +114,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         host: args.host.clone(),
         collective_timeout,
         final_state: args.final_state.clone(),
+        checkpoint_root: args.checkpoint_dir.clone().unwrap_or_else(|| {
+            args.token
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("checkpoints")
+        }),
     };
     let seed = args.seed;
     let lr = args.lr;
@@ -283,10 +293,7 @@ async fn session(
                     }
                     CoordinatorToWorker::Assign(assignment) => forward(commands, Command::Step(assignment))?,
                     CoordinatorToWorker::Commit { generation, step, checkpoint } => {
-                        if checkpoint.is_some() {
-                            tracing::debug!(step, "checkpoint ordered (not implemented by this worker yet)");
-                        }
-                        forward(commands, Command::Commit { generation, step })?;
+                        forward(commands, Command::Commit { generation, step, checkpoint })?;
                     }
                     CoordinatorToWorker::Abort { generation, step, reason } => {
                         info!(%generation, step, ?reason, "step aborted");
@@ -321,10 +328,10 @@ async fn session(
                     Event::GroupReady { generation } => {
                         status.phase = WorkerPhase::Training;
                         client.set_status(*status);
-                        client.send(&WorkerToCoordinator::GroupReady { generation }).await?;
+                        if client.send(&WorkerToCoordinator::GroupReady { generation }).await.is_err() { return Ok(SessionEnd::Lost); }
                     }
                     Event::Vote { generation, step, outcome, loss, step_seconds, allreduce_seconds, samples } => {
-                        client.send(&WorkerToCoordinator::Vote { generation, step, outcome: outcome.clone() }).await?;
+                        if client.send(&WorkerToCoordinator::Vote { generation, step, outcome: outcome.clone() }).await.is_err() { return Ok(SessionEnd::Lost); }
                         if matches!(outcome, eqim_common::proto::VoteOutcome::Ok) {
                             let summary = MetricsSummary {
                                 loss: if samples > 0 { loss / samples as f64 } else { 0.0 },
@@ -332,7 +339,7 @@ async fn session(
                                 allreduce_seconds,
                                 samples_per_second: samples as f64 / step_seconds.max(1e-9),
                             };
-                            client.send(&WorkerToCoordinator::Metrics { generation, step, summary }).await?;
+                            if client.send(&WorkerToCoordinator::Metrics { generation, step, summary }).await.is_err() { return Ok(SessionEnd::Lost); }
                         }
                     }
                     Event::Applied { step } => {
@@ -341,6 +348,9 @@ async fn session(
                         if step % 10 == 0 {
                             info!(step, "step applied");
                         }
+                    }
+                    Event::CheckpointWritten { generation, steps, files } => {
+                        if client.send(&WorkerToCoordinator::CheckpointWritten { generation, step: steps, files }).await.is_err() { return Ok(SessionEnd::Lost); }
                     }
                     Event::Finished => return Ok(SessionEnd::Finished),
                 }

@@ -3,5 +3,6 @@
 
 pub mod agent;
 pub mod launch_cmd;
+pub mod ledger_cmd;
 pub mod trainable;
 pub mod trainer;

@@ -6,7 +6,10 @@ use super::trainable::Trainable;
 use crate::collective::ddp::{broadcast_tensors, GradientBuckets, DEFAULT_BUCKET_BYTES};
 use crate::collective::{GlooDevice, GroupOptions, ProcessGroup, Store};
 use anyhow::{Context, Result};
-use eqim_common::proto::{Assignment, Cursor, Generation, Rendezvous, VoteOutcome};
+use eqim_common::checkpoint;
+use eqim_common::proto::{
+    Assignment, CheckpointOrder, Cursor, Generation, Rendezvous, VoteOutcome, WrittenFile,
+};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -26,8 +29,12 @@ pub enum Command {
     },
     /// Compute a step's gradients and all-reduce them; answer with a vote.
     Step(Assignment),
-    /// Apply the pending update of `step`.
-    Commit { generation: Generation, step: u64 },
+    /// Apply the pending update of `step`, then save a checkpoint if ordered.
+    Commit {
+        generation: Generation,
+        step: u64,
+        checkpoint: Option<CheckpointOrder>,
+    },
     /// Drop the pending gradients of `step`.
     Abort { generation: Generation, step: u64 },
     /// The job is over: write the final state if asked, then stop.
@@ -53,6 +60,12 @@ pub enum Event {
     Applied {
         step: u64,
     },
+    /// A checkpoint's state file is written and synced (after `steps` committed steps).
+    CheckpointWritten {
+        generation: Generation,
+        steps: u64,
+        files: Vec<WrittenFile>,
+    },
     Finished,
 }
 
@@ -65,6 +78,9 @@ pub struct TrainerConfig {
     pub collective_timeout: Duration,
     /// Where to write the final state (safetensors) at the end of the job.
     pub final_state: Option<PathBuf>,
+    /// The job's checkpoint root (shared with the coordinator): checkpoints are written here
+    /// when ordered, and read back when a generation resumes at a step this worker is not at.
+    pub checkpoint_root: PathBuf,
 }
 
 struct Group {
@@ -90,6 +106,8 @@ pub struct Trainer<T: Trainable> {
     buckets: GradientBuckets,
     group: Option<Group>,
     pending: Option<Pending>,
+    /// Background checkpoint writers still running.
+    writers: Vec<std::thread::JoinHandle<()>>,
     /// Number of steps applied (the next step to run).
     next_step: u64,
     events: UnboundedSender<Event>,
@@ -109,6 +127,7 @@ impl<T: Trainable> Trainer<T> {
             buckets,
             group: None,
             pending: None,
+            writers: Vec::new(),
             next_step: 0,
             events,
         })
@@ -153,11 +172,22 @@ impl<T: Trainable> Trainer<T> {
                     }
                 }
                 Command::Step(assignment) => self.step(assignment),
-                Command::Commit { generation, step } => match self.pending.take() {
+                Command::Commit {
+                    generation,
+                    step,
+                    checkpoint,
+                } => match self.pending.take() {
                     Some(p) if p.generation == generation && p.step == step => {
                         self.model.apply_step().context("applying a committed step")?;
                         self.next_step = step + 1;
                         self.emit(Event::Applied { step });
+                        let writer = self
+                            .group
+                            .as_ref()
+                            .is_some_and(|g| checkpoint.as_ref().is_some_and(|c| c.writer_rank == g.rank));
+                        if let (true, Some(order)) = (writer, checkpoint) {
+                            self.checkpoint(generation, step + 1, &order.name)?;
+                        }
                     }
                     other => {
                         anyhow::bail!(
@@ -171,6 +201,11 @@ impl<T: Trainable> Trainer<T> {
                     self.pending = None;
                 }
                 Command::Finish => {
+                    for writer in self.writers.drain(..) {
+                        if writer.join().is_err() {
+                            warn!("a checkpoint writer panicked");
+                        }
+                    }
                     if let Some(path) = &self.cfg.final_state {
                         save_state(&self.model, path)?;
                         info!(path = %path.display(), "final state written");
@@ -186,6 +221,69 @@ impl<T: Trainable> Trainer<T> {
         Ok(())
     }
 
+    /// Copies the state to host memory (the only pause training sees) and writes it in the
+    /// background; the coordinator writes the manifest when told.
+    fn checkpoint(&mut self, generation: Generation, steps: u64, name: &str) -> Result<()> {
+        let started = Instant::now();
+        let snapshot: Vec<(String, tch::Tensor)> = self
+            .model
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(tch::Device::Cpu).copy()))
+            .collect();
+        debug!(steps, ms = started.elapsed().as_millis() as u64, "checkpoint snapshot taken");
+        let dir = self.cfg.checkpoint_root.join(name);
+        let events = self.events.clone();
+        self.writers.retain(|w| !w.is_finished());
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                let written = crate::model::weights::write_safetensors_atomic(
+                    &snapshot,
+                    &dir.join(checkpoint::STATE_FILE),
+                )
+                .and_then(|()| {
+                    checkpoint::written_file(&dir, checkpoint::STATE_FILE).map_err(Into::into)
+                });
+                match written {
+                    Ok(file) => {
+                        info!(dir = %dir.display(), bytes = file.bytes, "checkpoint state written");
+                        let _ignored = events.send(Event::CheckpointWritten {
+                            generation,
+                            steps,
+                            files: vec![file],
+                        });
+                    }
+                    Err(e) => warn!(dir = %dir.display(), cause = format!("{e:#}"), "checkpoint not written"),
+                }
+            })
+            .context("spawning the checkpoint writer")?;
+        self.writers.push(writer);
+        Ok(())
+    }
+
+    /// Loads the state of the checkpoint after `steps` committed steps, if one verifies.
+    fn load_checkpoint(&mut self, steps: u64) -> Result<bool> {
+        let dir = self.cfg.checkpoint_root.join(checkpoint::dir_name(steps));
+        if !dir.exists() {
+            return Ok(false);
+        }
+        checkpoint::verify(&dir)?;
+        let path = dir.join(checkpoint::STATE_FILE);
+        let saved = crate::model::weights::read_safetensors(&path)?;
+        let _no_grad = tch::no_grad_guard();
+        for (name, mut tensor) in self.model.state_tensors() {
+            let value = saved
+                .get(&name)
+                .with_context(|| format!("{} has no tensor {name}", path.display()))?;
+            tensor
+                .f_copy_(value)
+                .with_context(|| format!("loading {name} from {}", path.display()))?;
+        }
+        info!(dir = %dir.display(), "state loaded from checkpoint");
+        Ok(true)
+    }
+
     fn join(
         &mut self,
         generation: Generation,
@@ -194,6 +292,9 @@ impl<T: Trainable> Trainer<T> {
         rendezvous: &Rendezvous,
         resume: Cursor,
     ) -> Result<Group> {
+        if resume.step != self.next_step && !self.load_checkpoint(resume.step)? {
+            debug!(step = resume.step, "no checkpoint at the resume step; the state comes from rank 0");
+        }
         let timeout = self.cfg.collective_timeout;
         let is_own = rendezvous.store_port == self.own_store.port()
             && (rendezvous.store_host == self.cfg.host || rank == 0);
