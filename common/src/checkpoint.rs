@@ -195,8 +195,8 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
         if entry.path.contains("..") || entry.path.starts_with('/') {
             return Err(corrupt("has a path outside the checkpoint".into()));
         }
-        let (bytes, sha) =
-            hash_file(&dir.join(&entry.path)).map_err(|e| corrupt(format!("cannot be read: {e}")))?;
+        let (bytes, sha) = hash_file(&dir.join(&entry.path))
+            .map_err(|e| corrupt(format!("cannot be read: {e}")))?;
         if bytes != entry.bytes {
             return Err(corrupt(format!(
                 "has {bytes} bytes, the manifest says {} (truncated?)",
@@ -278,7 +278,10 @@ mod tests {
         assert_eq!(good.unwrap().1.step, 10);
         assert_eq!(rejected.len(), 1);
         let message = rejected[0].to_string();
-        assert!(message.contains("step-00000020") && message.contains("a.bin"), "{message}");
+        assert!(
+            message.contains("step-00000020") && message.contains("a.bin"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -299,7 +302,10 @@ mod tests {
         }
         let removed = trim(root.path(), 2).unwrap();
         assert_eq!(removed.len(), 2);
-        let left: Vec<u64> = list(root.path()).iter().map(|d| verify(d).unwrap().step).collect();
+        let left: Vec<u64> = list(root.path())
+            .iter()
+            .map(|d| verify(d).unwrap().step)
+            .collect();
         assert_eq!(left, vec![4, 3]);
     }
 }

@@ -3,10 +3,10 @@
 //! runs on a CPU head node without libtorch.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod config;
 pub mod framing;
 pub mod ledger;
 pub mod metrics;
 pub mod proto;
 pub mod schedule;
-pub mod checkpoint;

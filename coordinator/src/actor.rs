@@ -609,14 +609,16 @@ impl JobState {
         if self.steps.is_finished() {
             // The last checkpoint completes before the workers are let go.
             let timeout = self.cfg.timeouts.step_timeout;
-            self.pending_checkpoints
-                .retain(|step, (_, since)| {
-                    let waiting = since.elapsed() < timeout;
-                    if !waiting {
-                        warn!(step, "checkpoint not reported within the step timeout; given up");
-                    }
-                    waiting
-                });
+            self.pending_checkpoints.retain(|step, (_, since)| {
+                let waiting = since.elapsed() < timeout;
+                if !waiting {
+                    warn!(
+                        step,
+                        "checkpoint not reported within the step timeout; given up"
+                    );
+                }
+                waiting
+            });
             if !self.pending_checkpoints.is_empty() {
                 return;
             }

@@ -7,17 +7,17 @@
 //! flow between workers and the coordinator is described in [`net`]; workers use [`client`].
 #![forbid(unsafe_code)]
 
-pub mod dashboards;
-pub mod metrics_http;
-pub mod metrics_registry;
 pub mod actor;
+pub mod checkpoints;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dashboards;
 pub mod membership;
+pub mod metrics_http;
+pub mod metrics_registry;
 pub mod net;
 pub mod steps;
-pub mod checkpoints;
 
 use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};
 use anyhow::{Context, Result};

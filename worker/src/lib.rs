@@ -8,5 +8,5 @@ pub mod launch;
 pub mod metrics;
 pub mod model;
 pub mod progress;
-pub mod verify;
 pub mod runtime;
+pub mod verify;

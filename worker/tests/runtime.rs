@@ -61,7 +61,14 @@ fn spawn_worker(c: &Coordinator, dir: &Path, name: &str) -> Worker {
         .arg(c.local_addr.to_string())
         .arg("--token")
         .arg(&c.token_path)
-        .args(["--worker-id", name, "--threads", "1", "--connect-timeout", "20"])
+        .args([
+            "--worker-id",
+            name,
+            "--threads",
+            "1",
+            "--connect-timeout",
+            "20",
+        ])
         .args(["--collective-timeout", "5"])
         .arg("--final-state")
         .arg(&final_state)
@@ -158,9 +165,17 @@ fn run_job(dir: &Path, n: u32, schedule: ScheduleConfig) -> (JobOutcome, Vec<Pat
         let outcome = finish(c).await;
         for w in &mut workers {
             let status = wait_exit(w, Duration::from_secs(20));
-            assert!(status.success(), "{}: {status}\n{}", w.name, log_of(dir, &w.name));
+            assert!(
+                status.success(),
+                "{}: {status}\n{}",
+                w.name,
+                log_of(dir, &w.name)
+            );
         }
-        (outcome, workers.into_iter().map(|w| w.final_state).collect())
+        (
+            outcome,
+            workers.into_iter().map(|w| w.final_state).collect(),
+        )
     })
 }
 
@@ -256,7 +271,10 @@ fn a_late_worker_receives_the_state_and_trains() {
         workers.push(spawn_worker(&c, dir, "late"));
         let start = Instant::now();
         while c.status().await.unwrap().roster.len() < 3 {
-            assert!(start.elapsed() < JOB_TIMEOUT, "the late worker never joined");
+            assert!(
+                start.elapsed() < JOB_TIMEOUT,
+                "the late worker never joined"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let outcome = finish(c).await;
@@ -264,15 +282,26 @@ fn a_late_worker_receives_the_state_and_trains() {
         assert_eq!(outcome.cursor.step, 120);
         for w in &mut workers {
             let status = wait_exit(w, Duration::from_secs(20));
-            assert!(status.success(), "{}: {status}\n{}", w.name, log_of(dir, &w.name));
+            assert!(
+                status.success(),
+                "{}: {status}\n{}",
+                w.name,
+                log_of(dir, &w.name)
+            );
         }
         let late_log = log_of(dir, "late");
         assert!(late_log.contains("group ready"), "{late_log}");
         assert!(late_log.contains("step applied"), "{late_log}");
         eprintln!("late worker joined after step {joined_at_step}");
         // Its weights equal the others': it took the state by broadcast, then trained in step.
-        assert_eq!(max_abs_diff(&workers[0].final_state, &workers[2].final_state), 0.0);
-        assert_eq!(max_abs_diff(&workers[1].final_state, &workers[2].final_state), 0.0);
+        assert_eq!(
+            max_abs_diff(&workers[0].final_state, &workers[2].final_state),
+            0.0
+        );
+        assert_eq!(
+            max_abs_diff(&workers[1].final_state, &workers[2].final_state),
+            0.0
+        );
     });
 }
 
@@ -298,7 +327,12 @@ fn sigterm_makes_a_worker_leave_promptly_and_the_job_goes_on() {
         assert_exact_ledger(&outcome);
         for w in workers.iter_mut().take(2) {
             let status = wait_exit(w, Duration::from_secs(20));
-            assert!(status.success(), "{}: {status}\n{}", w.name, log_of(dir, &w.name));
+            assert!(
+                status.success(),
+                "{}: {status}\n{}",
+                w.name,
+                log_of(dir, &w.name)
+            );
         }
         assert!(log_of(dir, "w2").contains("leaving the job"));
     });
@@ -307,7 +341,11 @@ fn sigterm_makes_a_worker_leave_promptly_and_the_job_goes_on() {
 fn wait_for_file(path: &Path) {
     let start = Instant::now();
     while !path.exists() {
-        assert!(start.elapsed() < JOB_TIMEOUT, "{} never appeared", path.display());
+        assert!(
+            start.elapsed() < JOB_TIMEOUT,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -362,10 +400,17 @@ fn checkpoints_resume_bitwise_after_kills_a_corrupt_checkpoint_and_a_coordinator
     assert_eq!(resumed.cursor.step, 40);
     assert!(log_of(&crashed, "w0").contains("step-00000010"));
     for (a, b) in clean_paths.iter().zip(&resumed_paths) {
-        assert_eq!(max_abs_diff(a, b), 0.0, "resume from step 10 is not bitwise");
+        assert_eq!(
+            max_abs_diff(a, b),
+            0.0,
+            "resume from step 10 is not bitwise"
+        );
     }
     let lines = eqim_worker::runtime::ledger_cmd::report(&root).unwrap();
-    assert!(lines.iter().any(|l| l.contains("each sample exactly once")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("each sample exactly once")),
+        "{lines:?}"
+    );
 
     // 2. Restart only the coordinator: the workers keep running, reconnect and reload step 10.
     let restarted = dir.join("restarted");
@@ -400,7 +445,12 @@ fn checkpoints_resume_bitwise_after_kills_a_corrupt_checkpoint_and_a_coordinator
         assert_eq!(outcome.cursor.step, 40);
         for (w, clean) in workers.iter_mut().zip(&clean_paths) {
             let status = wait_exit(w, Duration::from_secs(20));
-            assert!(status.success(), "{}: {status}\n{}", w.name, log_of(&restarted, &w.name));
+            assert!(
+                status.success(),
+                "{}: {status}\n{}",
+                w.name,
+                log_of(&restarted, &w.name)
+            );
             assert!(log_of(&restarted, &w.name).contains("reconnecting"));
             assert_eq!(max_abs_diff(clean, &w.final_state), 0.0);
         }

@@ -204,7 +204,10 @@ async fn connect_with_retry(
         if let Some(eqim_coordinator::client::ClientError::Refused(reason)) =
             error.downcast_ref::<eqim_coordinator::client::ClientError>()
         {
-            bail!("the coordinator at {} refused this worker: {reason}", args.coordinator);
+            bail!(
+                "the coordinator at {} refused this worker: {reason}",
+                args.coordinator
+            );
         }
         if Instant::now() + backoff > deadline {
             return Err(error).with_context(|| {
@@ -214,7 +217,11 @@ async fn connect_with_retry(
                 )
             });
         }
-        tracing::debug!(attempts, cause = format!("{error:#}"), "coordinator not reachable yet");
+        tracing::debug!(
+            attempts,
+            cause = format!("{error:#}"),
+            "coordinator not reachable yet"
+        );
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = sigterm.recv() => return Ok(None),
@@ -247,7 +254,15 @@ async fn agent(
         };
         status.phase = WorkerPhase::Joining;
         client.set_status(status);
-        match session(&mut client, &commands, &mut events, &mut sigterm, &mut status).await? {
+        match session(
+            &mut client,
+            &commands,
+            &mut events,
+            &mut sigterm,
+            &mut status,
+        )
+        .await?
+        {
             SessionEnd::Finished => {
                 client.close().await;
                 return Ok(Ended::Finished);

@@ -34,7 +34,10 @@ struct CoordinatorCli {
 /// A free UDP port on loopback for the coordinator's QUIC endpoint.
 fn free_udp_port() -> Result<u16> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
-    Ok(socket.local_addr().context("reading the bound port")?.port())
+    Ok(socket
+        .local_addr()
+        .context("reading the bound port")?
+        .port())
 }
 
 pub fn run(args: LaunchArgs) -> Result<()> {
@@ -98,7 +101,12 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             required: false,
         });
     }
-    tracing::info!(workers = args.workers, threads, port, "launching a local cluster");
+    tracing::info!(
+        workers = args.workers,
+        threads,
+        port,
+        "launching a local cluster"
+    );
     let stop = stop_on_signals()?;
     let outcome = run_cluster(specs, stop, crate::launch::DEFAULT_SHUTDOWN_GRACE)?;
     if outcome.interrupted {

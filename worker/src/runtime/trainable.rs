@@ -73,7 +73,12 @@ impl SyntheticMlp {
         let vs = VarStore::new(Device::Cpu);
         let root = vs.root();
         let net = nn::seq()
-            .add(nn::linear(&root / "fc1", SYNTHETIC_FEATURES, HIDDEN, Default::default()))
+            .add(nn::linear(
+                &root / "fc1",
+                SYNTHETIC_FEATURES,
+                HIDDEN,
+                Default::default(),
+            ))
             .add_fn(|x| x.tanh())
             .add(nn::linear(&root / "fc2", HIDDEN, 1, Default::default()));
         let momentum = sorted_vars(&vs)
@@ -151,7 +156,10 @@ impl Trainable for SyntheticMlp {
         let _no_grad = tch::no_grad_guard();
         for ((name, mut var), (_, m)) in sorted_vars(&self.vs).into_iter().zip(&self.momentum) {
             let grad = var.grad();
-            anyhow::ensure!(grad.defined(), "no gradient for {name} at the optimizer step");
+            anyhow::ensure!(
+                grad.defined(),
+                "no gradient for {name} at the optimizer step"
+            );
             let mut m = m.shallow_clone();
             let _ = m.f_mul_scalar_(self.beta)?.f_add_(&grad)?;
             let _ = var.f_sub_(&(&m * self.lr))?;
@@ -178,7 +186,9 @@ mod tests {
     fn synthetic_samples_are_functions_of_the_index() {
         assert_eq!(synthetic_features(7), synthetic_features(7));
         assert_ne!(synthetic_features(7), synthetic_features(8));
-        assert!(synthetic_features(3).iter().all(|x| (-1.0..1.0).contains(x)));
+        assert!(synthetic_features(3)
+            .iter()
+            .all(|x| (-1.0..1.0).contains(x)));
     }
 
     #[test]

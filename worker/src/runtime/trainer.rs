@@ -168,7 +168,9 @@ impl<T: Trainable> Trainer<T> {
                             self.emit(Event::GroupReady { generation });
                         }
                         // The coordinator's rendezvous timeout forms the next generation.
-                        Err(e) => warn!(%generation, cause = format!("{e:#}"), "cannot build the group"),
+                        Err(e) => {
+                            warn!(%generation, cause = format!("{e:#}"), "cannot build the group")
+                        }
                     }
                 }
                 Command::Step(assignment) => self.step(assignment),
@@ -178,13 +180,14 @@ impl<T: Trainable> Trainer<T> {
                     checkpoint,
                 } => match self.pending.take() {
                     Some(p) if p.generation == generation && p.step == step => {
-                        self.model.apply_step().context("applying a committed step")?;
+                        self.model
+                            .apply_step()
+                            .context("applying a committed step")?;
                         self.next_step = step + 1;
                         self.emit(Event::Applied { step });
-                        let writer = self
-                            .group
-                            .as_ref()
-                            .is_some_and(|g| checkpoint.as_ref().is_some_and(|c| c.writer_rank == g.rank));
+                        let writer = self.group.as_ref().is_some_and(|g| {
+                            checkpoint.as_ref().is_some_and(|c| c.writer_rank == g.rank)
+                        });
                         if let (true, Some(order)) = (writer, checkpoint) {
                             self.checkpoint(generation, step + 1, &order.name)?;
                         }
@@ -231,7 +234,11 @@ impl<T: Trainable> Trainer<T> {
             .into_iter()
             .map(|(n, t)| (n, t.to_device(tch::Device::Cpu).copy()))
             .collect();
-        debug!(steps, ms = started.elapsed().as_millis() as u64, "checkpoint snapshot taken");
+        debug!(
+            steps,
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoint snapshot taken"
+        );
         let dir = self.cfg.checkpoint_root.join(name);
         let events = self.events.clone();
         self.writers.retain(|w| !w.is_finished());
@@ -293,7 +300,10 @@ impl<T: Trainable> Trainer<T> {
         resume: Cursor,
     ) -> Result<Group> {
         if resume.step != self.next_step && !self.load_checkpoint(resume.step)? {
-            debug!(step = resume.step, "no checkpoint at the resume step; the state comes from rank 0");
+            debug!(
+                step = resume.step,
+                "no checkpoint at the resume step; the state comes from rank 0"
+            );
         }
         let timeout = self.cfg.collective_timeout;
         let is_own = rendezvous.store_port == self.own_store.port()
