@@ -9,8 +9,10 @@ use tch::{Device, Kind, Tensor};
 
 /// A model plus optimizer as the runtime drives it, one step at a time.
 pub trait Trainable {
-    /// The trainable variables whose gradients are all-reduced.
-    fn var_store(&self) -> &VarStore;
+    /// The accumulated gradients, in the same order on every rank: all-reduced in place
+    /// (summed) between [`Trainable::accumulate_grads`] and [`Trainable::apply_step`]. A model
+    /// that keeps gradients in its own accumulator returns those tensors.
+    fn gradients(&self) -> Vec<Tensor>;
     /// Sets every gradient to zero (defining it if needed), so a rank with no samples in a step
     /// still all-reduces well-formed zeros.
     fn zero_grads(&mut self) -> Result<()>;
@@ -117,8 +119,11 @@ fn sorted_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
 }
 
 impl Trainable for SyntheticMlp {
-    fn var_store(&self) -> &VarStore {
-        &self.vs
+    fn gradients(&self) -> Vec<Tensor> {
+        sorted_vars(&self.vs)
+            .into_iter()
+            .map(|(_, var)| var.grad())
+            .collect()
     }
 
     fn zero_grads(&mut self) -> Result<()> {

@@ -3,7 +3,7 @@
 //! an async task; results go back to the agent as events.
 
 use super::trainable::Trainable;
-use crate::collective::ddp::{broadcast_tensors, GradientBuckets, DEFAULT_BUCKET_BYTES};
+use crate::collective::ddp::{allreduce_sum_tensors, broadcast_tensors, DEFAULT_BUCKET_BYTES};
 use crate::collective::{GlooDevice, GroupOptions, ProcessGroup, Store};
 use anyhow::{Context, Result};
 use eqim_common::checkpoint;
@@ -11,6 +11,7 @@ use eqim_common::proto::{
     Assignment, CheckpointOrder, Cursor, Generation, Rendezvous, VoteOutcome, WrittenFile,
 };
 use std::path::PathBuf;
+use tch::Tensor;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -103,7 +104,6 @@ pub struct Trainer<T: Trainable> {
     cfg: TrainerConfig,
     model: T,
     own_store: Store,
-    buckets: GradientBuckets,
     group: Option<Group>,
     pending: Option<Pending>,
     /// Background checkpoint writers still running.
@@ -118,13 +118,10 @@ impl<T: Trainable> Trainer<T> {
     pub fn new(cfg: TrainerConfig, model: T, events: UnboundedSender<Event>) -> Result<Self> {
         let own_store = Store::host(&cfg.host, 0, cfg.collective_timeout)
             .with_context(|| format!("hosting this worker's TCPStore on {}", cfg.host))?;
-        let buckets = GradientBuckets::new(model.var_store(), DEFAULT_BUCKET_BYTES)
-            .context("planning gradient buckets")?;
         Ok(Self {
             cfg,
             model,
             own_store,
-            buckets,
             group: None,
             pending: None,
             writers: Vec::new(),
@@ -402,8 +399,13 @@ impl<T: Trainable> Trainer<T> {
         }
         let reduce_started = Instant::now();
         // Each rank's gradients are already divided by the step's sample count: sum them.
-        self.buckets
-            .allreduce_sum_divided(&group.process_group, 1.0)
+        let gradients = self.model.gradients();
+        anyhow::ensure!(
+            gradients.iter().all(Tensor::defined),
+            "a gradient is undefined after the backward pass of step {}",
+            a.step
+        );
+        allreduce_sum_tensors(&group.process_group, &gradients, 1.0, DEFAULT_BUCKET_BYTES)
             .with_context(|| format!("all-reduce of step {} (rank {})", a.step, group.rank))?;
         Ok((loss, reduce_started.elapsed().as_secs_f64()))
     }
