@@ -56,6 +56,9 @@ pub struct WorkerArgs {
     /// Write the final training state (safetensors) here when the job ends.
     #[arg(long, value_name = "FILE")]
     pub final_state: Option<PathBuf>,
+    /// Serve this worker's Prometheus `/metrics` here (e.g. `127.0.0.1:9101`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Intra-op threads for libtorch (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
@@ -107,6 +110,17 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| format!("worker-{}", std::process::id())),
     );
+    let metrics = eqim_coordinator::metrics_registry::WorkerMetrics::new("eqim", &worker_id.0)
+        .context("creating the worker's metrics")?;
+    let _metrics_server = match args.metrics_addr {
+        Some(addr) => {
+            let server = crate::metrics::MetricsThread::start(addr, &metrics)
+                .with_context(|| format!("serving /metrics on {addr}"))?;
+            info!(addr = %server.local_addr(), "serving /metrics");
+            Some(server)
+        }
+        None => None,
+    };
     let (event_tx, event_rx) = tokio::sync::mpsc::unbounded_channel();
     let (command_tx, command_rx) = mpsc::channel::<Command>();
     let (port_tx, port_rx) = mpsc::channel::<Result<u16>>();
@@ -114,6 +128,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         host: args.host.clone(),
         collective_timeout,
         final_state: args.final_state.clone(),
+        metrics: Some(metrics),
         checkpoint_root: args.checkpoint_dir.clone().unwrap_or_else(|| {
             args.token
                 .parent()

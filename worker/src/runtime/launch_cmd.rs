@@ -20,6 +20,9 @@ pub struct LaunchArgs {
     /// Directory for each worker's final state (`worker-I.safetensors`).
     #[arg(long, value_name = "DIR")]
     pub final_state_dir: Option<PathBuf>,
+    /// Serve each worker's `/metrics` on 127.0.0.1 at this port + its index.
+    #[arg(long)]
+    pub metrics_base_port: Option<u16>,
     /// Extra seconds each worker waits for the coordinator.
     #[arg(long, default_value_t = 60.0)]
     pub connect_timeout: f64,
@@ -88,6 +91,13 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             .arg(threads.to_string())
             .arg("--connect-timeout")
             .arg(args.connect_timeout.to_string());
+        if let Some(base) = args.metrics_base_port {
+            let port = u16::try_from(u32::from(base) + i)
+                .context("--metrics-base-port + worker index exceeds 65535")?;
+            worker
+                .arg("--metrics-addr")
+                .arg(format!("127.0.0.1:{port}"));
+        }
         if let Some(dir) = &args.final_state_dir {
             worker
                 .arg("--final-state")

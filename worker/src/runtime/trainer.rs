@@ -11,9 +11,9 @@ use eqim_common::proto::{
     Assignment, CheckpointOrder, Cursor, Generation, Rendezvous, VoteOutcome, WrittenFile,
 };
 use std::path::PathBuf;
-use tch::Tensor;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use tch::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
@@ -71,7 +71,7 @@ pub enum Event {
 }
 
 /// Settings of the training thread.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TrainerConfig {
     /// Address of this machine other workers reach our TCPStore and gloo sockets at.
     pub host: String,
@@ -82,6 +82,8 @@ pub struct TrainerConfig {
     /// The job's checkpoint root (shared with the coordinator): checkpoints are written here
     /// when ordered, and read back when a generation resumes at a step this worker is not at.
     pub checkpoint_root: PathBuf,
+    /// Where step, commit and checkpoint figures go (`/metrics`), if anywhere.
+    pub metrics: Option<eqim_coordinator::metrics_registry::WorkerMetrics>,
 }
 
 struct Group {
@@ -106,6 +108,9 @@ pub struct Trainer<T: Trainable> {
     own_store: Store,
     group: Option<Group>,
     pending: Option<Pending>,
+    recorder: Option<crate::metrics::StepRecorder>,
+    /// Compute time of the pending step, counted as useful once it is committed.
+    pending_seconds: f64,
     /// Background checkpoint writers still running.
     writers: Vec<std::thread::JoinHandle<()>>,
     /// Number of steps applied (the next step to run).
@@ -118,6 +123,7 @@ impl<T: Trainable> Trainer<T> {
     pub fn new(cfg: TrainerConfig, model: T, events: UnboundedSender<Event>) -> Result<Self> {
         let own_store = Store::host(&cfg.host, 0, cfg.collective_timeout)
             .with_context(|| format!("hosting this worker's TCPStore on {}", cfg.host))?;
+        let recorder = cfg.metrics.clone().map(crate::metrics::StepRecorder::new);
         Ok(Self {
             cfg,
             model,
@@ -125,6 +131,8 @@ impl<T: Trainable> Trainer<T> {
             group: None,
             pending: None,
             writers: Vec::new(),
+            recorder,
+            pending_seconds: 0.0,
             next_step: 0,
             events,
         })
@@ -181,6 +189,9 @@ impl<T: Trainable> Trainer<T> {
                             .apply_step()
                             .context("applying a committed step")?;
                         self.next_step = step + 1;
+                        if let Some(r) = &self.recorder {
+                            r.record_commit(Duration::from_secs_f64(self.pending_seconds));
+                        }
                         self.emit(Event::Applied { step });
                         let writer = self.group.as_ref().is_some_and(|g| {
                             checkpoint.as_ref().is_some_and(|c| c.writer_rank == g.rank)
@@ -348,9 +359,27 @@ impl<T: Trainable> Trainer<T> {
 
     fn step(&mut self, a: Assignment) {
         let started = Instant::now();
+        let mut timer = crate::metrics::StepTimer::start_at(started);
         let samples: u64 = a.micro_batches.iter().map(|m| m.len() as u64).sum();
-        let (outcome, loss, allreduce_seconds) = match self.compute(&a) {
+        let (outcome, loss, allreduce_seconds) = match self.compute(&a, &mut timer) {
             Ok((loss, allreduce_seconds)) => {
+                let timing = timer.finish();
+                self.pending_seconds = timing.total.as_secs_f64();
+                if let Some(r) = &mut self.recorder {
+                    r.record_step(&crate::metrics::StepReport {
+                        timing,
+                        images: samples,
+                        global_step: a.step,
+                        loss: if samples > 0 {
+                            loss / samples as f64
+                        } else {
+                            0.0
+                        },
+                        learning_rate: 0.0,
+                        grad_norm: 0.0,
+                        ema_lag_steps: 0,
+                    });
+                }
                 self.pending = Some(Pending {
                     generation: a.generation,
                     step: a.step,
@@ -380,7 +409,11 @@ impl<T: Trainable> Trainer<T> {
         });
     }
 
-    fn compute(&mut self, a: &Assignment) -> Result<(f64, f64)> {
+    fn compute(
+        &mut self,
+        a: &Assignment,
+        timer: &mut crate::metrics::StepTimer,
+    ) -> Result<(f64, f64)> {
         let group = self
             .group
             .as_ref()
@@ -397,6 +430,8 @@ impl<T: Trainable> Trainer<T> {
         for micro_batch in &a.micro_batches {
             loss += self.model.accumulate_grads(micro_batch, a.step_samples)?;
         }
+        // Forward and backward run together per micro-batch; their time is reported as backward.
+        timer.end_phase(crate::metrics::StepPhase::Backward);
         let reduce_started = Instant::now();
         // Each rank's gradients are already divided by the step's sample count: sum them.
         let gradients = self.model.gradients();
@@ -407,6 +442,7 @@ impl<T: Trainable> Trainer<T> {
         );
         allreduce_sum_tensors(&group.process_group, &gradients, 1.0, DEFAULT_BUCKET_BYTES)
             .with_context(|| format!("all-reduce of step {} (rank {})", a.step, group.rank))?;
+        timer.end_phase(crate::metrics::StepPhase::AllReduce);
         Ok((loss, reduce_started.elapsed().as_secs_f64()))
     }
 }
