@@ -3,6 +3,7 @@
 //! runs on a CPU head node without libtorch.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod config;
 pub mod framing;
 pub mod ledger;

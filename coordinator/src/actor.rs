@@ -98,6 +98,11 @@ pub struct JobState {
     last_reason: Option<Reason>,
     aborted_steps: u64,
     finishing_since: Option<Instant>,
+    /// Checkpoints ordered but not yet reported written: committed steps -> (directory, since).
+    pending_checkpoints: BTreeMap<u64, (std::path::PathBuf, Instant)>,
+    /// Unique per coordinator start, so generation prefixes never reuse keys that workers' long-
+    /// lived TCPStores still hold from before a coordinator restart.
+    incarnation: u64,
     ticker: Option<JoinHandle<()>>,
     done: Option<oneshot::Sender<JobOutcome>>,
     stop_reason: String,
@@ -118,7 +123,12 @@ impl Actor for JobActor {
         Ok(JobState {
             membership_cfg: args.cfg.membership(),
             membership: MembershipState::new(),
-            steps: StepState::new(args.cfg.schedule.clone()),
+            steps: crate::checkpoints::resume_steps(&args.cfg),
+            pending_checkpoints: BTreeMap::new(),
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
             cfg: args.cfg,
             sessions: BTreeMap::new(),
             session_owners: BTreeMap::new(),
@@ -345,9 +355,14 @@ impl JobState {
                 step,
                 files,
             } => {
-                // The manifest (sha256 of every file, atomic, retention) is written by the
-                // checkpoint work that builds on this protocol; here it is only logged.
                 info!(worker_id = %worker, %generation, step, files = files.len(), "checkpoint written");
+                match self.pending_checkpoints.remove(&step) {
+                    Some((dir, since)) => {
+                        crate::checkpoints::complete(&dir, step, files, self.cfg.checkpoint_root());
+                        info!(dir = %dir.display(), ms = since.elapsed().as_millis() as u64, "checkpoint complete");
+                    }
+                    None => warn!(step, "report of a checkpoint that was not ordered; ignored"),
+                }
             }
             WorkerToCoordinator::EvalLeaseRequest { .. }
             | WorkerToCoordinator::EvalLeaseRenew { .. }
@@ -385,10 +400,25 @@ impl JobState {
             }
             Ok(VoteResult::Commit { generation, step }) => {
                 self.membership.step_open = false;
-                let checkpoint = self.steps.checkpoint_due(step).then(|| CheckpointOrder {
-                    writer_rank: 0,
-                    name: format!("step-{:08}", step + 1),
-                });
+                let checkpoint = self
+                    .steps
+                    .checkpoint_due(step)
+                    .then(|| {
+                        crate::checkpoints::order(
+                            &self.cfg.checkpoint_root(),
+                            step + 1,
+                            generation,
+                            &self.steps,
+                        )
+                    })
+                    .flatten()
+                    .map(|(name, dir)| {
+                        self.pending_checkpoints.insert(step + 1, (dir, now));
+                        CheckpointOrder {
+                            writer_rank: 0,
+                            name,
+                        }
+                    });
                 debug!(%generation, step, "commit");
                 self.broadcast_roster(CoordinatorToWorker::Commit {
                     generation,
@@ -550,7 +580,7 @@ impl JobState {
         let rendezvous = Rendezvous {
             store_host: store.host,
             store_port: store.port,
-            prefix: format!("eqim/gen{}", generation.0),
+            prefix: format!("eqim/{}/gen{}", self.incarnation, generation.0),
         };
         info!(%generation, world_size = roster.len(), ?roster, "generation formed");
         let world_size = u32::try_from(roster.len()).expect("world size fits in u32");
@@ -577,6 +607,21 @@ impl JobState {
             return;
         }
         if self.steps.is_finished() {
+            // The last checkpoint completes before the workers are let go.
+            let timeout = self.cfg.timeouts.step_timeout;
+            self.pending_checkpoints.retain(|step, (_, since)| {
+                let waiting = since.elapsed() < timeout;
+                if !waiting {
+                    warn!(
+                        step,
+                        "checkpoint not reported within the step timeout; given up"
+                    );
+                }
+                waiting
+            });
+            if !self.pending_checkpoints.is_empty() {
+                return;
+            }
             self.finish(now);
             return;
         }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod actor;
+pub mod checkpoints;
 pub mod cli;
 pub mod client;
 pub mod config;

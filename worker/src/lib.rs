@@ -13,6 +13,7 @@ pub mod launch;
 pub mod metrics;
 pub mod model;
 pub mod progress;
+pub mod runtime;
 pub mod sample_tokens;
 pub mod sampling;
 pub mod tokenizer_cli;

@@ -16,7 +16,7 @@
 //!   |== Heartbeat{generation, phase, step} every heartbeat_interval (heartbeat stream) ==>
 //!   |                                                   |  enough workers: generation g formed
 //!   |<-- Welcome{g, rank, world_size, rendezvous, resume cursor}
-//!   |   build the c10d group (PrefixStore "eqim/gen{g}" on rank 0's TCPStore),
+//!   |   build the c10d group (PrefixStore "eqim/{incarnation}/gen{g}" on rank 0's TCPStore),
 //!   |   rank 0 broadcasts weights/optimizer/EMA/RNG
 //!   |-- GroupReady{g} ------------------------------->|  all ranks ready: training starts
 //!   |                  per step s:

@@ -200,6 +200,54 @@ pub fn broadcast_tensors(
     Ok(())
 }
 
+/// Sums `tensors` over all ranks in place and divides by `divisor`, bucket by bucket: the
+/// gradient all-reduce for models that keep their gradients outside `.grad` (a gradient
+/// accumulator). Every rank passes tensors of the same shapes and dtypes in the same order. On
+/// error the tensors may be partly reduced and must be dropped.
+pub fn allreduce_sum_tensors(
+    group: &ProcessGroup,
+    tensors: &[Tensor],
+    divisor: f64,
+    bucket_bytes: usize,
+) -> Result<()> {
+    if !(divisor.is_finite() && divisor > 0.0) {
+        return Err(CollectiveError::InvalidArgument {
+            op: "tensor all-reduce",
+            reason: format!("divisor must be positive and finite, got {divisor}"),
+        });
+    }
+    let _no_grad = tch::no_grad_guard();
+    let named = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("tensor {i}"), t.shallow_clone()))
+        .collect();
+    for mut bucket in plan_buckets(named, bucket_bytes)? {
+        for slot in &bucket.slots {
+            bucket
+                .buffer
+                .narrow(0, slot.offset, slot.numel)
+                .f_copy_(&slot.tensor.reshape([-1]))
+                .map_err(torch("flattening tensors to all-reduce"))?;
+        }
+        group.allreduce_sum(&mut bucket.buffer)?;
+        if divisor != 1.0 {
+            let _ = bucket
+                .buffer
+                .f_div_scalar_(divisor)
+                .map_err(torch("dividing reduced tensors"))?;
+        }
+        for slot in &mut bucket.slots {
+            let reduced = bucket.buffer.narrow(0, slot.offset, slot.numel);
+            let shaped = reduced.view_as(&slot.tensor);
+            slot.tensor
+                .f_copy_(&shaped)
+                .map_err(torch("copying reduced tensors back"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Makes every rank's variables (trainable or not, sorted by name) equal to `root`'s, followed by
 /// any `extra_state` tensors (optimizer moments, EMA weights, ...) in the order given.
 pub fn broadcast_var_store(

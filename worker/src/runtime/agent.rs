@@ -1,0 +1,394 @@
+//! `eqim worker`: the worker agent. A tokio task speaks the QUIC control plane (through
+//! `eqim_coordinator::client`) and forwards the coordinator's orders to a dedicated training
+//! thread over a channel; the thread's results (group ready, votes) go back the same way.
+//! Workers may start before the coordinator: connecting is retried with backoff until
+//! `--connect-timeout`, and a lost coordinator is reconnected to under the same bound.
+
+use super::trainable::SyntheticMlp;
+use super::trainer::{Command, Event, Trainer, TrainerConfig};
+use anyhow::{bail, Context, Result};
+use eqim_common::proto::{
+    CoordinatorToWorker, Generation, MetricsSummary, StoreEndpoint, WorkerId, WorkerPhase,
+    WorkerToCoordinator,
+};
+use eqim_coordinator::client::{Client, ClientConfig, HeartbeatStatus};
+use eqim_coordinator::net::credentials::{parse_fingerprint, ClientCredentials};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tracing::{info, warn};
+
+/// First and largest pause between connection attempts.
+const CONNECT_BACKOFF_START: Duration = Duration::from_millis(100);
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long the training thread gets to write its final state at the end of the job.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// `HOST:PORT` of the coordinator's control plane.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coordinator: String,
+    /// The job's token file (the coordinator writes it into its job directory).
+    #[arg(long, value_name = "FILE")]
+    pub token: PathBuf,
+    /// SHA-256 of the coordinator's certificate (64 hex digits); by default read from
+    /// `coordinator-cert.sha256` next to the token file.
+    #[arg(long, value_name = "HEX")]
+    pub fingerprint: Option<String>,
+    /// Name of this worker, unique in the job (default `worker-PID`).
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// Address of this machine that other workers can reach (TCPStore and gloo).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Give up when the coordinator cannot be reached for this long (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    pub connect_timeout: f64,
+    /// Bound on every collective and store wait (seconds): a hung peer is detected after it.
+    #[arg(long, default_value_t = 10.0)]
+    pub collective_timeout: f64,
+    /// The job's checkpoint directory, shared with the coordinator (default: `checkpoints`
+    /// next to the token file, i.e. in the coordinator's job directory).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write the final training state (safetensors) here when the job ends.
+    #[arg(long, value_name = "FILE")]
+    pub final_state: Option<PathBuf>,
+    /// Serve this worker's Prometheus `/metrics` here (e.g. `127.0.0.1:9101`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Intra-op threads for libtorch (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Seed of the initial weights (identical on every worker).
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Learning rate of the synthetic model's SGD.
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+}
+
+fn secs(flag: &str, value: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{flag} must be a positive number of seconds, got {value}"))
+}
+
+/// Reads the token, waiting for the file while the coordinator may still be creating it.
+fn load_credentials(args: &WorkerArgs) -> Result<ClientCredentials> {
+    match &args.fingerprint {
+        Some(hex_text) => {
+            let cert_sha256 = parse_fingerprint(hex_text.trim())
+                .map_err(|m| anyhow::anyhow!("--fingerprint: {m}"))?;
+            let token = std::fs::read_to_string(&args.token)
+                .with_context(|| format!("reading the token file {}", args.token.display()))?
+                .trim()
+                .to_owned();
+            Ok(ClientCredentials { token, cert_sha256 })
+        }
+        None => ClientCredentials::from_token_file(&args.token).with_context(|| {
+            format!(
+                "reading the token {} and the coordinator-cert.sha256 next to it (or pass --fingerprint)",
+                args.token.display()
+            )
+        }),
+    }
+}
+
+/// Runs a worker until the job finishes, SIGTERM, or the coordinator stays unreachable.
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let connect_timeout = secs("connect-timeout", args.connect_timeout)?;
+    let collective_timeout = secs("collective-timeout", args.collective_timeout)?;
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let worker_id = WorkerId(
+        args.worker_id
+            .clone()
+            .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+    );
+    let metrics = eqim_coordinator::metrics_registry::WorkerMetrics::new("eqim", &worker_id.0)
+        .context("creating the worker's metrics")?;
+    let _metrics_server = match args.metrics_addr {
+        Some(addr) => {
+            let server = crate::metrics::MetricsThread::start(addr, &metrics)
+                .with_context(|| format!("serving /metrics on {addr}"))?;
+            info!(addr = %server.local_addr(), "serving /metrics");
+            Some(server)
+        }
+        None => None,
+    };
+    let (event_tx, event_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (command_tx, command_rx) = mpsc::channel::<Command>();
+    let (port_tx, port_rx) = mpsc::channel::<Result<u16>>();
+    let trainer_cfg = TrainerConfig {
+        host: args.host.clone(),
+        collective_timeout,
+        final_state: args.final_state.clone(),
+        metrics: Some(metrics),
+        checkpoint_root: args.checkpoint_dir.clone().unwrap_or_else(|| {
+            args.token
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("checkpoints")
+        }),
+    };
+    let seed = args.seed;
+    let lr = args.lr;
+    let training = std::thread::Builder::new()
+        .name("training".into())
+        .spawn(move || -> Result<()> {
+            let model = SyntheticMlp::new(seed, lr);
+            let trainer = match Trainer::new(trainer_cfg, model, event_tx) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ignored = port_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            let _ignored = port_tx.send(Ok(trainer.store_port()));
+            trainer.run(command_rx)
+        })
+        .context("spawning the training thread")?;
+    let store_port = port_rx
+        .recv()
+        .context("the training thread ended before hosting its store")??;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let store = StoreEndpoint {
+        host: args.host.clone(),
+        port: store_port,
+    };
+    let ended = runtime.block_on(agent(
+        &args,
+        worker_id,
+        store,
+        connect_timeout,
+        command_tx,
+        event_rx,
+    ))?;
+    match ended {
+        Ended::Finished => match training.join() {
+            Ok(result) => result,
+            Err(_) => bail!("the training thread panicked"),
+        },
+        // The training thread may be blocked in a collective; the process exit ends it.
+        Ended::Terminated => Ok(()),
+    }
+}
+
+enum Ended {
+    Finished,
+    Terminated,
+}
+
+enum SessionEnd {
+    Finished,
+    Lost,
+    Terminated,
+}
+
+async fn connect_with_retry(
+    args: &WorkerArgs,
+    worker_id: &WorkerId,
+    store: &StoreEndpoint,
+    timeout: Duration,
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> Result<Option<Client>> {
+    let deadline = Instant::now() + timeout;
+    let mut backoff = CONNECT_BACKOFF_START;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let attempt = async {
+            let credentials = load_credentials(args)?;
+            let cfg = ClientConfig::new(args.coordinator.clone(), credentials, worker_id.clone())
+                .with_store(store.clone())
+                .with_device(format!("cpu x{}", tch::get_num_threads()));
+            Client::connect(cfg).await.map_err(anyhow::Error::from)
+        };
+        let error = match attempt.await {
+            Ok(client) => return Ok(Some(client)),
+            Err(e) => e,
+        };
+        if let Some(eqim_coordinator::client::ClientError::Refused(reason)) =
+            error.downcast_ref::<eqim_coordinator::client::ClientError>()
+        {
+            bail!(
+                "the coordinator at {} refused this worker: {reason}",
+                args.coordinator
+            );
+        }
+        if Instant::now() + backoff > deadline {
+            return Err(error).with_context(|| {
+                format!(
+                    "cannot reach the coordinator at {} after {attempts} attempts within --connect-timeout {timeout:?}",
+                    args.coordinator
+                )
+            });
+        }
+        tracing::debug!(
+            attempts,
+            cause = format!("{error:#}"),
+            "coordinator not reachable yet"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = sigterm.recv() => return Ok(None),
+        }
+        backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
+    }
+}
+
+async fn agent(
+    args: &WorkerArgs,
+    worker_id: WorkerId,
+    store: StoreEndpoint,
+    connect_timeout: Duration,
+    commands: mpsc::Sender<Command>,
+    mut events: UnboundedReceiver<Event>,
+) -> Result<Ended> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    let mut status = HeartbeatStatus {
+        generation: Generation(0),
+        phase: WorkerPhase::Joining,
+        step: 0,
+    };
+    loop {
+        let Some(mut client) =
+            connect_with_retry(args, &worker_id, &store, connect_timeout, &mut sigterm).await?
+        else {
+            info!("SIGTERM while connecting; exiting");
+            return Ok(Ended::Terminated);
+        };
+        status.phase = WorkerPhase::Joining;
+        client.set_status(status);
+        match session(
+            &mut client,
+            &commands,
+            &mut events,
+            &mut sigterm,
+            &mut status,
+        )
+        .await?
+        {
+            SessionEnd::Finished => {
+                client.close().await;
+                return Ok(Ended::Finished);
+            }
+            SessionEnd::Terminated => {
+                info!(generation = %status.generation, "SIGTERM: leaving the job");
+                if let Err(e) = client.leave(status.generation, "SIGTERM").await {
+                    warn!(cause = %e, "could not say goodbye to the coordinator");
+                }
+                return Ok(Ended::Terminated);
+            }
+            SessionEnd::Lost => {
+                warn!(reason = ?client.close_reason(), "lost the coordinator; reconnecting");
+                drop(client);
+            }
+        }
+    }
+}
+
+fn forward(commands: &mpsc::Sender<Command>, command: Command) -> Result<()> {
+    commands
+        .send(command)
+        .map_err(|_| anyhow::anyhow!("the training thread stopped (see its error above)"))
+}
+
+async fn session(
+    client: &mut Client,
+    commands: &mpsc::Sender<Command>,
+    events: &mut UnboundedReceiver<Event>,
+    sigterm: &mut tokio::signal::unix::Signal,
+    status: &mut HeartbeatStatus,
+) -> Result<SessionEnd> {
+    loop {
+        tokio::select! {
+            msg = client.recv() => {
+                let Some(msg) = msg else { return Ok(SessionEnd::Lost) };
+                match msg {
+                    CoordinatorToWorker::Welcome { generation, rank, world_size, rendezvous, resume } => {
+                        info!(%generation, rank, world_size, step = resume.step, "welcome");
+                        *status = HeartbeatStatus { generation, phase: WorkerPhase::Syncing, step: resume.step };
+                        client.set_status(*status);
+                        forward(commands, Command::Join { generation, rank, world_size, rendezvous, resume })?;
+                    }
+                    CoordinatorToWorker::Assign(assignment) => forward(commands, Command::Step(assignment))?,
+                    CoordinatorToWorker::Commit { generation, step, checkpoint } => {
+                        forward(commands, Command::Commit { generation, step, checkpoint })?;
+                    }
+                    CoordinatorToWorker::Abort { generation, step, reason } => {
+                        info!(%generation, step, ?reason, "step aborted");
+                        forward(commands, Command::Abort { generation, step })?;
+                    }
+                    CoordinatorToWorker::Paused { reason } => info!(%reason, "paused"),
+                    CoordinatorToWorker::Finished { reason } => {
+                        info!(%reason, "job finished");
+                        forward(commands, Command::Finish)?;
+                        let wait = async {
+                            while let Some(event) = events.recv().await {
+                                if matches!(event, Event::Finished) {
+                                    return true;
+                                }
+                            }
+                            false
+                        };
+                        match tokio::time::timeout(FINISH_TIMEOUT, wait).await {
+                            Ok(true) => return Ok(SessionEnd::Finished),
+                            Ok(false) => bail!("the training thread stopped before finishing"),
+                            Err(_) => bail!("the training thread did not finish within {FINISH_TIMEOUT:?}"),
+                        }
+                    }
+                    other => tracing::debug!(kind = other.kind(), "ignored message"),
+                }
+            }
+            event = events.recv() => {
+                let Some(event) = event else {
+                    bail!("the training thread stopped (see its error above)");
+                };
+                match event {
+                    Event::GroupReady { generation } => {
+                        status.phase = WorkerPhase::Training;
+                        client.set_status(*status);
+                        if client.send(&WorkerToCoordinator::GroupReady { generation }).await.is_err() { return Ok(SessionEnd::Lost); }
+                    }
+                    Event::Vote { generation, step, outcome, loss, step_seconds, allreduce_seconds, samples } => {
+                        if client.send(&WorkerToCoordinator::Vote { generation, step, outcome: outcome.clone() }).await.is_err() { return Ok(SessionEnd::Lost); }
+                        if matches!(outcome, eqim_common::proto::VoteOutcome::Ok) {
+                            let summary = MetricsSummary {
+                                loss: if samples > 0 { loss / samples as f64 } else { 0.0 },
+                                step_seconds,
+                                allreduce_seconds,
+                                samples_per_second: samples as f64 / step_seconds.max(1e-9),
+                            };
+                            if client.send(&WorkerToCoordinator::Metrics { generation, step, summary }).await.is_err() { return Ok(SessionEnd::Lost); }
+                        }
+                    }
+                    Event::Applied { step } => {
+                        status.step = step + 1;
+                        client.set_status(*status);
+                        if step % 10 == 0 {
+                            info!(step, "step applied");
+                        }
+                    }
+                    Event::CheckpointWritten { generation, steps, files } => {
+                        if client.send(&WorkerToCoordinator::CheckpointWritten { generation, step: steps, files }).await.is_err() { return Ok(SessionEnd::Lost); }
+                    }
+                    Event::Finished => return Ok(SessionEnd::Finished),
+                }
+            }
+            _ = sigterm.recv() => {
+                status.phase = WorkerPhase::Draining;
+                return Ok(SessionEnd::Terminated);
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! `eqim launch`: a local cluster on this machine — one coordinator process and N worker
+//! processes (threads divided among them), logs streamed with a prefix, all stopped together on
+//! Ctrl-C or when the coordinator ends the job.
+
+use crate::launch::{run_cluster, stop_on_signals, threads_per_process, ProcessSpec};
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use eqim_coordinator::cli::CoordinatorArgs;
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LaunchArgs {
+    /// Coordinator config (YAML or TOML), e.g. configs/coordinator-demo.yaml.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Number of local worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// Directory for each worker's final state (`worker-I.safetensors`).
+    #[arg(long, value_name = "DIR")]
+    pub final_state_dir: Option<PathBuf>,
+    /// Serve each worker's `/metrics` on 127.0.0.1 at this port + its index.
+    #[arg(long)]
+    pub metrics_base_port: Option<u16>,
+    /// Extra seconds each worker waits for the coordinator.
+    #[arg(long, default_value_t = 60.0)]
+    pub connect_timeout: f64,
+}
+
+#[derive(Parser)]
+struct CoordinatorCli {
+    #[command(flatten)]
+    args: CoordinatorArgs,
+}
+
+/// A free UDP port on loopback for the coordinator's QUIC endpoint.
+fn free_udp_port() -> Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
+    Ok(socket
+        .local_addr()
+        .context("reading the bound port")?
+        .port())
+}
+
+pub fn run(args: LaunchArgs) -> Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let config = args.config.to_string_lossy().into_owned();
+    let cfg = CoordinatorCli::try_parse_from(["coordinator", "--config", &config])
+        .context("reading the launch arguments")?
+        .args
+        .into_config()
+        .with_context(|| format!("loading the coordinator config {config}"))?;
+    let port = match cfg.bind.port() {
+        0 => free_udp_port()?,
+        p => p,
+    };
+    let exe = std::env::current_exe().context("locating the eqim executable")?;
+    let threads = threads_per_process(args.workers as usize);
+    let workers = args.workers.to_string();
+    let mut coordinator = Command::new(&exe);
+    coordinator.args([
+        "coordinator",
+        "--config",
+        &config,
+        "--workers",
+        &workers,
+        "--port",
+        &port.to_string(),
+    ]);
+    let mut specs = vec![ProcessSpec {
+        name: "coordinator".into(),
+        command: coordinator,
+        ends_job: true,
+        required: true,
+    }];
+    let token = cfg.job_dir.join("token");
+    for i in 0..args.workers {
+        let mut worker = Command::new(&exe);
+        worker
+            .arg("worker")
+            .arg("--coordinator")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--token")
+            .arg(&token)
+            .arg("--worker-id")
+            .arg(format!("worker-{i}"))
+            .arg("--threads")
+            .arg(threads.to_string())
+            .arg("--connect-timeout")
+            .arg(args.connect_timeout.to_string());
+        if let Some(base) = args.metrics_base_port {
+            let port = u16::try_from(u32::from(base) + i)
+                .context("--metrics-base-port + worker index exceeds 65535")?;
+            worker
+                .arg("--metrics-addr")
+                .arg(format!("127.0.0.1:{port}"));
+        }
+        if let Some(dir) = &args.final_state_dir {
+            worker
+                .arg("--final-state")
+                .arg(dir.join(format!("worker-{i}.safetensors")));
+        }
+        specs.push(ProcessSpec {
+            name: format!("worker-{i}"),
+            command: worker,
+            ends_job: false,
+            // A lost worker is the runtime's business: the others carry on.
+            required: false,
+        });
+    }
+    tracing::info!(
+        workers = args.workers,
+        threads,
+        port,
+        "launching a local cluster"
+    );
+    let stop = stop_on_signals()?;
+    let outcome = run_cluster(specs, stop, crate::launch::DEFAULT_SHUTDOWN_GRACE)?;
+    if outcome.interrupted {
+        bail!("interrupted; every process was stopped");
+    }
+    match outcome.status_of("coordinator") {
+        Some(s) if s.success() => Ok(()),
+        other => bail!("the coordinator did not finish the job: {other:?}"),
+    }
+}

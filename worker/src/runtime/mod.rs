@@ -1,0 +1,8 @@
+//! The worker side of the distributed runtime: the agent (`eqim worker`), its training thread,
+//! the [`trainable::Trainable`] interface the runtime drives, and `eqim launch`.
+
+pub mod agent;
+pub mod launch_cmd;
+pub mod ledger_cmd;
+pub mod trainable;
+pub mod trainer;

@@ -1,0 +1,461 @@
+//! The worker's training thread: owns the model, the c10d store and process group, and obeys
+//! the agent's commands one at a time. tch and c10d calls block, so they live here and never in
+//! an async task; results go back to the agent as events.
+
+use super::trainable::Trainable;
+use crate::collective::ddp::{allreduce_sum_tensors, broadcast_tensors, DEFAULT_BUCKET_BYTES};
+use crate::collective::{GlooDevice, GroupOptions, ProcessGroup, Store};
+use anyhow::{Context, Result};
+use eqim_common::checkpoint;
+use eqim_common::proto::{
+    Assignment, CheckpointOrder, Cursor, Generation, Rendezvous, VoteOutcome, WrittenFile,
+};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tch::Tensor;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info, warn};
+
+/// What the agent asks the training thread to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Build the process group of a generation and take the state from rank 0.
+    Join {
+        generation: Generation,
+        rank: u32,
+        world_size: u32,
+        rendezvous: Rendezvous,
+        resume: Cursor,
+    },
+    /// Compute a step's gradients and all-reduce them; answer with a vote.
+    Step(Assignment),
+    /// Apply the pending update of `step`, then save a checkpoint if ordered.
+    Commit {
+        generation: Generation,
+        step: u64,
+        checkpoint: Option<CheckpointOrder>,
+    },
+    /// Drop the pending gradients of `step`.
+    Abort { generation: Generation, step: u64 },
+    /// The job is over: write the final state if asked, then stop.
+    Finish,
+}
+
+/// What the training thread reports.
+#[derive(Debug)]
+pub enum Event {
+    GroupReady {
+        generation: Generation,
+    },
+    Vote {
+        generation: Generation,
+        step: u64,
+        outcome: VoteOutcome,
+        loss: f64,
+        step_seconds: f64,
+        allreduce_seconds: f64,
+        samples: u64,
+    },
+    /// The update of `step` is applied; `step + 1` steps are done.
+    Applied {
+        step: u64,
+    },
+    /// A checkpoint's state file is written and synced (after `steps` committed steps).
+    CheckpointWritten {
+        generation: Generation,
+        steps: u64,
+        files: Vec<WrittenFile>,
+    },
+    Finished,
+}
+
+/// Settings of the training thread.
+#[derive(Clone)]
+pub struct TrainerConfig {
+    /// Address of this machine other workers reach our TCPStore and gloo sockets at.
+    pub host: String,
+    /// Bound on every collective and store wait (a hung peer is detected after it).
+    pub collective_timeout: Duration,
+    /// Where to write the final state (safetensors) at the end of the job.
+    pub final_state: Option<PathBuf>,
+    /// The job's checkpoint root (shared with the coordinator): checkpoints are written here
+    /// when ordered, and read back when a generation resumes at a step this worker is not at.
+    pub checkpoint_root: PathBuf,
+    /// Where step, commit and checkpoint figures go (`/metrics`), if anywhere.
+    pub metrics: Option<eqim_coordinator::metrics_registry::WorkerMetrics>,
+}
+
+struct Group {
+    generation: Generation,
+    rank: u32,
+    process_group: ProcessGroup,
+    // Kept alive for the group's lifetime: the group's store view and, on non-zero ranks, the
+    // connection to rank 0's TCPStore.
+    _view: Store,
+    _remote: Option<Store>,
+}
+
+struct Pending {
+    generation: Generation,
+    step: u64,
+}
+
+/// Runs the training loop until `Finish` or until the agent hangs up.
+pub struct Trainer<T: Trainable> {
+    cfg: TrainerConfig,
+    model: T,
+    own_store: Store,
+    group: Option<Group>,
+    pending: Option<Pending>,
+    recorder: Option<crate::metrics::StepRecorder>,
+    /// Compute time of the pending step, counted as useful once it is committed.
+    pending_seconds: f64,
+    /// Background checkpoint writers still running.
+    writers: Vec<std::thread::JoinHandle<()>>,
+    /// Number of steps applied (the next step to run).
+    next_step: u64,
+    events: UnboundedSender<Event>,
+}
+
+impl<T: Trainable> Trainer<T> {
+    /// Hosts this worker's TCPStore (used when it is rank 0 of a generation) on a free port.
+    pub fn new(cfg: TrainerConfig, model: T, events: UnboundedSender<Event>) -> Result<Self> {
+        let own_store = Store::host(&cfg.host, 0, cfg.collective_timeout)
+            .with_context(|| format!("hosting this worker's TCPStore on {}", cfg.host))?;
+        let recorder = cfg.metrics.clone().map(crate::metrics::StepRecorder::new);
+        Ok(Self {
+            cfg,
+            model,
+            own_store,
+            group: None,
+            pending: None,
+            writers: Vec::new(),
+            recorder,
+            pending_seconds: 0.0,
+            next_step: 0,
+            events,
+        })
+    }
+
+    /// Port of the TCPStore this worker hosts.
+    pub fn store_port(&self) -> u16 {
+        self.own_store.port()
+    }
+
+    fn emit(&self, event: Event) {
+        if self.events.send(event).is_err() {
+            debug!("agent gone; event dropped");
+        }
+    }
+
+    /// Obeys commands until `Finish` or the channel closes.
+    pub fn run(mut self, commands: mpsc::Receiver<Command>) -> Result<()> {
+        while let Ok(command) = commands.recv() {
+            match command {
+                Command::Join {
+                    generation,
+                    rank,
+                    world_size,
+                    rendezvous,
+                    resume,
+                } => {
+                    self.pending = None;
+                    if let Some(old) = self.group.take() {
+                        drop_group(old);
+                    }
+                    let started = Instant::now();
+                    match self.join(generation, rank, world_size, &rendezvous, resume) {
+                        Ok(group) => {
+                            info!(%generation, rank, world_size, step = resume.step, ms = started.elapsed().as_millis() as u64, "group ready");
+                            self.group = Some(group);
+                            self.next_step = resume.step;
+                            self.emit(Event::GroupReady { generation });
+                        }
+                        // The coordinator's rendezvous timeout forms the next generation.
+                        Err(e) => {
+                            warn!(%generation, cause = format!("{e:#}"), "cannot build the group")
+                        }
+                    }
+                }
+                Command::Step(assignment) => self.step(assignment),
+                Command::Commit {
+                    generation,
+                    step,
+                    checkpoint,
+                } => match self.pending.take() {
+                    Some(p) if p.generation == generation && p.step == step => {
+                        self.model
+                            .apply_step()
+                            .context("applying a committed step")?;
+                        self.next_step = step + 1;
+                        if let Some(r) = &self.recorder {
+                            r.record_commit(Duration::from_secs_f64(self.pending_seconds));
+                        }
+                        self.emit(Event::Applied { step });
+                        let writer = self.group.as_ref().is_some_and(|g| {
+                            checkpoint.as_ref().is_some_and(|c| c.writer_rank == g.rank)
+                        });
+                        if let (true, Some(order)) = (writer, checkpoint) {
+                            self.checkpoint(generation, step + 1, &order.name)?;
+                        }
+                    }
+                    other => {
+                        anyhow::bail!(
+                            "commit of step {step} ({generation}) but the pending step is {:?}: this worker's state no longer matches the job",
+                            other.map(|p| (p.generation, p.step))
+                        );
+                    }
+                },
+                Command::Abort { generation, step } => {
+                    debug!(%generation, step, "step aborted; gradients dropped");
+                    self.pending = None;
+                }
+                Command::Finish => {
+                    for writer in self.writers.drain(..) {
+                        if writer.join().is_err() {
+                            warn!("a checkpoint writer panicked");
+                        }
+                    }
+                    if let Some(path) = &self.cfg.final_state {
+                        save_state(&self.model, path)?;
+                        info!(path = %path.display(), "final state written");
+                    }
+                    if let Some(old) = self.group.take() {
+                        drop_group(old);
+                    }
+                    self.emit(Event::Finished);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the state to host memory (the only pause training sees) and writes it in the
+    /// background; the coordinator writes the manifest when told.
+    fn checkpoint(&mut self, generation: Generation, steps: u64, name: &str) -> Result<()> {
+        let started = Instant::now();
+        let snapshot: Vec<(String, tch::Tensor)> = self
+            .model
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(tch::Device::Cpu).copy()))
+            .collect();
+        debug!(
+            steps,
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoint snapshot taken"
+        );
+        let dir = self.cfg.checkpoint_root.join(name);
+        let events = self.events.clone();
+        self.writers.retain(|w| !w.is_finished());
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                let written = crate::model::weights::write_safetensors_atomic(
+                    &snapshot,
+                    &dir.join(checkpoint::STATE_FILE),
+                )
+                .and_then(|()| {
+                    checkpoint::written_file(&dir, checkpoint::STATE_FILE).map_err(Into::into)
+                });
+                match written {
+                    Ok(file) => {
+                        info!(dir = %dir.display(), bytes = file.bytes, "checkpoint state written");
+                        let _ignored = events.send(Event::CheckpointWritten {
+                            generation,
+                            steps,
+                            files: vec![file],
+                        });
+                    }
+                    Err(e) => warn!(dir = %dir.display(), cause = format!("{e:#}"), "checkpoint not written"),
+                }
+            })
+            .context("spawning the checkpoint writer")?;
+        self.writers.push(writer);
+        Ok(())
+    }
+
+    /// Loads the state of the checkpoint after `steps` committed steps, if one verifies.
+    fn load_checkpoint(&mut self, steps: u64) -> Result<bool> {
+        let dir = self.cfg.checkpoint_root.join(checkpoint::dir_name(steps));
+        if !dir.exists() {
+            return Ok(false);
+        }
+        checkpoint::verify(&dir)?;
+        let path = dir.join(checkpoint::STATE_FILE);
+        let saved = crate::model::weights::read_safetensors(&path)?;
+        let _no_grad = tch::no_grad_guard();
+        for (name, mut tensor) in self.model.state_tensors() {
+            let value = saved
+                .get(&name)
+                .with_context(|| format!("{} has no tensor {name}", path.display()))?;
+            tensor
+                .f_copy_(value)
+                .with_context(|| format!("loading {name} from {}", path.display()))?;
+        }
+        info!(dir = %dir.display(), "state loaded from checkpoint");
+        Ok(true)
+    }
+
+    fn join(
+        &mut self,
+        generation: Generation,
+        rank: u32,
+        world_size: u32,
+        rendezvous: &Rendezvous,
+        resume: Cursor,
+    ) -> Result<Group> {
+        if resume.step != self.next_step && !self.load_checkpoint(resume.step)? {
+            debug!(
+                step = resume.step,
+                "no checkpoint at the resume step; the state comes from rank 0"
+            );
+        }
+        let timeout = self.cfg.collective_timeout;
+        let is_own = rendezvous.store_port == self.own_store.port()
+            && (rendezvous.store_host == self.cfg.host || rank == 0);
+        let remote = if is_own {
+            None
+        } else {
+            Some(
+                Store::connect(&rendezvous.store_host, rendezvous.store_port, timeout)
+                    .with_context(|| {
+                        format!(
+                            "connecting to the TCPStore of rank 0 at {}:{}",
+                            rendezvous.store_host, rendezvous.store_port
+                        )
+                    })?,
+            )
+        };
+        let base = remote.as_ref().unwrap_or(&self.own_store);
+        let view = base
+            .prefixed(&rendezvous.prefix)
+            .context("creating the generation's store view")?;
+        let options = GroupOptions::gloo(rank as usize, world_size as usize, timeout)
+            .with_gloo_device(GlooDevice::Hostname(self.cfg.host.clone()));
+        let process_group = ProcessGroup::with_options(&view, &options)
+            .with_context(|| format!("creating the process group of {generation}"))?;
+        // Newcomers take weights and optimizer moments from rank 0, which (old members come
+        // first in the roster) holds the state of the committed step.
+        let state: Vec<_> = self
+            .model
+            .state_tensors()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        broadcast_tensors(&process_group, &state, 0, DEFAULT_BUCKET_BYTES)
+            .context("receiving the training state from rank 0")?;
+        debug!(%generation, step = resume.step, epoch = resume.epoch, "state synchronised");
+        Ok(Group {
+            generation,
+            rank,
+            process_group,
+            _view: view,
+            _remote: remote,
+        })
+    }
+
+    fn step(&mut self, a: Assignment) {
+        let started = Instant::now();
+        let mut timer = crate::metrics::StepTimer::start_at(started);
+        let samples: u64 = a.micro_batches.iter().map(|m| m.len() as u64).sum();
+        let (outcome, loss, allreduce_seconds) = match self.compute(&a, &mut timer) {
+            Ok((loss, allreduce_seconds)) => {
+                let timing = timer.finish();
+                self.pending_seconds = timing.total.as_secs_f64();
+                if let Some(r) = &mut self.recorder {
+                    r.record_step(&crate::metrics::StepReport {
+                        timing,
+                        images: samples,
+                        global_step: a.step,
+                        loss: if samples > 0 {
+                            loss / samples as f64
+                        } else {
+                            0.0
+                        },
+                        learning_rate: 0.0,
+                        grad_norm: 0.0,
+                        ema_lag_steps: 0,
+                    });
+                }
+                self.pending = Some(Pending {
+                    generation: a.generation,
+                    step: a.step,
+                });
+                (VoteOutcome::Ok, loss, allreduce_seconds)
+            }
+            Err(e) => {
+                warn!(generation = %a.generation, step = a.step, cause = format!("{e:#}"), "step failed");
+                self.pending = None;
+                (
+                    VoteOutcome::Failed {
+                        reason: format!("{e:#}"),
+                    },
+                    f64::NAN,
+                    0.0,
+                )
+            }
+        };
+        self.emit(Event::Vote {
+            generation: a.generation,
+            step: a.step,
+            outcome,
+            loss,
+            step_seconds: started.elapsed().as_secs_f64(),
+            allreduce_seconds,
+            samples,
+        });
+    }
+
+    fn compute(
+        &mut self,
+        a: &Assignment,
+        timer: &mut crate::metrics::StepTimer,
+    ) -> Result<(f64, f64)> {
+        let group = self
+            .group
+            .as_ref()
+            .filter(|g| g.generation == a.generation)
+            .with_context(|| format!("no process group for {}", a.generation))?;
+        anyhow::ensure!(
+            a.step == self.next_step,
+            "assigned step {} but this worker has applied {} steps",
+            a.step,
+            self.next_step
+        );
+        self.model.zero_grads()?;
+        let mut loss = 0.0;
+        for micro_batch in &a.micro_batches {
+            loss += self.model.accumulate_grads(micro_batch, a.step_samples)?;
+        }
+        // Forward and backward run together per micro-batch; their time is reported as backward.
+        timer.end_phase(crate::metrics::StepPhase::Backward);
+        let reduce_started = Instant::now();
+        // Each rank's gradients are already divided by the step's sample count: sum them.
+        let gradients = self.model.gradients();
+        anyhow::ensure!(
+            gradients.iter().all(Tensor::defined),
+            "a gradient is undefined after the backward pass of step {}",
+            a.step
+        );
+        allreduce_sum_tensors(&group.process_group, &gradients, 1.0, DEFAULT_BUCKET_BYTES)
+            .with_context(|| format!("all-reduce of step {} (rank {})", a.step, group.rank))?;
+        timer.end_phase(crate::metrics::StepPhase::AllReduce);
+        Ok((loss, reduce_started.elapsed().as_secs_f64()))
+    }
+}
+
+fn drop_group(group: Group) {
+    if let Err(e) = group.process_group.destroy() {
+        debug!(cause = %e, "destroying the old process group");
+    }
+}
+
+/// Writes every state tensor to `path` as safetensors (temp file, fsync, rename).
+pub fn save_state<T: Trainable>(model: &T, path: &std::path::Path) -> Result<()> {
+    let named = model.state_tensors();
+    crate::model::weights::write_safetensors_atomic(&named, path)
+        .with_context(|| format!("writing the state to {}", path.display()))
+}
