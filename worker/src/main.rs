@@ -64,8 +64,6 @@ enum Command {
     /// Check the tokenizer against a reference parity fixture.
     #[command(hide = true)]
     VerifyTokenizer(eqim_worker::tokenizer_cli::VerifyTokenizerArgs),
-    /// Run the job coordinator (membership, step commits, data schedule) on this machine.
-    Coordinator(Box<eqim_coordinator::cli::CoordinatorArgs>),
     /// Join a job as a worker: connect to the coordinator, train what it assigns.
     Worker(Box<eqim_worker::runtime::agent::WorkerArgs>),
     /// Run a local cluster: a coordinator and N workers on this machine.
@@ -122,7 +120,6 @@ fn main() -> Result<()> {
             eprint!("{}", eqim_worker::convert::run(&args)?);
         }
         Command::VerifyTokenizer(args) => eqim_worker::tokenizer_cli::verify_tokenizer(&args)?,
-        Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
         Command::Worker(args) => eqim_worker::runtime::agent::run(*args)?,
         Command::Launch(args) => eqim_worker::runtime::launch_cmd::run(args)?,
         Command::Ledger(args) => eqim_worker::runtime::ledger_cmd::run(args)?,
