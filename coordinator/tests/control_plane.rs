@@ -613,7 +613,7 @@ async fn a_step_without_all_votes_is_aborted_at_the_step_timeout_and_the_group_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_control_plane_costs_a_few_milliseconds_per_step_on_loopback() {
+async fn two_hundred_steps_commit_in_order_on_loopback_and_report_their_cost() {
     let dir = tempfile::tempdir().unwrap();
     let steps = 200u64;
     let c = start(dir.path(), 2, 4 * steps).await;
@@ -625,11 +625,8 @@ async fn the_control_plane_costs_a_few_milliseconds_per_step_on_loopback() {
     let per_step = started.elapsed() / steps as u32;
     eprintln!("{steps} steps with 2 workers: {per_step:?} per step (assign, 2 votes, commit)");
     assert_eq!(ta.commits.len() as u64, steps);
-    // Loose bound so a loaded CI machine passes; the figure printed above is the measurement.
-    assert!(
-        per_step < Duration::from_millis(20),
-        "{per_step:?} per step"
-    );
+    // No time bound here: speed belongs in benchmarks, and a loaded CI machine must not fail on
+    // it. The figure printed above is the measurement.
     let outcome = tokio::time::timeout(WAIT, c.wait()).await.unwrap().unwrap();
     assert!(outcome.ledger.summary()[0].is_exact());
 }
