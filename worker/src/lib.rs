@@ -4,6 +4,7 @@
 
 pub mod collective;
 pub mod doctor;
+pub mod eval;
 pub mod launch;
 pub mod metrics;
 pub mod model;
