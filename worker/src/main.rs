@@ -26,6 +26,10 @@ enum Command {
     /// Time gloo all-reduce across local processes (a benchmark, see scripts/bench-allreduce).
     #[command(hide = true)]
     BenchAllreduce(eqim_worker::collective::bench::BenchArgs),
+    /// Inception statistics (npz: mu, sigma) of a folder of images, for FID.
+    FidStats(eqim_worker::eval::FidStatsArgs),
+    /// FID of a folder of images against a statistics file (and the IS when the network has logits).
+    Fid(eqim_worker::eval::FidArgs),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +56,8 @@ fn main() -> Result<()> {
             }
         }
         Command::BenchAllreduce(args) => eqim_worker::collective::bench::run(&args)?,
+        Command::FidStats(args) => eqim_worker::eval::run_fid_stats(&args)?,
+        Command::Fid(args) => eqim_worker::eval::run_fid(&args)?,
     }
     Ok(())
 }

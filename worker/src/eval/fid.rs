@@ -279,7 +279,7 @@ mod tests {
     /// S = A A^T / (2d) + 0.1 I with mu1, A1, mu2, A2 drawn in that order (random_case in Python).
     fn random_case(seed: u64, d: usize) -> f64 {
         let mut rng = SplitMix64(seed);
-        let mut draw = |rng: &mut SplitMix64| {
+        let draw = |rng: &mut SplitMix64| {
             let mu = rng.uniform(d);
             let a = matrix(d, 2 * d, rng.uniform(d * 2 * d));
             let sigma = a.mm(&a.tr()) / (2 * d) as f64

@@ -126,8 +126,10 @@ pub fn folder_features(net: &Inception, dir: &Path, batch_size: usize) -> Result
         // Images may differ in size: resize each to 299 before batching.
         let batch = chunk
             .iter()
-            .map(|path| preprocess_images(&read_rgb_image(path)?.unsqueeze(0), net.device()))
-            .map(|r| r.map_err(anyhow::Error::from))
+            .map(|path| {
+                let image = read_rgb_image(path)?.unsqueeze(0);
+                Ok(preprocess_images(&image, net.device())?)
+            })
             .collect::<Result<Vec<_>>>()?;
         let (features, batch_logits) = net.forward_preprocessed(&Tensor::cat(&batch, 0))?;
         moments.add_batch(&features)?;
