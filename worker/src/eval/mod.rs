@@ -1,11 +1,10 @@
 //! Evaluation: the FID Inception, feature moments and the Frechet distance, statistics files,
-//! the per-index eval plan (labels, seeds, file names, leases) and the `eqim fid-stats` /
+//! and the `eqim fid-stats` /
 //! `eqim fid` commands.
 
 pub mod fid;
 pub mod inception;
 pub mod npz;
-pub mod plan;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
