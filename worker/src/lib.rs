@@ -9,4 +9,6 @@ pub mod launch;
 pub mod metrics;
 pub mod model;
 pub mod progress;
+pub mod sample_tokens;
+pub mod sampling;
 pub mod verify;

@@ -30,6 +30,17 @@ enum Command {
     FidStats(eqim_worker::eval::FidStatsArgs),
     /// FID of a folder of images against a statistics file (and the IS when the network has logits).
     Fid(eqim_worker::eval::FidArgs),
+    /// Check the tch models against a reference fixture (PREFIX.json, PREFIX.weights.safetensors,
+    /// PREFIX.io.safetensors): prints the max abs error per case, fails above --tol.
+    VerifyReference {
+        /// Fixture prefix, e.g. ../shared/fixtures/generator_tiny
+        prefix: std::path::PathBuf,
+        /// Largest allowed max-abs error per case.
+        #[arg(long, default_value_t = 1e-4)]
+        tol: f64,
+    },
+    /// Sample latent tokens with a generator checkpoint into a safetensors file.
+    SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
 }
 
 fn main() -> Result<()> {
@@ -58,6 +69,10 @@ fn main() -> Result<()> {
         Command::BenchAllreduce(args) => eqim_worker::collective::bench::run(&args)?,
         Command::FidStats(args) => eqim_worker::eval::run_fid_stats(&args)?,
         Command::Fid(args) => eqim_worker::eval::run_fid(&args)?,
+        Command::VerifyReference { prefix, tol } => {
+            eqim_worker::verify::run_cli(&prefix, tol)?;
+        }
+        Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
     }
     Ok(())
 }

@@ -79,3 +79,44 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> Result<f64> {
         d.max().double_value(&[])
     })
 }
+
+pub mod generator;
+
+/// Runs every case of the fixture at `prefix`, choosing the model kind from its JSON.
+pub fn run(prefix: &Path, opts: &VerifyOptions) -> Result<Vec<CaseReport>> {
+    let files = FixtureFiles::from_prefix(prefix)?;
+    let json = files.read_json()?;
+    if json.get("encoder_embed_dim").is_some() {
+        generator::run_cases(&files, &json, opts)
+    } else if json.get("ddconfig").is_some() {
+        bail!("tokenizer fixtures: not yet supported")
+    } else {
+        bail!(
+            "{} has neither `encoder_embed_dim` (generator) nor `ddconfig` (tokenizer): not a fixture JSON",
+            files.json.display()
+        )
+    }
+}
+
+/// `eqim verify-reference`: prints one line per case and fails if any case fails.
+pub fn run_cli(prefix: &Path, tol: f64) -> Result<()> {
+    let reports = run(prefix, &VerifyOptions { tol })?;
+    if reports.is_empty() {
+        bail!("{}: the io file holds no cases", prefix.display());
+    }
+    let mut failed = Vec::new();
+    for r in &reports {
+        let verdict = if r.passed() { "ok" } else { "FAIL" };
+        println!(
+            "{:<16} max abs err {:>10.3e}  (tol {:.0e})  {verdict}  {}",
+            r.case, r.max_abs_err, r.tol, r.detail
+        );
+        if !r.passed() {
+            failed.push(r.case.as_str());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} case(s) failed: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}
