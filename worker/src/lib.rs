@@ -3,12 +3,15 @@
 //! async tasks.
 
 pub mod collective;
+pub mod convert;
 pub mod doctor;
 pub mod eval;
+pub mod imageio;
 pub mod launch;
 pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod sample_tokens;
 pub mod sampling;
+pub mod tokenizer_cli;
 pub mod verify;

@@ -41,6 +41,17 @@ enum Command {
     },
     /// Sample latent tokens with a generator checkpoint into a safetensors file.
     SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
+    /// Encode images into column tokens (one token per 16-px column for the released tokenizer).
+    Encode(eqim_worker::tokenizer_cli::EncodeArgs),
+    /// Decode a tokens file into PNG images.
+    Decode(eqim_worker::tokenizer_cli::DecodeArgs),
+    /// Decode an image's first k tokens followed by random ones, k = 0..L, into one image strip.
+    ExplainTokens(eqim_worker::tokenizer_cli::ExplainTokensArgs),
+    /// Convert a reference PyTorch checkpoint (tokenizer.ckpt, places_large.ckpt) to safetensors.
+    ConvertCheckpoint(eqim_worker::convert::ConvertArgs),
+    /// Check the tokenizer against a reference parity fixture.
+    #[command(hide = true)]
+    VerifyTokenizer(eqim_worker::tokenizer_cli::VerifyTokenizerArgs),
 }
 
 fn main() -> Result<()> {
@@ -73,6 +84,17 @@ fn main() -> Result<()> {
             eqim_worker::verify::run_cli(&prefix, tol)?;
         }
         Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
+        Command::Encode(args) => eqim_worker::tokenizer_cli::encode(&args)?,
+        Command::Decode(args) => {
+            eqim_worker::tokenizer_cli::decode(&args)?;
+        }
+        Command::ExplainTokens(args) => {
+            let _strip = eqim_worker::tokenizer_cli::explain_tokens(&args)?;
+        }
+        Command::ConvertCheckpoint(args) => {
+            eprint!("{}", eqim_worker::convert::run(&args)?);
+        }
+        Command::VerifyTokenizer(args) => eqim_worker::tokenizer_cli::verify_tokenizer(&args)?,
     }
     Ok(())
 }

@@ -4,4 +4,5 @@
 pub mod flow_head;
 pub mod generator;
 pub mod layers;
+pub mod tokenizer;
 pub mod weights;

@@ -120,3 +120,4 @@ pub fn run_cli(prefix: &Path, tol: f64) -> Result<()> {
     }
     Ok(())
 }
+pub mod tokenizer;
