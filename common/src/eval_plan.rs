@@ -233,7 +233,10 @@ mod tests {
     #[test]
     fn unbalanced_image_counts_are_refused_with_the_fix() {
         let err = EvalPlan::new(3001, 30, 1).expect_err("3001 % 30 != 0");
-        assert!(err.to_string().contains("multiple of the 30 classes"), "{err}");
+        assert!(
+            err.to_string().contains("multiple of the 30 classes"),
+            "{err}"
+        );
         assert!(EvalPlan::new(0, 30, 1).is_err());
         assert!(EvalPlan::new(30, 0, 1).is_err());
     }
@@ -246,7 +249,11 @@ mod tests {
         let seeds: std::collections::BTreeSet<i64> = (0..64).map(|i| a.noise_seed(i)).collect();
         assert_eq!(seeds.len(), 64, "distinct per index");
         assert!(seeds.iter().all(|s| *s >= 0));
-        assert_eq!(a.noise_seed(5), b.noise_seed(5), "same (seed, index), same noise");
+        assert_eq!(
+            a.noise_seed(5),
+            b.noise_seed(5),
+            "same (seed, index), same noise"
+        );
         assert_ne!(a.noise_seed(5), c.noise_seed(5));
     }
 

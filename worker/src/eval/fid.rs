@@ -311,7 +311,11 @@ mod tests {
         let eye = diag(&[1.0; 5]);
         let a = FidStats::new(vec![0.0, 1.0, 2.0, 3.0, 4.0], eye.clone()).expect("a");
         let b = FidStats::new(vec![1.0, 1.0, 0.0, 3.0, 4.5], eye).expect("b");
-        assert_close(frechet_distance(&a, &b).expect("fid"), 1.0 + 4.0 + 0.25, 1e-12);
+        assert_close(
+            frechet_distance(&a, &b).expect("fid"),
+            1.0 + 4.0 + 0.25,
+            1e-12,
+        );
     }
 
     #[test]
@@ -364,7 +368,10 @@ mod tests {
         assert!(m.add_batch(&wrong).is_err());
         m.add_batch(&Tensor::ones([1, 4], (Kind::Float, Device::Cpu)))
             .expect("add");
-        assert!(matches!(m.stats(), Err(FidError::TooFewImages { count: 1 })));
+        assert!(matches!(
+            m.stats(),
+            Err(FidError::TooFewImages { count: 1 })
+        ));
         assert!(m.merge(&FeatureMoments::new(5)).is_err());
     }
 

@@ -5,6 +5,7 @@
 pub mod fid;
 pub mod inception;
 pub mod npz;
+pub mod run;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -36,7 +37,10 @@ pub struct InceptionArgs {
 impl InceptionArgs {
     pub fn load(&self) -> Result<Inception> {
         let device = parse_device(self.device.as_deref())?;
-        let path = self.inception.clone().unwrap_or_else(default_inception_path);
+        let path = self
+            .inception
+            .clone()
+            .unwrap_or_else(default_inception_path);
         Ok(Inception::load(&path, device)?)
     }
 }
@@ -114,7 +118,15 @@ pub struct FolderFeatures {
 }
 
 pub fn folder_features(net: &Inception, dir: &Path, batch_size: usize) -> Result<FolderFeatures> {
-    let files = image_files(dir)?;
+    folder_features_of(net, &image_files(dir)?, batch_size)
+}
+
+/// Features of the given image files, in order.
+pub fn folder_features_of(
+    net: &Inception,
+    files: &[PathBuf],
+    batch_size: usize,
+) -> Result<FolderFeatures> {
     anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
     let start = Instant::now();
     let mut progress = Progress::new(Activity::Evaluation, Some(files.len() as u64));
@@ -183,7 +195,9 @@ pub fn run_fid(args: &FidArgs) -> Result<()> {
             println!("inception_score {mean:.4} +- {std:.4}");
         }
         Some(_) => println!("inception_score skipped: fewer images than --is-splits"),
-        None => println!("inception_score unavailable: the Inception file has no classifier logits"),
+        None => {
+            println!("inception_score unavailable: the Inception file has no classifier logits")
+        }
     }
     Ok(())
 }

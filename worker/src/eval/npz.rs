@@ -17,7 +17,9 @@ pub struct NpyArray {
 pub enum NpyError {
     #[error("{what}: not a .npy array ({reason})")]
     Format { what: String, reason: String },
-    #[error("{what}: dtype {descr} is not supported (expected little-endian float: '<f8' or '<f4')")]
+    #[error(
+        "{what}: dtype {descr} is not supported (expected little-endian float: '<f8' or '<f4')"
+    )]
     Dtype { what: String, descr: String },
     #[error("{path}: not a readable .npz archive: {source}")]
     Zip {
@@ -55,8 +57,7 @@ impl NpyArray {
                     .join(", ")
             ),
         };
-        let mut header =
-            format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
         // numpy aligns the data to 64 bytes: magic(6) + version(2) + len(2) + header + '\n'.
         let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
         header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
@@ -241,7 +242,11 @@ mod tests {
         let m = NpyArray::new(vec![2, 3], (0..6).map(|i| i as f64 * 0.5).collect());
         for a in [&v, &m] {
             let bytes = a.to_npy_bytes();
-            assert_eq!((bytes.len() - a.data.len() * 8) % 64, 0, "data aligned to 64");
+            assert_eq!(
+                (bytes.len() - a.data.len() * 8) % 64,
+                0,
+                "data aligned to 64"
+            );
             assert_eq!(&NpyArray::from_npy_bytes(&bytes, "t").expect("parse"), a);
         }
     }
