@@ -26,7 +26,7 @@ pub struct EvalPlan {
 
 impl EvalPlan {
     pub fn new(num_images: u64, class_num: u64, base_seed: u64) -> Result<Self, EvalPlanError> {
-        if num_images == 0 || class_num == 0 || num_images % class_num != 0 {
+        if num_images == 0 || class_num == 0 || !num_images.is_multiple_of(class_num) {
             return Err(EvalPlanError::Unbalanced {
                 num_images,
                 class_num,
