@@ -9,6 +9,44 @@ use std::time::Duration;
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 /// A worker silent for this long is declared dead.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// QUIC idle timeout of control connections. Equal to the heartbeat timeout: keep-alives (sent
+/// every heartbeat interval) keep a live connection open, and a dead peer's connection is closed
+/// no later than heartbeats would have declared it dead.
+pub const DEFAULT_QUIC_IDLE_TIMEOUT: Duration = DEFAULT_HEARTBEAT_TIMEOUT;
+/// A new connection must send its `Hello` within this time.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At start, how long to wait for the expected number of workers before training with fewer
+/// (but at least the minimum).
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Members of a new generation must build their process group and report ready within this time,
+/// or they are dropped from the job.
+pub const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+/// All votes of a step must arrive within this time after its assignment, or the step is aborted.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(600);
+/// After a failed vote, members must answer a probe within this time or are declared dead
+/// (much faster than the heartbeat timeout for a killed peer).
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the coordinator re-evaluates its membership decision (timeouts).
+pub const DEFAULT_DECISION_TICK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Serde for `Duration` fields written as seconds (`heartbeat_timeout: 2.5`) in config files.
+pub mod duration_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{secs} is not a valid duration: give a non-negative number of seconds"
+            ))
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

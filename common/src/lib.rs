@@ -5,4 +5,9 @@
 
 pub mod config;
 pub mod eval_plan;
+pub mod framing;
+pub mod ledger;
 pub mod metrics;
+pub mod train_config;
+pub mod proto;
+pub mod schedule;

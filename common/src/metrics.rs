@@ -99,6 +99,8 @@ pub const LEARNING_RATE: &str = "eqim_learning_rate";
 pub const GRAD_NORM: &str = "eqim_grad_norm";
 pub const EMA_LAG_STEPS: &str = "eqim_ema_lag_steps";
 pub const DATA_ERRORS_TOTAL: &str = "eqim_data_errors_total";
+/// The data loader's count of unreadable image files it skipped is exported as [`DATA_ERRORS_TOTAL`].
+pub const DATA_UNREADABLE_FILES_TOTAL: &str = DATA_ERRORS_TOTAL;
 
 // ---- Worker: checkpoints, evaluation, device ---------------------------------------------------
 pub const CHECKPOINT_DURATION_SECONDS: &str = "eqim_checkpoint_duration_seconds";

@@ -1,11 +1,163 @@
 //! eqim's coordinator: owns the truth of a job (membership, generations, the data cursor and
 //! ledger, checkpoints, evaluation leases) and serves the QUIC control plane and `/metrics`.
 //! It never links libtorch, so it runs on a CPU head node.
+//!
+//! [`run`] is the whole coordinator (used by `eqim-coordinator` and `eqim coordinator`);
+//! [`Coordinator::start`] gives tests and `eqim launch` a handle on a running one. The message
+//! flow between workers and the coordinator is described in [`net`]; workers use [`client`].
 #![forbid(unsafe_code)]
 
 pub mod dashboards;
 pub mod metrics_http;
 pub mod metrics_registry;
+pub mod actor;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod membership;
+pub mod net;
+pub mod steps;
+
+use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};
+use anyhow::{Context, Result};
+use config::CoordinatorConfig;
+use eqim_common::config::Validate;
+use net::credentials::JobCredentials;
+use net::listener::{accept_loop, Admission};
+use net::tls::{server_config, TransportTimeouts};
+use ractor::{Actor, ActorRef};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+/// A running coordinator: its QUIC endpoint, accept loop and job actor.
+pub struct Coordinator {
+    pub local_addr: SocketAddr,
+    /// SHA-256 of the certificate workers must pin.
+    pub cert_sha256: [u8; 32],
+    /// The job's token file (with `coordinator-cert.sha256` next to it).
+    pub token_path: PathBuf,
+    job: ActorRef<JobMsg>,
+    endpoint: quinn::Endpoint,
+    accept: JoinHandle<()>,
+    job_handle: JoinHandle<()>,
+    done: oneshot::Receiver<JobOutcome>,
+}
+
+impl Coordinator {
+    /// Validates the config, creates or loads the job's credentials, binds the endpoint and
+    /// starts the job actor.
+    pub async fn start(cfg: CoordinatorConfig) -> Result<Self> {
+        if let Err((key, message)) = cfg.validate() {
+            anyhow::bail!("coordinator config: `{key}` {message}");
+        }
+        let creds = JobCredentials::load_or_create(&cfg.job_dir)
+            .with_context(|| format!("preparing job credentials in {}", cfg.job_dir.display()))?;
+        let transport = TransportTimeouts {
+            keep_alive_interval: cfg.timeouts.heartbeat_interval,
+            idle_timeout: cfg.timeouts.quic_idle_timeout,
+        };
+        let server =
+            server_config(&creds, &transport).context("building the QUIC server config")?;
+        let endpoint = quinn::Endpoint::server(server, cfg.bind)
+            .with_context(|| format!("binding the control plane to {}", cfg.bind))?;
+        let local_addr = endpoint.local_addr().context("reading the bound address")?;
+        let admission = Arc::new(Admission {
+            token: creds.token.clone(),
+            cert_sha256: creds.fingerprint,
+            handshake_timeout: cfg.timeouts.handshake_timeout,
+        });
+        let (done_tx, done) = oneshot::channel();
+        let (job, job_handle) = Actor::spawn(
+            None,
+            JobActor,
+            JobArgs {
+                cfg: Arc::new(cfg),
+                done: done_tx,
+            },
+        )
+        .await
+        .context("starting the job actor")?;
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), admission, job.clone()));
+        info!(%local_addr, cert_sha256 = %hex::encode(creds.fingerprint), token = %creds.token_path.display(), "coordinator listening");
+        Ok(Self {
+            local_addr,
+            cert_sha256: creds.fingerprint,
+            token_path: creds.token_path.clone(),
+            job,
+            endpoint,
+            accept,
+            job_handle,
+            done,
+        })
+    }
+
+    /// A snapshot of the job.
+    pub async fn status(&self) -> Result<JobStatus> {
+        let answer = self
+            .job
+            .call(
+                |reply| JobMsg::Status { reply },
+                Some(Duration::from_secs(5)),
+            )
+            .await
+            .context("asking the job actor for its status")?;
+        answer.success_or_else(|| anyhow::anyhow!("the job actor did not answer within 5 s"))
+    }
+
+    /// Waits until the job ends (schedule complete or shut down).
+    pub async fn wait(self) -> Result<JobOutcome> {
+        let outcome = self
+            .done
+            .await
+            .context("job actor ended without an outcome")?;
+        self.accept.abort();
+        self.endpoint
+            .close(net::close_code::FINISHED.into(), b"job over");
+        if let Err(e) = self.job_handle.await {
+            tracing::warn!(cause = %e, "job actor task ended abnormally");
+        }
+        Ok(outcome)
+    }
+
+    /// Closes every session and stops the job.
+    pub async fn shutdown(self, reason: &str) -> Result<JobOutcome> {
+        if self
+            .job
+            .cast(JobMsg::Shutdown {
+                reason: reason.to_owned(),
+            })
+            .is_err()
+        {
+            tracing::debug!("job actor already stopped");
+        }
+        self.wait().await
+    }
+}
+
+/// Runs a coordinator until its schedule is complete or Ctrl-C.
+pub async fn run(cfg: CoordinatorConfig) -> Result<JobOutcome> {
+    let coordinator = Coordinator::start(cfg).await?;
+    let job = coordinator.job.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok()
+            && job
+                .cast(JobMsg::Shutdown {
+                    reason: "interrupted (Ctrl-C)".into(),
+                })
+                .is_err()
+        {
+            tracing::debug!("job already over at Ctrl-C");
+        }
+    });
+    let outcome = coordinator.wait().await?;
+    info!(finished = outcome.finished, reason = %outcome.stop_reason, steps = outcome.cursor.step, aborted = outcome.aborted_steps, "coordinator stopped");
+    Ok(outcome)
+}
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Parser;
+use eqim_coordinator::cli::CoordinatorArgs;
 
 #[derive(Parser)]
 #[command(
@@ -9,9 +10,19 @@ use clap::Parser;
     version,
     about = "eqim's job coordinator (membership, scheduling, checkpoints, evaluation); needs no libtorch"
 )]
-struct Cli {}
+struct Cli {
+    #[command(flatten)]
+    args: CoordinatorArgs,
+}
 
 fn main() -> Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    eqim_coordinator::cli::run(cli.args)
 }

@@ -3,7 +3,9 @@
 //! async tasks.
 
 pub mod collective;
+pub mod contact_sheet;
 pub mod convert;
+pub mod data;
 pub mod doctor;
 pub mod eval;
 pub mod imageio;
@@ -14,4 +16,6 @@ pub mod progress;
 pub mod sample_tokens;
 pub mod sampling;
 pub mod tokenizer_cli;
+pub mod tokenizer_train;
+pub mod train;
 pub mod verify;

@@ -41,8 +41,20 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
+    /// Train the generator on one process by the reference recipe (AdamW, warm-up, clipping, EMA),
+    /// resuming from OUTPUT_DIR/checkpoint-last when present.
+    TrainGenerator(eqim_worker::train::cli::TrainGeneratorArgs),
     /// Sample latent tokens with a generator checkpoint into a safetensors file.
     SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
+    /// Cut the demo scene dataset out of unpacked Debian wallpaper packages (scripts/fetch-demo-data calls this).
+    PrepareDemoData(eqim_worker::data::demo::PrepareDemoDataArgs),
+    /// Measure the data loader's images/s (decode + augment) on one core and threaded.
+    #[command(hide = true)]
+    BenchLoader(eqim_worker::data::bench::BenchLoaderArgs),
+    /// Run the job coordinator (membership, step commits, data schedule) on this machine.
+    Coordinator(Box<eqim_coordinator::cli::CoordinatorArgs>),
+    /// Train a tokenizer (stage 1, or stage 2 decoder fine-tuning) from a YAML config.
+    TrainTokenizer(eqim_worker::tokenizer_train::TrainTokenizerArgs),
     /// Encode images into column tokens (one token per 16-px column for the released tokenizer).
     Encode(eqim_worker::tokenizer_cli::EncodeArgs),
     /// Decode a tokens file into PNG images.
@@ -88,7 +100,12 @@ fn main() -> Result<()> {
         Command::VerifyReference { prefix, tol } => {
             eqim_worker::verify::run_cli(&prefix, tol)?;
         }
+        Command::TrainGenerator(args) => eqim_worker::train::cli::run(&args)?,
         Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
+        Command::PrepareDemoData(args) => eqim_worker::data::demo::run(&args)?,
+        Command::BenchLoader(args) => eqim_worker::data::bench::run(&args)?,
+        Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
+        Command::TrainTokenizer(args) => eqim_worker::tokenizer_train::run(&args)?,
         Command::Encode(args) => eqim_worker::tokenizer_cli::encode(&args)?,
         Command::Decode(args) => {
             eqim_worker::tokenizer_cli::decode(&args)?;

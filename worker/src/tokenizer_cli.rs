@@ -217,25 +217,35 @@ pub fn read_tokens(path: &Path) -> Result<Tensor> {
 pub fn decode(args: &DecodeArgs) -> Result<Vec<PathBuf>> {
     let _guard = tch::no_grad_guard();
     let tok = load_tokenizer_parts(&args.tokenizer, Parts::DecoderOnly)?;
-    if !(args.latent_scale.is_finite() && args.latent_scale > 0.0) {
-        bail!(
-            "--latent-scale must be a positive number, got {}",
-            args.latent_scale
-        );
+    let tokens = read_tokens(&args.tokens)?;
+    decode_to_pngs(&tok, &tokens, args.latent_scale, &args.out)
+        .with_context(|| format!("decoding {}", args.tokens.display()))
+}
+
+/// Decodes tokens [N, L, C] (divided by `latent_scale` first: 0.05493 for generator latents)
+/// one image at a time and writes `out/{i:05}.png`. For `eqim decode` and the sampler.
+pub fn decode_to_pngs(
+    tok: &LoadedTokenizer,
+    tokens: &Tensor,
+    latent_scale: f64,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    let _guard = tch::no_grad_guard();
+    if !(latent_scale.is_finite() && latent_scale > 0.0) {
+        bail!("the latent scale must be a positive number, got {latent_scale}");
     }
-    let tokens = read_tokens(&args.tokens)? / args.latent_scale;
     let mut written = Vec::new();
     for i in 0..tokens.size()[0] {
-        let z = tokens.get(i).unsqueeze(0).to_device(tok.vs.device());
+        let z = (tokens.get(i).unsqueeze(0) / latent_scale).to_device(tok.vs.device());
         let image = tok
             .model
             .decode(&z)
-            .with_context(|| format!("decoding image {i} of {}", args.tokens.display()))?;
-        let path = args.out.join(format!("{i:05}.png"));
+            .with_context(|| format!("decoding image {i}"))?;
+        let path = out.join(format!("{i:05}.png"));
         imageio::save_png(&image.get(0), &path)?;
         written.push(path);
     }
-    tracing::info!(images = written.len(), "wrote {}", args.out.display());
+    tracing::info!(images = written.len(), "wrote {}", out.display());
     Ok(written)
 }
 

@@ -97,10 +97,10 @@ pub fn run_cases(
                 reports.push(report("sample_cached", cached, opts.tol.max(1e-4)));
                 continue;
             }
-            TRAIN_CASE => Ok((
-                f64::NAN,
-                "the train case is run by the training module, not wired into this build".into(),
-            )),
+            TRAIN_CASE => {
+                reports.extend(super::train::run_case(files, json, opts).context("case train")?);
+                continue;
+            }
             _ => Ok((f64::NAN, format!("unknown case {case:?}"))),
         };
         let (err, detail) = result.with_context(|| format!("case {case}"))?;

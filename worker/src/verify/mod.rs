@@ -81,6 +81,8 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> Result<f64> {
 }
 
 pub mod generator;
+pub mod tokenizer;
+pub mod train;
 
 /// Runs every case of the fixture at `prefix`, choosing the model kind from its JSON.
 pub fn run(prefix: &Path, opts: &VerifyOptions) -> Result<Vec<CaseReport>> {
@@ -89,7 +91,7 @@ pub fn run(prefix: &Path, opts: &VerifyOptions) -> Result<Vec<CaseReport>> {
     if json.get("encoder_embed_dim").is_some() {
         generator::run_cases(&files, &json, opts)
     } else if json.get("ddconfig").is_some() {
-        bail!("tokenizer fixtures: not yet supported")
+        tokenizer::run_cases(&files, &json, opts)
     } else {
         bail!(
             "{} has neither `encoder_embed_dim` (generator) nor `ddconfig` (tokenizer): not a fixture JSON",
@@ -120,4 +122,3 @@ pub fn run_cli(prefix: &Path, tol: f64) -> Result<()> {
     }
     Ok(())
 }
-pub mod tokenizer;

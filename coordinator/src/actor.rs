@@ -1,0 +1,642 @@
+//! The job actor: supervisor of the worker sessions and owner of the job's truth (membership and
+//! steps, both plain state structs). It feeds events into them, asks
+//! [`membership::decide`](crate::membership::decide) what to do on every event and tick, and
+//! executes the decision by sending messages to sessions. The message flow is described in
+//! [`crate::net`].
+
+use crate::config::CoordinatorConfig;
+use crate::membership::{self, Action, MembershipConfig, MembershipState, Reason, SessionKey};
+use crate::net::listener::refuse;
+use crate::net::session::{CloseReason, SessionActor, SessionArgs, SessionMsg};
+use crate::steps::{StepState, VoteResult};
+use eqim_common::ledger::{EpochCoverage, Ledger};
+use eqim_common::proto::{
+    AbortReason, CheckpointOrder, CoordinatorToWorker, Cursor, Generation, Hello, Refusal,
+    Rendezvous, VoteOutcome, WorkerId, WorkerToCoordinator,
+};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// After `Finished`, how long to wait for sessions to close before stopping anyway.
+const FINISH_GRACE: Duration = Duration::from_secs(3);
+
+pub struct JobActor;
+
+pub struct JobArgs {
+    pub cfg: Arc<CoordinatorConfig>,
+    /// Receives the outcome when the job actor stops.
+    pub done: oneshot::Sender<JobOutcome>,
+}
+
+/// What a job did, reported when the job actor stops.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    pub finished: bool,
+    pub stop_reason: String,
+    pub cursor: Cursor,
+    pub generation: Generation,
+    pub ledger: Ledger,
+    pub aborted_steps: u64,
+}
+
+/// A snapshot for tests and status pages.
+#[derive(Debug, Clone)]
+pub struct JobStatus {
+    pub generation: Generation,
+    pub phase: String,
+    pub members: Vec<WorkerId>,
+    pub roster: Vec<WorkerId>,
+    pub cursor: Cursor,
+    pub coverage: Vec<EpochCoverage>,
+    pub aborted_steps: u64,
+}
+
+pub enum JobMsg {
+    /// A connection passed the handshake (version and token); admit it as a member.
+    Admit {
+        hello: Hello,
+        remote: SocketAddr,
+        connection: quinn::Connection,
+        control_send: quinn::SendStream,
+        control_recv: quinn::RecvStream,
+    },
+    /// A message read from a session's control or heartbeat stream.
+    FromWorker {
+        worker: WorkerId,
+        session: SessionKey,
+        msg: WorkerToCoordinator,
+    },
+    /// Periodic re-evaluation of timeouts.
+    Tick,
+    /// Report the current state.
+    Status { reply: RpcReplyPort<JobStatus> },
+    /// Stop the job (Ctrl-C): close every session.
+    Shutdown { reason: String },
+}
+
+struct SessionEntry {
+    key: SessionKey,
+    actor: ActorRef<SessionMsg>,
+}
+
+pub struct JobState {
+    cfg: Arc<CoordinatorConfig>,
+    membership_cfg: MembershipConfig,
+    membership: MembershipState,
+    steps: StepState,
+    sessions: BTreeMap<WorkerId, SessionEntry>,
+    /// Which worker and connection each session actor serves, for supervision events.
+    session_owners: BTreeMap<ActorId, (WorkerId, SessionKey)>,
+    next_session: u64,
+    next_probe_nonce: u64,
+    last_reason: Option<Reason>,
+    aborted_steps: u64,
+    finishing_since: Option<Instant>,
+    ticker: Option<JoinHandle<()>>,
+    done: Option<oneshot::Sender<JobOutcome>>,
+    stop_reason: String,
+}
+
+impl Actor for JobActor {
+    type Msg = JobMsg;
+    type State = JobState;
+    type Arguments = JobArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<JobMsg>,
+        args: JobArgs,
+    ) -> Result<JobState, ActorProcessingErr> {
+        let ticker =
+            myself.send_interval(args.cfg.timeouts.decision_tick_interval, || JobMsg::Tick);
+        Ok(JobState {
+            membership_cfg: args.cfg.membership(),
+            membership: MembershipState::new(),
+            steps: StepState::new(args.cfg.schedule.clone()),
+            cfg: args.cfg,
+            sessions: BTreeMap::new(),
+            session_owners: BTreeMap::new(),
+            next_session: 0,
+            next_probe_nonce: 0,
+            last_reason: None,
+            aborted_steps: 0,
+            finishing_since: None,
+            ticker: Some(ticker),
+            done: Some(args.done),
+            stop_reason: "stopped".into(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<JobMsg>,
+        msg: JobMsg,
+        state: &mut JobState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            JobMsg::Admit {
+                hello,
+                remote,
+                connection,
+                control_send,
+                control_recv,
+            } => {
+                let conn = AdmittedConnection {
+                    hello,
+                    remote,
+                    connection,
+                    control_send,
+                    control_recv,
+                };
+                state.handle_admit(&myself, conn).await;
+            }
+            JobMsg::FromWorker {
+                worker,
+                session,
+                msg,
+            } => state.handle_worker(worker, session, msg),
+            JobMsg::Tick => state.handle_tick(&myself),
+            JobMsg::Status { reply } => {
+                if reply.send(state.status()).is_err() {
+                    debug!("status requester went away");
+                }
+            }
+            JobMsg::Shutdown { reason } => {
+                info!(%reason, "shutting down");
+                for entry in state.sessions.values() {
+                    close_session(entry, CloseReason::Shutdown);
+                }
+                state.stop_reason = reason.clone();
+                myself.stop(Some(reason));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<JobMsg>,
+        event: SupervisionEvent,
+        state: &mut JobState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match event {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".into()))
+            }
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
+            _ => return Ok(()),
+        };
+        if let Some((worker, key)) = state.session_owners.remove(&cell.get_id()) {
+            state.handle_session_end(worker, key, &why);
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<JobMsg>,
+        state: &mut JobState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(ticker) = state.ticker.take() {
+            ticker.abort();
+        }
+        if let Some(done) = state.done.take() {
+            let outcome = JobOutcome {
+                finished: state.membership.phase.is_finished(),
+                stop_reason: state.stop_reason.clone(),
+                cursor: state.steps.cursor(),
+                generation: state.membership.generation,
+                ledger: state.steps.ledger().clone(),
+                aborted_steps: state.aborted_steps,
+            };
+            if done.send(outcome).is_err() {
+                debug!("nobody waits for the job outcome");
+            }
+        }
+        Ok(())
+    }
+}
+
+struct AdmittedConnection {
+    hello: Hello,
+    remote: SocketAddr,
+    connection: quinn::Connection,
+    control_send: quinn::SendStream,
+    control_recv: quinn::RecvStream,
+}
+
+fn close_session(entry: &SessionEntry, reason: CloseReason) {
+    if entry.actor.cast(SessionMsg::Close { reason }).is_err() {
+        debug!("session already stopped");
+    }
+}
+
+impl JobState {
+    async fn handle_admit(&mut self, myself: &ActorRef<JobMsg>, mut c: AdmittedConnection) {
+        let now = Instant::now();
+        let worker = c.hello.worker_id.clone();
+        let mut store = c.hello.store.clone();
+        if store.host.is_empty() {
+            store.host = c.remote.ip().to_string();
+        }
+        self.next_session += 1;
+        let key = SessionKey(self.next_session);
+        let joined = self
+            .membership
+            .join(now, worker.clone(), key, store, &self.membership_cfg);
+        let replaced = match joined {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                let reason = match e {
+                    membership::MembershipError::JobFull { max_workers } => {
+                        Refusal::JobFull { max_workers }
+                    }
+                    _ => Refusal::JobFinished,
+                };
+                info!(worker_id = %worker, %reason, "join refused");
+                tokio::spawn(async move {
+                    refuse(&c.connection, &mut c.control_send, reason).await;
+                });
+                return;
+            }
+        };
+        if replaced.is_some() {
+            if let Some(old) = self.sessions.remove(&worker) {
+                close_session(&old, CloseReason::Replaced);
+            }
+            self.abort_open_step_if_voter(
+                &worker,
+                AbortReason::MemberLost {
+                    worker: worker.clone(),
+                },
+            );
+        }
+        let args = SessionArgs {
+            worker: worker.clone(),
+            key,
+            connection: c.connection,
+            control_send: c.control_send,
+            control_recv: c.control_recv,
+            job: myself.clone(),
+            admitted: CoordinatorToWorker::Admitted {
+                heartbeat_interval_ms: self.cfg.timeouts.heartbeat_interval.as_millis() as u64,
+            },
+        };
+        match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await {
+            Ok((actor, _handle)) => {
+                info!(worker_id = %worker, remote = %c.remote, device = %c.hello.device, "worker admitted");
+                self.session_owners
+                    .insert(actor.get_id(), (worker.clone(), key));
+                self.sessions.insert(worker, SessionEntry { key, actor });
+                self.drive(now);
+            }
+            Err(e) => {
+                warn!(worker_id = %worker, cause = %e, "session did not start");
+                self.membership.remove(&worker, Some(key));
+                self.drive(now);
+            }
+        }
+    }
+
+    fn handle_worker(&mut self, worker: WorkerId, session: SessionKey, msg: WorkerToCoordinator) {
+        let now = Instant::now();
+        let current = self.sessions.get(&worker).is_some_and(|s| s.key == session);
+        if !current {
+            debug!(worker_id = %worker, kind = msg.kind(), "message from a replaced session ignored");
+            return;
+        }
+        match msg {
+            WorkerToCoordinator::Heartbeat { .. } => {
+                self.membership.heartbeat(now, &worker, session);
+                return;
+            }
+            WorkerToCoordinator::GroupReady { generation } => {
+                if let Err(e) = self.membership.group_ready(&worker, generation) {
+                    warn!(worker_id = %worker, cause = %e, "ready report refused");
+                }
+            }
+            WorkerToCoordinator::Vote {
+                generation,
+                step,
+                outcome,
+            } => self.handle_vote(now, &worker, generation, step, &outcome),
+            WorkerToCoordinator::ProbeAck { nonce } => {
+                self.membership.probe_ack(now, &worker, nonce);
+            }
+            WorkerToCoordinator::Leaving { generation, reason } => {
+                info!(worker_id = %worker, %generation, %reason, "worker leaving");
+                self.remove_member(&worker, CloseReason::Left);
+            }
+            WorkerToCoordinator::Metrics {
+                generation,
+                step,
+                summary,
+            } => {
+                debug!(worker_id = %worker, %generation, step, loss = summary.loss, step_seconds = summary.step_seconds, "metrics");
+            }
+            WorkerToCoordinator::CheckpointWritten {
+                generation,
+                step,
+                files,
+            } => {
+                // The manifest (sha256 of every file, atomic, retention) is written by the
+                // checkpoint work that builds on this protocol; here it is only logged.
+                info!(worker_id = %worker, %generation, step, files = files.len(), "checkpoint written");
+            }
+            WorkerToCoordinator::EvalLeaseRequest { .. }
+            | WorkerToCoordinator::EvalLeaseRenew { .. }
+            | WorkerToCoordinator::EvalLeaseComplete { .. } => {
+                warn!(worker_id = %worker, kind = msg.kind(), "evaluation leases are not served by this coordinator yet");
+            }
+            WorkerToCoordinator::Hello(_) => {
+                warn!(worker_id = %worker, "second hello on an admitted session");
+                if let Some(entry) = self.sessions.get(&worker) {
+                    close_session(
+                        entry,
+                        CloseReason::ProtocolError("hello after admission".into()),
+                    );
+                }
+            }
+        }
+        self.drive(now);
+    }
+
+    fn handle_vote(
+        &mut self,
+        now: Instant,
+        worker: &WorkerId,
+        generation: Generation,
+        step: u64,
+        outcome: &VoteOutcome,
+    ) {
+        if let Err(e) = self.membership.check_generation(worker, generation) {
+            warn!(worker_id = %worker, cause = %e, "vote refused");
+            return;
+        }
+        match self.steps.vote(worker, generation, step, outcome) {
+            Ok(VoteResult::Pending { missing }) => {
+                debug!(worker_id = %worker, step, missing, "vote");
+            }
+            Ok(VoteResult::Commit { generation, step }) => {
+                self.membership.step_open = false;
+                let checkpoint = self.steps.checkpoint_due(step).then(|| CheckpointOrder {
+                    writer_rank: 0,
+                    name: format!("step-{:08}", step + 1),
+                });
+                debug!(%generation, step, "commit");
+                self.broadcast_roster(CoordinatorToWorker::Commit {
+                    generation,
+                    step,
+                    checkpoint,
+                });
+            }
+            Ok(VoteResult::Abort {
+                generation,
+                step,
+                reason,
+            }) => {
+                self.on_abort(generation, step, reason);
+                self.start_probe(now);
+            }
+            Err(e) => warn!(worker_id = %worker, cause = %e, "vote refused"),
+        }
+    }
+
+    fn handle_tick(&mut self, myself: &ActorRef<JobMsg>) {
+        let now = Instant::now();
+        if let Some(since) = self.finishing_since {
+            if self.sessions.is_empty() || now.duration_since(since) >= FINISH_GRACE {
+                self.stop_reason = "schedule complete".into();
+                myself.stop(Some("schedule complete".into()));
+            }
+            return;
+        }
+        if self.steps.timed_out(now, self.cfg.timeouts.step_timeout) {
+            if let Some(VoteResult::Abort {
+                generation,
+                step,
+                reason,
+            }) = self.steps.abort(AbortReason::Timeout)
+            {
+                warn!(%generation, step, "step timed out");
+                self.on_abort(generation, step, reason);
+                self.start_probe(now);
+            }
+        }
+        self.drive(now);
+    }
+
+    fn handle_session_end(&mut self, worker: WorkerId, key: SessionKey, why: &str) {
+        let current = self.sessions.get(&worker).is_some_and(|s| s.key == key);
+        if !current {
+            return;
+        }
+        info!(worker_id = %worker, cause = %why, "session ended");
+        self.sessions.remove(&worker);
+        if self.membership.remove(&worker, Some(key)) {
+            self.abort_open_step_if_voter(
+                &worker,
+                AbortReason::MemberLost {
+                    worker: worker.clone(),
+                },
+            );
+        }
+        self.drive(Instant::now());
+    }
+
+    /// Removes a member (dead or leaving), closes its session and aborts its open step.
+    fn remove_member(&mut self, worker: &WorkerId, reason: CloseReason) {
+        if let Some(entry) = self.sessions.remove(worker) {
+            close_session(&entry, reason);
+        }
+        if self.membership.remove(worker, None) {
+            self.abort_open_step_if_voter(
+                worker,
+                AbortReason::MemberLost {
+                    worker: worker.clone(),
+                },
+            );
+        }
+    }
+
+    fn abort_open_step_if_voter(&mut self, worker: &WorkerId, reason: AbortReason) {
+        let is_voter = self
+            .steps
+            .open_step()
+            .is_some_and(|o| o.voters.contains(worker));
+        if !is_voter {
+            return;
+        }
+        if let Some(VoteResult::Abort {
+            generation,
+            step,
+            reason,
+        }) = self.steps.abort(reason)
+        {
+            self.on_abort(generation, step, reason);
+        }
+    }
+
+    fn on_abort(&mut self, generation: Generation, step: u64, reason: AbortReason) {
+        info!(%generation, step, ?reason, "step aborted");
+        self.aborted_steps += 1;
+        self.membership.step_open = false;
+        self.broadcast_roster(CoordinatorToWorker::Abort {
+            generation,
+            step,
+            reason,
+        });
+    }
+
+    fn start_probe(&mut self, now: Instant) {
+        self.next_probe_nonce += 1;
+        let nonce = self.next_probe_nonce;
+        self.membership.start_probe(now, nonce);
+        self.broadcast_members(CoordinatorToWorker::Probe { nonce });
+    }
+
+    /// Runs membership decisions until there is nothing left to do, then opens the next step
+    /// when the generation is training.
+    fn drive(&mut self, now: Instant) {
+        // Each action changes the state so that the next decision differs; the bound only
+        // guards against a bug turning that into a busy loop.
+        for _ in 0..16 {
+            let decision = membership::decide(now, &self.membership, &self.membership_cfg);
+            if self.last_reason.as_ref() != Some(&decision.reason) {
+                info!(decision = %decision, "membership");
+                self.last_reason = Some(decision.reason.clone());
+            }
+            match decision.action {
+                Action::Wait => break,
+                Action::DeclareDead { workers } => {
+                    for worker in workers {
+                        warn!(worker_id = %worker, reason = %decision.reason, "declared dead");
+                        self.remove_member(&worker, CloseReason::DeclaredDead);
+                    }
+                }
+                Action::FormGeneration => self.form_generation(now),
+                Action::StartTraining => {
+                    self.membership.start_training();
+                    info!(generation = %self.membership.generation, world_size = self.membership.roster.len(), "training");
+                }
+                Action::Pause => {
+                    self.membership.pause();
+                    self.broadcast_members(CoordinatorToWorker::Paused {
+                        reason: decision.reason.to_string(),
+                    });
+                    break;
+                }
+            }
+        }
+        self.open_next_step(now);
+    }
+
+    fn form_generation(&mut self, now: Instant) {
+        let roster = self.membership.form_generation(now).to_vec();
+        let generation = self.membership.generation;
+        let Some(store) = roster
+            .first()
+            .and_then(|w| self.membership.members.get(w))
+            .map(|m| m.store.clone())
+        else {
+            return;
+        };
+        let rendezvous = Rendezvous {
+            store_host: store.host,
+            store_port: store.port,
+            prefix: format!("eqim/gen{}", generation.0),
+        };
+        info!(%generation, world_size = roster.len(), ?roster, "generation formed");
+        let world_size = u32::try_from(roster.len()).expect("world size fits in u32");
+        let resume = self.steps.cursor();
+        for (rank, worker) in roster.iter().enumerate() {
+            self.send(
+                worker,
+                CoordinatorToWorker::Welcome {
+                    generation,
+                    rank: rank as u32,
+                    world_size,
+                    rendezvous: rendezvous.clone(),
+                    resume,
+                },
+            );
+        }
+    }
+
+    fn open_next_step(&mut self, now: Instant) {
+        if !self.membership.phase.is_training()
+            || self.steps.open_step().is_some()
+            || !self.membership.roster_is_current()
+        {
+            return;
+        }
+        if self.steps.is_finished() {
+            self.finish(now);
+            return;
+        }
+        let roster = self.membership.roster.clone();
+        match self.steps.open(now, self.membership.generation, &roster) {
+            Ok(assignments) => {
+                self.membership.step_open = true;
+                for (worker, assignment) in roster.iter().zip(assignments) {
+                    self.send(worker, CoordinatorToWorker::Assign(assignment));
+                }
+            }
+            Err(e) => warn!(cause = %e, "cannot open a step"),
+        }
+    }
+
+    fn finish(&mut self, now: Instant) {
+        info!(cursor = ?self.steps.cursor(), aborted_steps = self.aborted_steps, "schedule complete");
+        for coverage in self.steps.ledger().summary() {
+            info!(%coverage, "ledger");
+        }
+        self.membership.finish();
+        self.broadcast_members(CoordinatorToWorker::Finished {
+            reason: "schedule complete".into(),
+        });
+        for entry in self.sessions.values() {
+            close_session(entry, CloseReason::Finished);
+        }
+        self.finishing_since = Some(now);
+    }
+
+    fn send(&self, worker: &WorkerId, msg: CoordinatorToWorker) {
+        if let Some(entry) = self.sessions.get(worker) {
+            if entry.actor.cast(SessionMsg::Send { msg }).is_err() {
+                // Its end arrives as a supervision event and is handled there.
+                debug!(worker_id = %worker, "session already stopped");
+            }
+        }
+    }
+
+    fn broadcast_roster(&self, msg: CoordinatorToWorker) {
+        for worker in &self.membership.roster {
+            self.send(worker, msg.clone());
+        }
+    }
+
+    fn broadcast_members(&self, msg: CoordinatorToWorker) {
+        for worker in self.membership.members.keys() {
+            self.send(worker, msg.clone());
+        }
+    }
+
+    fn status(&self) -> JobStatus {
+        JobStatus {
+            generation: self.membership.generation,
+            phase: format!("{:?}", self.membership.phase),
+            members: self.membership.members.keys().cloned().collect(),
+            roster: self.membership.roster.clone(),
+            cursor: self.steps.cursor(),
+            coverage: self.steps.ledger().summary(),
+            aborted_steps: self.aborted_steps,
+        }
+    }
+}
