@@ -12,7 +12,9 @@ use eqim_common::eval_plan::{Completion, EvalPlan, LeaseTable, DEFAULT_EVAL_LEAS
 use sha2::{Digest, Sha256};
 use tch::{nn, Tensor};
 
-use crate::imageio::save_png;
+use super::fid::FeatureMoments;
+use super::inception::{Inception, INCEPTION_DIM};
+use crate::imageio::{save_png, tensor_to_rgb};
 use crate::model::generator::{EquivariantGenerativeModel, GeneratorConfig};
 use crate::model::tokenizer::Parts;
 use crate::model::weights;
@@ -97,6 +99,9 @@ struct WorkerModels {
     _generator_vs: nn::VarStore,
     generator: EquivariantGenerativeModel,
     tokenizer: LoadedTokenizer,
+    /// Present with --fid-stats: features are computed where the images are made, and only
+    /// their f64 partial sums travel.
+    inception: Option<Inception>,
 }
 
 impl EvalJob {
@@ -116,15 +121,28 @@ impl EvalJob {
             },
             Parts::DecoderOnly,
         )?;
+        let inception = match &self.args.fid_stats {
+            Some(_) => Some(
+                super::InceptionArgs {
+                    inception: self.args.inception.clone(),
+                    batch_size: 1,
+                    device: Some(self.args.device.clone()),
+                }
+                .load()?,
+            ),
+            None => None,
+        };
         Ok(WorkerModels {
             _generator_vs: vs,
             generator,
             tokenizer,
+            inception,
         })
     }
 
     /// Image `index` alone (batch 1), so that its bytes cannot depend on batch neighbours.
-    fn render(&self, models: &WorkerModels, index: u64) -> Result<()> {
+    /// Writes the PNG and returns its pixels.
+    fn render(&self, models: &WorkerModels, index: u64) -> Result<image::RgbImage> {
         let _guard = tch::no_grad_guard();
         let labels = Tensor::from_slice(&[self.plan.label(index) as i64]);
         let spec = SampleSpec {
@@ -149,7 +167,8 @@ impl EvalJob {
         save_png(
             &image.get(0),
             &self.args.out.join(EvalPlan::file_name(index)),
-        )
+        )?;
+        tensor_to_rgb(&image.get(0))
     }
 }
 
@@ -157,6 +176,7 @@ impl EvalJob {
 fn worker_loop(
     job: &EvalJob,
     table: &Mutex<LeaseTable>,
+    fid_moments: &Mutex<FeatureMoments>,
     start_line: &Barrier,
     name: &str,
     die_after: Option<u64>,
@@ -180,6 +200,7 @@ fn worker_loop(
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
+        let mut lease_moments = FeatureMoments::new(INCEPTION_DIM);
         for index in lease.indices.clone() {
             if die_after == Some(rendered) {
                 bail!(
@@ -187,7 +208,17 @@ fn worker_loop(
                     lease.id
                 );
             }
-            job.render(&models, index)?;
+            let rgb = job.render(&models, index)?;
+            if let Some(net) = &models.inception {
+                let (w, h) = rgb.dimensions();
+                // [H, W, 3] -> [1, 3, H, W], the bytes the PNG holds
+                let pixels = Tensor::from_slice(rgb.as_raw())
+                    .view([h as i64, w as i64, 3])
+                    .permute([2, 0, 1])
+                    .unsqueeze(0);
+                let (features, _) = net.forward(&pixels)?;
+                lease_moments.add_batch(&features)?;
+            }
             rendered += 1;
             let renewed = table
                 .lock()
@@ -202,8 +233,15 @@ fn worker_loop(
             .lock()
             .expect("lease table lock poisoned")
             .complete(Instant::now(), lease.id);
-        if outcome == Completion::Stale {
-            tracing::warn!(worker = name, lease = lease.id, "late completion ignored");
+        match outcome {
+            // Counted once per index: only accepted completions carry their sums in.
+            Completion::Accepted { .. } => fid_moments
+                .lock()
+                .expect("moments lock poisoned")
+                .merge(&lease_moments)?,
+            Completion::Stale => {
+                tracing::warn!(worker = name, lease = lease.id, "late completion ignored")
+            }
         }
     }
 }
@@ -275,6 +313,8 @@ pub struct EvalReport {
     pub images_per_second: f64,
     /// Workers that died, with the cause; their leases went to the others.
     pub dead_workers: Vec<String>,
+    /// FID against --fid-stats, from the workers' merged feature sums.
+    pub fid: Option<f64>,
 }
 
 /// Runs the whole eval.
@@ -309,17 +349,19 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     )));
     let start = Instant::now();
     let start_line = Arc::new(Barrier::new(args.workers));
+    let fid_moments = Arc::new(Mutex::new(FeatureMoments::new(INCEPTION_DIM)));
     let handles: Vec<_> = (0..args.workers)
         .map(|w| {
-            let (job, table, start_line) = (
+            let (job, table, start_line, fid_moments) = (
                 Arc::clone(&job),
                 Arc::clone(&table),
                 Arc::clone(&start_line),
+                Arc::clone(&fid_moments),
             );
             let die_after = kill.filter(|(k, _)| *k == w).map(|(_, n)| n);
             std::thread::spawn(move || {
                 let name = format!("local-{w}");
-                let result = worker_loop(&job, &table, &start_line, &name, die_after);
+                let result = worker_loop(&job, &table, &fid_moments, &start_line, &name, die_after);
                 if result.is_err() {
                     // What the coordinator does when a worker's session ends.
                     table
@@ -359,30 +401,26 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
         args.out.display(),
         args.workers
     );
+    let mut fid = None;
     if let Some(stats) = &args.fid_stats {
         let reference = super::fid::FidStats::read(stats)?;
-        let inception = super::InceptionArgs {
-            inception: args.inception.clone(),
-            batch_size: 32,
-            device: Some(args.device.clone()),
-        }
-        .load()?;
-        let features =
-            super::folder_features_of(&inception, &image_paths(&job.plan, &args.out), 32)?;
-        super::warn_if_small(features.moments.count);
-        let fid = super::fid::frechet_distance(&features.moments.stats()?, &reference)?;
-        println!("fid {fid:.4} ({} images)", features.moments.count);
+        let moments = fid_moments.lock().expect("moments lock poisoned").clone();
+        anyhow::ensure!(
+            moments.count == args.num_images,
+            "feature sums cover {} of {} images",
+            moments.count,
+            args.num_images
+        );
+        super::warn_if_small(moments.count);
+        let distance = super::fid::frechet_distance(&moments.stats()?, &reference)?;
+        println!("fid {distance:.4} ({} images)", moments.count);
+        fid = Some(distance);
     }
     Ok(EvalReport {
         images_per_second,
         dead_workers: failures,
+        fid,
     })
-}
-
-fn image_paths(plan: &EvalPlan, out: &Path) -> Vec<PathBuf> {
-    (0..plan.num_images)
-        .map(|i| out.join(EvalPlan::file_name(i)))
-        .collect()
 }
 
 #[cfg(test)]
@@ -469,6 +507,62 @@ mod tests {
                 .expect("json");
         assert_eq!(manifest["images"][19]["label"], 9);
         assert_eq!(manifest["images"].as_array().map(Vec::len), Some(20));
+    }
+
+    #[test]
+    fn fid_from_worker_sums_equals_fid_of_the_written_folder() {
+        let inception = crate::eval::inception::default_inception_path();
+        if !inception.is_file() {
+            eprintln!(
+                "skipping: Inception file {} absent (run scripts/fetch-inception)",
+                inception.display()
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = dir.path().join("ref.npz");
+        // Reference statistics: a fixed random set of 10 feature vectors.
+        let mut reference = FeatureMoments::new(INCEPTION_DIM);
+        tch::manual_seed(3);
+        reference
+            .add_batch(&Tensor::rand(
+                [10, INCEPTION_DIM as i64],
+                tch::kind::FLOAT_CPU,
+            ))
+            .expect("add");
+        reference
+            .stats()
+            .expect("stats")
+            .write(&stats)
+            .expect("write");
+        let out = dir.path().join("set");
+        let stats_arg = stats.display().to_string();
+        let mut args = eval_into(
+            &out,
+            &[
+                "--workers",
+                "2",
+                "--kill-worker-after",
+                "0:1",
+                "--fid-stats",
+                &stats_arg,
+            ],
+        );
+        args.num_images = 10;
+        let report = run_eval(&args).expect("eval");
+        assert_eq!(report.dead_workers.len(), 1);
+        let from_workers = report.fid.expect("fid");
+        let net = Inception::load(&inception, tch::Device::Cpu).expect("inception");
+        let folder = crate::eval::folder_features(&net, &out, 4).expect("features");
+        assert_eq!(folder.moments.count, 10);
+        let reference = crate::eval::fid::FidStats::read(&stats).expect("read");
+        let from_folder =
+            crate::eval::fid::frechet_distance(&folder.moments.stats().expect("s"), &reference)
+                .expect("fid");
+        assert!(
+            (from_workers - from_folder).abs() < 1e-3 * from_folder.abs().max(1.0),
+            "{from_workers} vs {from_folder}"
+        );
     }
 
     #[test]
