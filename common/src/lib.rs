@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod eval_plan;
 pub mod framing;
 pub mod ledger;
 pub mod metrics;

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod data;
 pub mod demo;
 pub mod doctor;
+pub mod eval;
 pub mod imageio;
 pub mod launch;
 pub mod metrics;

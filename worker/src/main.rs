@@ -26,6 +26,12 @@ enum Command {
     /// Time gloo all-reduce across local processes (a benchmark, see scripts/bench-allreduce).
     #[command(hide = true)]
     BenchAllreduce(eqim_worker::collective::bench::BenchArgs),
+    /// Inception statistics (npz: mu, sigma) of a folder of images, for FID.
+    FidStats(eqim_worker::eval::FidStatsArgs),
+    /// FID of a folder of images against a statistics file (and the IS when the network has logits).
+    Fid(eqim_worker::eval::FidArgs),
+    /// Sample a fixed, index-addressed image set (PNGs + manifest), identical at any worker count.
+    Eval(Box<eqim_worker::eval::run::EvalArgs>),
     /// Check the tch models against a reference fixture (PREFIX.json, PREFIX.weights.safetensors,
     /// PREFIX.io.safetensors): prints the max abs error per case, fails above --tol.
     VerifyReference {
@@ -96,6 +102,11 @@ fn main() -> Result<()> {
             }
         }
         Command::BenchAllreduce(args) => eqim_worker::collective::bench::run(&args)?,
+        Command::FidStats(args) => eqim_worker::eval::run_fid_stats(&args)?,
+        Command::Fid(args) => eqim_worker::eval::run_fid(&args)?,
+        Command::Eval(args) => {
+            eqim_worker::eval::run::run_eval(&args)?;
+        }
         Command::VerifyReference { prefix, tol } => {
             eqim_worker::verify::run_cli(&prefix, tol)?;
         }

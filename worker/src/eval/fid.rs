@@ -1,0 +1,403 @@
+//! Frechet Inception Distance: mergeable f64 feature moments (workers send partial sums, the
+//! coordinator adds them), statistics files (`mu`, `sigma` npz, as pytorch-fid / torch-fidelity /
+//! ADM write them) and the distance itself, computed in f64.
+//! FID: Heusel et al. 2017, https://arxiv.org/abs/1706.08500
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::npz::{read_npz, write_npz, NpyArray, NpyError};
+
+/// Below this many images FID is strongly biased upwards (the standard protocols use 10k-50k).
+pub const FID_MIN_UNBIASED_IMAGES: u64 = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FidError {
+    #[error("feature dimensions differ: {left} vs {right}")]
+    DimMismatch { left: usize, right: usize },
+    #[error("features must be a 2-D [N, {expected}] tensor, got {got:?}")]
+    FeatureShape { expected: usize, got: Vec<i64> },
+    #[error("covariance needs at least 2 images, have {count}")]
+    TooFewImages { count: u64 },
+    #[error("{path}: {reason}; a stats file holds 'mu' [D] and 'sigma' [D, D] (np.savez(path, mu=mu, sigma=sigma))")]
+    StatsFile { path: String, reason: String },
+    #[error(transparent)]
+    Npy(#[from] NpyError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// Mean and covariance of a feature set, in f64.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FidStats {
+    pub dim: usize,
+    /// [dim]
+    pub mu: Vec<f64>,
+    /// [dim, dim], row-major
+    pub sigma: Vec<f64>,
+}
+
+impl FidStats {
+    pub fn new(mu: Vec<f64>, sigma: Vec<f64>) -> Result<Self, FidError> {
+        let dim = mu.len();
+        if sigma.len() != dim * dim {
+            return Err(FidError::DimMismatch {
+                left: dim * dim,
+                right: sigma.len(),
+            });
+        }
+        Ok(Self { dim, mu, sigma })
+    }
+
+    pub fn read(path: &Path) -> Result<Self, FidError> {
+        let shown = path.display().to_string();
+        let mut arrays = read_npz(path)?;
+        let bad = |reason: String| FidError::StatsFile {
+            path: shown.clone(),
+            reason,
+        };
+        let mu = arrays
+            .remove("mu")
+            .ok_or_else(|| bad("no array named 'mu'".into()))?;
+        let sigma = arrays
+            .remove("sigma")
+            .ok_or_else(|| bad("no array named 'sigma'".into()))?;
+        let dim = mu.data.len();
+        if mu.shape != [dim] || sigma.shape != [dim, dim] {
+            return Err(bad(format!(
+                "shapes mu {:?} and sigma {:?} do not form [D] and [D, D]",
+                mu.shape, sigma.shape
+            )));
+        }
+        Self::new(mu.data, sigma.data)
+    }
+
+    pub fn write(&self, path: &Path) -> Result<(), FidError> {
+        let mu = NpyArray::new(vec![self.dim], self.mu.clone());
+        let sigma = NpyArray::new(vec![self.dim, self.dim], self.sigma.clone());
+        write_npz(path, &[("mu", &mu), ("sigma", &sigma)])?;
+        Ok(())
+    }
+
+    fn mu_tensor(&self) -> Tensor {
+        Tensor::from_slice(&self.mu)
+    }
+
+    fn sigma_tensor(&self) -> Tensor {
+        Tensor::from_slice(&self.sigma).view([self.dim as i64, self.dim as i64])
+    }
+}
+
+/// Running sums of features and of their outer products, in f64, so that partial sums from
+/// different workers (or batches) add up to exactly the moments of the union.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureMoments {
+    pub dim: usize,
+    pub count: u64,
+    /// sum_i x_i, [dim]
+    pub sum: Vec<f64>,
+    /// sum_i x_i x_i^T, [dim, dim] row-major
+    pub sum_outer: Vec<f64>,
+}
+
+impl FeatureMoments {
+    pub fn new(dim: usize) -> Self {
+        Self {
+            dim,
+            count: 0,
+            sum: vec![0.0; dim],
+            sum_outer: vec![0.0; dim * dim],
+        }
+    }
+
+    /// Adds a batch of features [N, dim] (any float kind, any device).
+    pub fn add_batch(&mut self, features: &Tensor) -> Result<(), FidError> {
+        let size = features.size();
+        if size.len() != 2 || size[1] != self.dim as i64 {
+            return Err(FidError::FeatureShape {
+                expected: self.dim,
+                got: size,
+            });
+        }
+        let x = features.to_device(Device::Cpu).to_kind(Kind::Double);
+        let batch_sum = Vec::<f64>::try_from(x.sum_dim_intlist(0, false, Kind::Double))?;
+        // [dim, N] @ [N, dim] -> [dim, dim]
+        let batch_outer = Vec::<f64>::try_from(x.tr().mm(&x).flatten(0, 1))?;
+        for (acc, v) in self.sum.iter_mut().zip(batch_sum) {
+            *acc += v;
+        }
+        for (acc, v) in self.sum_outer.iter_mut().zip(batch_outer) {
+            *acc += v;
+        }
+        self.count += size[0] as u64;
+        Ok(())
+    }
+
+    /// Adds another worker's partial sums.
+    pub fn merge(&mut self, other: &FeatureMoments) -> Result<(), FidError> {
+        if other.dim != self.dim {
+            return Err(FidError::DimMismatch {
+                left: self.dim,
+                right: other.dim,
+            });
+        }
+        for (acc, v) in self.sum.iter_mut().zip(&other.sum) {
+            *acc += v;
+        }
+        for (acc, v) in self.sum_outer.iter_mut().zip(&other.sum_outer) {
+            *acc += v;
+        }
+        self.count += other.count;
+        Ok(())
+    }
+
+    /// Mean and unbiased covariance (divided by N-1, as `np.cov` and pytorch-fid do).
+    pub fn stats(&self) -> Result<FidStats, FidError> {
+        if self.count < 2 {
+            return Err(FidError::TooFewImages { count: self.count });
+        }
+        let n = self.count as f64;
+        let mu: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let d = self.dim;
+        let mut sigma = vec![0.0; d * d];
+        for r in 0..d {
+            for c in 0..d {
+                sigma[r * d + c] = (self.sum_outer[r * d + c] - n * mu[r] * mu[c]) / (n - 1.0);
+            }
+        }
+        FidStats::new(mu, sigma)
+    }
+}
+
+/// Symmetric positive semi-definite square root through the eigendecomposition.
+fn psd_sqrt(m: &Tensor) -> Result<Tensor, FidError> {
+    let (eigenvalues, eigenvectors) = m.f_linalg_eigh("L")?;
+    let roots = eigenvalues.clamp_min(0.0).sqrt();
+    // V diag(sqrt(lambda)) V^T
+    Ok((&eigenvectors * roots.unsqueeze(0)).mm(&eigenvectors.tr()))
+}
+
+/// d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), in f64.
+///
+/// tr(sqrt(S1 S2)) is the sum of the square roots of the eigenvalues of the symmetric PSD matrix
+/// sqrt(S1) S2 sqrt(S1) (similar to S1 S2), which avoids the non-symmetric `sqrtm` and its
+/// complex round-off that scipy-based implementations have to discard.
+pub fn frechet_distance(a: &FidStats, b: &FidStats) -> Result<f64, FidError> {
+    if a.dim != b.dim {
+        return Err(FidError::DimMismatch {
+            left: a.dim,
+            right: b.dim,
+        });
+    }
+    let _guard = tch::no_grad_guard();
+    let diff = a.mu_tensor() - b.mu_tensor();
+    let mean_term = f64::try_from(diff.dot(&diff))?;
+    let (s1, s2) = (a.sigma_tensor(), b.sigma_tensor());
+    let trace_term = f64::try_from(s1.trace())? + f64::try_from(s2.trace())?;
+    let root1 = psd_sqrt(&s1)?;
+    let inner = root1.mm(&s2).mm(&root1);
+    // Symmetrize: round-off makes the product very slightly non-symmetric.
+    let inner = (&inner + inner.tr()) / 2.0;
+    let eigenvalues = inner.f_linalg_eigvalsh("L")?;
+    let trace_sqrt = f64::try_from(eigenvalues.clamp_min(0.0).sqrt().sum(Kind::Double))?;
+    Ok(mean_term + trace_term - 2.0 * trace_sqrt)
+}
+
+/// Inception Score exp(E_x KL(p(y|x) || p(y))) from class logits [N, C], averaged over `splits`
+/// consecutive chunks as in Salimans et al. 2016 (mean and standard deviation).
+pub fn inception_score(logits: &Tensor, splits: usize) -> Result<(f64, f64), FidError> {
+    let size = logits.size();
+    if size.len() != 2 || size[0] < splits as i64 || splits == 0 {
+        return Err(FidError::FeatureShape {
+            expected: splits,
+            got: size,
+        });
+    }
+    let _guard = tch::no_grad_guard();
+    let log_p = logits
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Double)
+        .log_softmax(1, Kind::Double);
+    let n = size[0];
+    let mut scores = Vec::with_capacity(splits);
+    for k in 0..splits as i64 {
+        let (start, end) = (k * n / splits as i64, (k + 1) * n / splits as i64);
+        let part = log_p.narrow(0, start, end - start);
+        // log p(y) = log mean_x p(y|x)
+        let log_marginal = part.logsumexp([0], true) - ((end - start) as f64).ln();
+        let kl = (part.exp() * (&part - log_marginal)).sum_dim_intlist(1, false, Kind::Double);
+        scores.push(f64::try_from(kl.mean(Kind::Double).exp())?);
+    }
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+    let var = scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / scores.len() as f64;
+    Ok((mean, var.sqrt()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same splitmix64 stream as scripts/fid-reference-values.py.
+    struct SplitMix64(u64);
+
+    impl SplitMix64 {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn uniform(&mut self, n: usize) -> Vec<f64> {
+            (0..n)
+                .map(|_| (self.next_u64() >> 11) as f64 * 2f64.powi(-53) * 2.0 - 1.0)
+                .collect()
+        }
+    }
+
+    fn matrix(rows: usize, cols: usize, data: Vec<f64>) -> Tensor {
+        Tensor::from_slice(&data).view([rows as i64, cols as i64])
+    }
+
+    fn stats_from(mu: Vec<f64>, sigma: &Tensor) -> FidStats {
+        let sigma = Vec::<f64>::try_from(sigma.flatten(0, 1)).expect("sigma to vec");
+        FidStats::new(mu, sigma).expect("stats")
+    }
+
+    fn diag(values: &[f64]) -> Vec<f64> {
+        let d = values.len();
+        let mut m = vec![0.0; d * d];
+        for (i, v) in values.iter().enumerate() {
+            m[i * d + i] = *v;
+        }
+        m
+    }
+
+    /// S = A A^T / (2d) + 0.1 I with mu1, A1, mu2, A2 drawn in that order (random_case in Python).
+    fn random_case(seed: u64, d: usize) -> f64 {
+        let mut rng = SplitMix64(seed);
+        let draw = |rng: &mut SplitMix64| {
+            let mu = rng.uniform(d);
+            let a = matrix(d, 2 * d, rng.uniform(d * 2 * d));
+            let sigma = a.mm(&a.tr()) / (2 * d) as f64
+                + Tensor::eye(d as i64, (Kind::Double, Device::Cpu)) * 0.1;
+            stats_from(mu, &sigma)
+        };
+        let a = draw(&mut rng);
+        let b = draw(&mut rng);
+        frechet_distance(&a, &b).expect("fid")
+    }
+
+    fn assert_close(got: f64, want: f64, rel: f64) {
+        assert!(
+            (got - want).abs() <= rel * want.abs().max(1.0),
+            "got {got}, want {want}"
+        );
+    }
+
+    #[test]
+    fn identical_sets_give_zero() {
+        let mut rng = SplitMix64(9);
+        let a = matrix(8, 24, rng.uniform(8 * 24));
+        let stats = stats_from(rng.uniform(8), &(a.mm(&a.tr()) / 24.0));
+        assert!(frechet_distance(&stats, &stats).expect("fid").abs() < 1e-10);
+    }
+
+    #[test]
+    fn identity_covariances_give_the_squared_mean_distance() {
+        let eye = diag(&[1.0; 5]);
+        let a = FidStats::new(vec![0.0, 1.0, 2.0, 3.0, 4.0], eye.clone()).expect("a");
+        let b = FidStats::new(vec![1.0, 1.0, 0.0, 3.0, 4.5], eye).expect("b");
+        assert_close(
+            frechet_distance(&a, &b).expect("fid"),
+            1.0 + 4.0 + 0.25,
+            1e-12,
+        );
+    }
+
+    #[test]
+    fn diagonal_covariances_give_the_closed_form() {
+        // sum (sqrt(a_i) - sqrt(b_i))^2 plus the mean term
+        let (va, vb) = ([1.0, 4.0, 9.0, 0.25], [4.0, 1.0, 9.0, 2.0]);
+        let a = FidStats::new(vec![0.5; 4], diag(&va)).expect("a");
+        let b = FidStats::new(vec![0.0; 4], diag(&vb)).expect("b");
+        let want: f64 = 4.0 * 0.25
+            + va.iter()
+                .zip(&vb)
+                .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
+                .sum::<f64>();
+        assert_close(frechet_distance(&a, &b).expect("fid"), want, 1e-12);
+    }
+
+    #[test]
+    fn random_cases_match_scipy() {
+        // Values from scripts/fid-reference-values.py (scipy 1.17.1 sqrtm).
+        assert_close(random_case(1, 16), 9.954001075414515, 1e-9);
+        assert_close(random_case(2, 32), 27.376305404206853, 1e-9);
+        assert_close(random_case(3, 64), 45.106390097315774, 1e-9);
+    }
+
+    #[test]
+    fn moments_merged_from_batches_match_numpy_cov() {
+        let (d, n1, n2) = (16usize, 200usize, 300usize);
+        let mut rng = SplitMix64(4);
+        let x1 = matrix(n1, d, rng.uniform(n1 * d));
+        let x2 = matrix(n2, d, rng.uniform(n2 * d)) * 1.5 + 0.2;
+        // Set 1 in one go; set 2 as two "workers" with uneven batches, merged.
+        let mut m1 = FeatureMoments::new(d);
+        m1.add_batch(&x1).expect("add");
+        let mut worker_a = FeatureMoments::new(d);
+        worker_a.add_batch(&x2.narrow(0, 0, 7)).expect("add");
+        worker_a.add_batch(&x2.narrow(0, 7, 100)).expect("add");
+        let mut worker_b = FeatureMoments::new(d);
+        worker_b.add_batch(&x2.narrow(0, 107, 193)).expect("add");
+        worker_a.merge(&worker_b).expect("merge");
+        assert_eq!(worker_a.count, 300);
+        let fid = frechet_distance(&m1.stats().expect("s1"), &worker_a.stats().expect("s2"));
+        // feature_case(seed=4, d=16, n1=200, n2=300) from the script (np.cov, unbiased).
+        assert_close(fid.expect("fid"), 2.4447549491044, 1e-9);
+    }
+
+    #[test]
+    fn moments_refuse_wrong_shapes_and_too_few_images() {
+        let mut m = FeatureMoments::new(4);
+        let wrong = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
+        assert!(m.add_batch(&wrong).is_err());
+        m.add_batch(&Tensor::ones([1, 4], (Kind::Float, Device::Cpu)))
+            .expect("add");
+        assert!(matches!(
+            m.stats(),
+            Err(FidError::TooFewImages { count: 1 })
+        ));
+        assert!(m.merge(&FeatureMoments::new(5)).is_err());
+    }
+
+    #[test]
+    fn stats_files_round_trip_and_bad_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.npz");
+        let stats = FidStats::new(vec![1.0, 2.0], vec![1.0, 0.5, 0.5, 2.0]).expect("stats");
+        stats.write(&path).expect("write");
+        assert_eq!(FidStats::read(&path).expect("read"), stats);
+        let only_mu = dir.path().join("mu.npz");
+        let mu = NpyArray::new(vec![2], vec![0.0, 0.0]);
+        write_npz(&only_mu, &[("mu", &mu)]).expect("write");
+        let err = FidStats::read(&only_mu).expect_err("no sigma").to_string();
+        assert!(err.contains("mu.npz") && err.contains("'sigma'"), "{err}");
+    }
+
+    #[test]
+    fn inception_score_is_one_for_constant_and_c_for_confident_distinct_classes() {
+        let constant = Tensor::zeros([20, 10], (Kind::Float, Device::Cpu));
+        let (is, _) = inception_score(&constant, 2).expect("is");
+        assert_close(is, 1.0, 1e-12);
+        // 4 classes, each predicted with near certainty, evenly spread in each split.
+        let confident = Tensor::eye(4, (Kind::Double, Device::Cpu)).repeat([5, 1]) * 100.0;
+        let (is, std) = inception_score(&confident, 5).expect("is");
+        assert_close(is, 4.0, 1e-6);
+        assert!(std < 1e-9);
+    }
+}
