@@ -6,3 +6,4 @@ pub mod launch_cmd;
 pub mod ledger_cmd;
 pub mod trainable;
 pub mod trainer;
+pub mod generator_trainable;
