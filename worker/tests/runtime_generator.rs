@@ -271,6 +271,20 @@ fn two_workers_train_the_generator_like_one() {
     let (a, b) = (&two_workers[0].final_state, &two_workers[1].final_state);
     assert_eq!(max_abs_diff(a, b), 0.0, "the two replicas differ");
     let state = load(a);
+    // The weights moved: with EMA rate 0.9 the live weights and their average differ.
+    let tensor = |name: &str| &state.iter().find(|(n, _)| n == name).unwrap().1;
+    let moved = state
+        .iter()
+        .filter_map(|(n, t)| {
+            n.strip_prefix("model.")
+                .map(|rest| (t, tensor(&format!("ema.{rest}"))))
+        })
+        .map(|(live, ema)| (live - ema).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(
+        moved > 1e-6,
+        "training did not change the weights ({moved})"
+    );
     assert!(state.iter().any(|(n, _)| n.starts_with("exp_avg_sq.")));
     for (name, t) in &state {
         assert!(
@@ -280,18 +294,28 @@ fn two_workers_train_the_generator_like_one() {
     }
     for w in &two_workers {
         let losses = logged_losses(&w.log);
-        assert_eq!(losses.len(), 3, "{}: one logged step per committed step", w.name);
-        assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+        assert_eq!(
+            losses.len(),
+            3,
+            "{}: one logged step per committed step",
+            w.name
+        );
+        assert!(
+            losses.iter().all(|l| l.is_finite() && *l > 0.0),
+            "{losses:?}"
+        );
     }
 
     // Rank 0 exported weights and the model config that sampling reads.
     let export = dir.path().join("two/export");
     let ema = export.join("generator-ema.safetensors");
-    let json: eqim_worker::model::generator::GeneratorConfig = serde_json::from_str(
-        &std::fs::read_to_string(export.join("generator.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!((json.token_num, json.vae_embed_dim, json.class_num), (8, 12, 4));
+    let json: eqim_worker::model::generator::GeneratorConfig =
+        serde_json::from_str(&std::fs::read_to_string(export.join("generator.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (json.token_num, json.vae_embed_dim, json.class_num),
+        (8, 12, 4)
+    );
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let _model =
         eqim_worker::model::generator::EquivariantGenerativeModel::new(vs.root(), &json).unwrap();
@@ -309,4 +333,75 @@ fn two_workers_train_the_generator_like_one() {
     let diff = max_abs_diff(&one_workers[0].final_state, a);
     eprintln!("1 worker vs 2 workers: max abs state difference {diff:e}");
     assert!(diff < 1e-4, "1 worker vs 2 workers differ by {diff}");
+}
+
+#[test]
+fn launch_trains_the_generator_and_checks_the_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_inputs(dir.path());
+    let yaml = |dataset_len: u64| {
+        format!(
+            "bind: 127.0.0.1:0\njob_dir: {job}\nexpected_workers: 2\nmin_workers: 2\nmax_workers: 2\n\
+             timeouts:\n  heartbeat_timeout: 3.0\n  quic_idle_timeout: 3.0\n  step_timeout: 30.0\n\
+             schedule:\n  dataset_len: {dataset_len}\n  global_batch: 8\n  micro_batch: 4\n  epochs: 1\n  seed: 0\n",
+            job = dir.path().join("job").display()
+        )
+    };
+    let launch = |coordinator: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_eqim"))
+            .arg("launch")
+            .arg("--config")
+            .arg(coordinator)
+            .args(["--workers", "2", "--connect-timeout", "30"])
+            .arg("--train-config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running eqim launch")
+    };
+
+    // A schedule that does not cover the cache is refused before anything starts.
+    let wrong = dir.path().join("wrong.yaml");
+    std::fs::write(&wrong, yaml(ROWS + 1)).unwrap();
+    let out = launch(&wrong);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("dataset_len = 25") && stderr.contains("has 24 rows"),
+        "{stderr}"
+    );
+
+    let right = dir.path().join("right.yaml");
+    std::fs::write(&right, yaml(ROWS)).unwrap();
+    let out = launch(&right);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let export = dir.path().join("job/generator");
+    assert!(stdout.contains("generator-ema.safetensors"), "{stdout}");
+    for file in [
+        "generator-ema.safetensors",
+        "generator.safetensors",
+        "generator.json",
+    ] {
+        assert!(export.join(file).is_file(), "{file} missing");
+    }
+}
+
+#[test]
+fn the_demo_configs_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let train: eqim_common::train_config::GeneratorTrainConfig =
+        eqim_common::config::load_config(&root.join("configs/demo-generator.toml")).unwrap();
+    let model = eqim_worker::train::cli::resolve_model(&train.model).unwrap();
+    assert_eq!(
+        (model.token_num, model.vae_embed_dim, model.class_num),
+        (16, 16, 5)
+    );
+    let coordinator: CoordinatorConfig =
+        eqim_common::config::load_config(&root.join("configs/demo-launch.yaml")).unwrap();
+    assert_eq!(coordinator.schedule.global_batch, train.optim.batch);
 }

@@ -142,10 +142,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         .unwrap_or(std::path::Path::new("."))
         .to_owned();
     let trainer_cfg = TrainerConfig {
-        export_dir: args
-            .train_config
-            .as_ref()
-            .map(|_| args.export_dir.clone().unwrap_or_else(|| job_dir.join("generator"))),
+        export_dir: args.train_config.as_ref().map(|_| {
+            args.export_dir
+                .clone()
+                .unwrap_or_else(|| job_dir.join("generator"))
+        }),
         host: args.host.clone(),
         collective_timeout,
         final_state: args.final_state.clone(),

@@ -54,8 +54,8 @@ impl GeneratorTrainable {
     pub fn from_config_file(path: &Path, device_override: Option<&str>) -> Result<Self> {
         let cfg: GeneratorTrainConfig = load_config(path)
             .with_context(|| format!("reading the training config {}", path.display()))?;
-        let model_cfg = resolve_model(&cfg.model)
-            .with_context(|| format!("config file {}", path.display()))?;
+        let model_cfg =
+            resolve_model(&cfg.model).with_context(|| format!("config file {}", path.display()))?;
         let device = parse_device(device_override.unwrap_or(&cfg.device))?;
         let (source, prep) = batch_source(&cfg, &model_cfg)
             .with_context(|| format!("the [data] of {}", path.display()))?;
@@ -214,8 +214,11 @@ impl Trainable for GeneratorTrainable {
             .with_context(|| format!("creating the export directory {}", dir.display()))?;
         let names = &self.trainer.params.names;
         let ema = dir.join(EXPORT_EMA);
-        crate::model::weights::write_safetensors_atomic(&self.trainer.ema.to_named_cpu(names), &ema)
-            .with_context(|| format!("writing {}", ema.display()))?;
+        crate::model::weights::write_safetensors_atomic(
+            &self.trainer.ema.to_named_cpu(names),
+            &ema,
+        )
+        .with_context(|| format!("writing {}", ema.display()))?;
         let live = dir.join(EXPORT_LIVE);
         crate::model::weights::write_safetensors_atomic(&self.trainer.params.to_named_cpu(), &live)
             .with_context(|| format!("writing {}", live.display()))?;
