@@ -389,6 +389,27 @@ fn launch_trains_the_generator_and_checks_the_schedule() {
     ] {
         assert!(export.join(file).is_file(), "{file} missing");
     }
+    // The exported weights sample with `eqim sample-tokens`.
+    let tokens = dir.path().join("tokens.safetensors");
+    let sampled = Command::new(env!("CARGO_BIN_EXE_eqim"))
+        .arg("sample-tokens")
+        .arg("--weights")
+        .arg(export.join("generator-ema.safetensors"))
+        .arg("--config")
+        .arg(export.join("generator.json"))
+        .args(["--labels", "0,3", "--steps", "2", "--output"])
+        .arg(&tokens)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running eqim sample-tokens");
+    assert!(
+        sampled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sampled.stderr)
+    );
+    let named = load(&tokens);
+    let (_, t) = named.iter().find(|(n, _)| n == "tokens").expect("tokens");
+    assert_eq!(t.size(), vec![2, 8, 12]);
 }
 
 #[test]
