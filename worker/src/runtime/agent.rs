@@ -4,7 +4,8 @@
 //! Workers may start before the coordinator: connecting is retried with backoff until
 //! `--connect-timeout`, and a lost coordinator is reconnected to under the same bound.
 
-use super::trainable::SyntheticMlp;
+use super::generator_trainable::GeneratorTrainable;
+use super::trainable::{SyntheticMlp, Trainable};
 use super::trainer::{Command, Event, Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use eqim_common::proto::{
@@ -68,6 +69,17 @@ pub struct WorkerArgs {
     /// Learning rate of the synthetic model's SGD.
     #[arg(long, default_value_t = 0.05)]
     pub lr: f64,
+    /// Train the generator described by this training config (`eqim train-generator`'s TOML,
+    /// e.g. configs/demo-generator.toml) instead of the synthetic model.
+    #[arg(long, value_name = "FILE")]
+    pub train_config: Option<PathBuf>,
+    /// Device of the generator, overriding the training config's `device` (cpu, cuda:N, auto).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Where rank 0 writes the trained generator at the end of the job (EMA and live weights
+    /// plus generator.json); default: `generator` next to the token file (the job directory).
+    #[arg(long, value_name = "DIR")]
+    pub export_dir: Option<PathBuf>,
 }
 
 fn secs(flag: &str, value: f64) -> Result<Duration> {
@@ -124,33 +136,55 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let (event_tx, event_rx) = tokio::sync::mpsc::unbounded_channel();
     let (command_tx, command_rx) = mpsc::channel::<Command>();
     let (port_tx, port_rx) = mpsc::channel::<Result<u16>>();
+    let job_dir = args
+        .token
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .to_owned();
     let trainer_cfg = TrainerConfig {
+        export_dir: args.train_config.as_ref().map(|_| {
+            args.export_dir
+                .clone()
+                .unwrap_or_else(|| job_dir.join("generator"))
+        }),
         host: args.host.clone(),
         collective_timeout,
         final_state: args.final_state.clone(),
         metrics: Some(metrics),
-        checkpoint_root: args.checkpoint_dir.clone().unwrap_or_else(|| {
-            args.token
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join("checkpoints")
-        }),
+        checkpoint_root: args
+            .checkpoint_dir
+            .clone()
+            .unwrap_or_else(|| job_dir.join("checkpoints")),
     };
     let seed = args.seed;
     let lr = args.lr;
+    let train_config = args.train_config.clone();
+    let device = args.device.clone();
     let training = std::thread::Builder::new()
         .name("training".into())
         .spawn(move || -> Result<()> {
-            let model = SyntheticMlp::new(seed, lr);
-            let trainer = match Trainer::new(trainer_cfg, model, event_tx) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ignored = port_tx.send(Err(anyhow::anyhow!("{e:#}")));
-                    return Err(e);
+            match train_config {
+                Some(path) => {
+                    let model = GeneratorTrainable::from_config_file(&path, device.as_deref());
+                    match model {
+                        Ok(model) => {
+                            info!(config = %path.display(), samples = model.dataset_len(), "training the generator");
+                            run_training(trainer_cfg, model, event_tx, &port_tx, command_rx)
+                        }
+                        Err(e) => {
+                            let _ignored = port_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                            Err(e)
+                        }
+                    }
                 }
-            };
-            let _ignored = port_tx.send(Ok(trainer.store_port()));
-            trainer.run(command_rx)
+                None => run_training(
+                    trainer_cfg,
+                    SyntheticMlp::new(seed, lr),
+                    event_tx,
+                    &port_tx,
+                    command_rx,
+                ),
+            }
         })
         .context("spawning the training thread")?;
     let store_port = port_rx
@@ -180,6 +214,25 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         // The training thread may be blocked in a collective; the process exit ends it.
         Ended::Terminated => Ok(()),
     }
+}
+
+/// Hosts the store, reports its port (or the error) to the agent, then obeys commands.
+fn run_training<T: Trainable>(
+    cfg: TrainerConfig,
+    model: T,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    port_tx: &mpsc::Sender<Result<u16>>,
+    commands: mpsc::Receiver<Command>,
+) -> Result<()> {
+    let trainer = match Trainer::new(cfg, model, events) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ignored = port_tx.send(Err(anyhow::anyhow!("{e:#}")));
+            return Err(e);
+        }
+    };
+    let _ignored = port_tx.send(Ok(trainer.store_port()));
+    trainer.run(commands)
 }
 
 enum Ended {

@@ -23,6 +23,14 @@ pub struct LaunchArgs {
     /// Serve each worker's `/metrics` on 127.0.0.1 at this port + its index.
     #[arg(long)]
     pub metrics_base_port: Option<u16>,
+    /// Train the generator of this training config (e.g. configs/demo-generator.toml) instead
+    /// of the synthetic model; its data must have `schedule.dataset_len` rows and its
+    /// `optim.batch` must equal `schedule.global_batch`.
+    #[arg(long, value_name = "FILE")]
+    pub train_config: Option<PathBuf>,
+    /// Where the trained generator is written at the end (default: JOB_DIR/generator).
+    #[arg(long, value_name = "DIR")]
+    pub export_dir: Option<PathBuf>,
     /// Extra seconds each worker waits for the coordinator.
     #[arg(long, default_value_t = 60.0)]
     pub connect_timeout: f64,
@@ -43,6 +51,46 @@ fn free_udp_port() -> Result<u16> {
         .port())
 }
 
+/// Refuses a training config whose data or batch does not match the coordinator's schedule,
+/// naming both files and both numbers.
+pub fn check_train_config(
+    path: &std::path::Path,
+    coordinator_config: &str,
+    schedule: &eqim_coordinator::steps::ScheduleConfig,
+) -> Result<()> {
+    use eqim_common::train_config::{DataConfig, GeneratorTrainConfig};
+    let train: GeneratorTrainConfig = eqim_common::config::load_config(path)
+        .with_context(|| format!("reading the training config {}", path.display()))?;
+    let rows = match &train.data {
+        DataConfig::LatentCache { path: cache, .. } => crate::data::LatentCache::open(cache)
+            .with_context(|| {
+                format!(
+                    "opening the latent cache {} named by {}",
+                    cache.display(),
+                    path.display()
+                )
+            })?
+            .len() as u64,
+        DataConfig::Synthetic { samples, .. } => *samples,
+    };
+    if rows != schedule.dataset_len {
+        bail!(
+            "{coordinator_config} sets schedule.dataset_len = {} but the data of {} has {rows} rows: set schedule.dataset_len to {rows}",
+            schedule.dataset_len,
+            path.display()
+        );
+    }
+    if train.optim.batch != schedule.global_batch {
+        bail!(
+            "{coordinator_config} sets schedule.global_batch = {} but {} sets optim.batch = {}: make them equal (the lr and its schedule follow optim.batch)",
+            schedule.global_batch,
+            path.display(),
+            train.optim.batch
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: LaunchArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
@@ -53,6 +101,9 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         .args
         .into_config()
         .with_context(|| format!("loading the coordinator config {config}"))?;
+    if let Some(path) = &args.train_config {
+        check_train_config(path, &config, &cfg.schedule)?;
+    }
     let port = match cfg.bind.port() {
         0 => free_udp_port()?,
         p => p,
@@ -97,6 +148,12 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             worker
                 .arg("--metrics-addr")
                 .arg(format!("127.0.0.1:{port}"));
+        }
+        if let Some(path) = &args.train_config {
+            worker.arg("--train-config").arg(path);
+        }
+        if let Some(dir) = &args.export_dir {
+            worker.arg("--export-dir").arg(dir);
         }
         if let Some(dir) = &args.final_state_dir {
             worker

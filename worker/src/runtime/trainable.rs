@@ -16,6 +16,11 @@ pub trait Trainable {
     /// Sets every gradient to zero (defining it if needed), so a rank with no samples in a step
     /// still all-reduces well-formed zeros.
     fn zero_grads(&mut self) -> Result<()>;
+    /// Called before the micro-batches of each step with the step's position, for models whose
+    /// random draws or learning rate depend on it.
+    fn begin_step(&mut self, _step: u64, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
     /// Forward and backward over one micro-batch of sample `indices`, adding the gradient of
     /// `sum(per-sample loss) / step_samples` to the accumulated gradients. Returns the summed loss.
     fn accumulate_grads(&mut self, indices: &[u64], step_samples: u64) -> Result<f64>;
@@ -24,6 +29,12 @@ pub trait Trainable {
     /// Every tensor of the training state (weights, optimizer moments), named, in a fixed order
     /// that is identical on every rank. Broadcast to newcomers and saved in checkpoints.
     fn state_tensors(&self) -> Vec<(String, Tensor)>;
+    /// Writes the trained model for use outside training (e.g. sampling) into `dir`, at the end
+    /// of the job on the writer rank; returns the files written. Models with no such form write
+    /// nothing.
+    fn export(&self, _dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+        Ok(Vec::new())
+    }
 }
 
 /// A small multi-layer perceptron regressing a fixed teacher function on synthetic samples, with

@@ -84,6 +84,8 @@ pub struct TrainerConfig {
     pub checkpoint_root: PathBuf,
     /// Where step, commit and checkpoint figures go (`/metrics`), if anywhere.
     pub metrics: Option<eqim_coordinator::metrics_registry::WorkerMetrics>,
+    /// Where rank 0 exports the trained model ([`Trainable::export`]) at the end of the job.
+    pub export_dir: Option<PathBuf>,
 }
 
 struct Group {
@@ -220,6 +222,16 @@ impl<T: Trainable> Trainer<T> {
                     if let Some(path) = &self.cfg.final_state {
                         save_state(&self.model, path)?;
                         info!(path = %path.display(), "final state written");
+                    }
+                    let writer = self.group.as_ref().is_some_and(|g| g.rank == 0);
+                    if let (true, Some(dir)) = (writer, &self.cfg.export_dir) {
+                        let files = self.model.export(dir).with_context(|| {
+                            format!("exporting the trained model to {}", dir.display())
+                        })?;
+                        for file in &files {
+                            info!(path = %file.display(), "exported");
+                            println!("exported {}", file.display());
+                        }
                     }
                     if let Some(old) = self.group.take() {
                         drop_group(old);
@@ -425,6 +437,7 @@ impl<T: Trainable> Trainer<T> {
             a.step,
             self.next_step
         );
+        self.model.begin_step(a.step, u64::from(a.epoch))?;
         self.model.zero_grads()?;
         let mut loss = 0.0;
         for micro_batch in &a.micro_batches {

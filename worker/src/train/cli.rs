@@ -72,7 +72,7 @@ pub fn resolve_model(
     Ok(cfg)
 }
 
-fn parse_device(name: &str) -> Result<Device> {
+pub fn parse_device(name: &str) -> Result<Device> {
     Ok(match name {
         "cpu" => Device::Cpu,
         "auto" => Device::cuda_if_available(),
@@ -84,7 +84,7 @@ fn parse_device(name: &str) -> Result<Device> {
     })
 }
 
-fn trainer_config(cfg: &GeneratorTrainConfig) -> TrainerConfig {
+pub fn trainer_config(cfg: &GeneratorTrainConfig) -> TrainerConfig {
     let o = &cfg.optim;
     TrainerConfig {
         optim: AdamWConfig {
@@ -111,7 +111,7 @@ fn trainer_config(cfg: &GeneratorTrainConfig) -> TrainerConfig {
 
 /// The configured data as a batch source, and how its latents are prepared for the generator.
 /// A latent cache must fit the model: token channels = `vae_embed_dim`, labels < `class_num`.
-fn batch_source(
+pub fn batch_source(
     cfg: &GeneratorTrainConfig,
     model: &GeneratorConfig,
 ) -> Result<(Box<dyn BatchSource>, LatentPrep)> {
@@ -177,7 +177,7 @@ fn batch_source(
 /// `ema.safetensors` or `model.safetensors`.
 pub const GENERATOR_JSON: &str = "generator.json";
 
-fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("serialising JSON")?;
     let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
     std::fs::write(&tmp, text)
