@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod runtime;
+pub mod sample_images;
 pub mod sample_tokens;
 pub mod sampling;
 pub mod tokenizer_cli;

@@ -44,6 +44,8 @@ enum Command {
     /// Train the generator on one process by the reference recipe (AdamW, warm-up, clipping, EMA),
     /// resuming from OUTPUT_DIR/checkpoint-last when present.
     TrainGenerator(eqim_worker::train::cli::TrainGeneratorArgs),
+    /// Sample images: generator tokens, latent scaling, tokenizer decoder, PNGs.
+    Sample(Box<eqim_worker::sample_images::SampleArgs>),
     /// Sample latent tokens with a generator checkpoint into a safetensors file.
     SampleTokens(Box<eqim_worker::sample_tokens::SampleTokensArgs>),
     /// Encode a class-per-folder image tree with a tokenizer into a latent cache (both flips).
@@ -111,6 +113,9 @@ fn main() -> Result<()> {
             eqim_worker::verify::run_cli(&prefix, tol)?;
         }
         Command::TrainGenerator(args) => eqim_worker::train::cli::run(&args)?,
+        Command::Sample(args) => {
+            eqim_worker::sample_images::run(*args)?;
+        }
         Command::SampleTokens(args) => eqim_worker::sample_tokens::run(&args)?,
         Command::CacheLatents(args) => {
             eqim_worker::demo::cache_latents(&args)?;
