@@ -49,11 +49,6 @@ pub fn run(args: SampleArgs) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let tokens_path = args.out.join("tokens.safetensors");
-    let device = match args.tokenizer.device.as_str() {
-        "auto" if tch::Cuda::is_available() => "cuda".to_owned(),
-        "auto" => "cpu".to_owned(),
-        other => other.to_owned(),
-    };
     sample_tokens::run(&SampleTokensArgs {
         weights: args.generator_weights,
         config: Some(args.generator_config),
@@ -69,7 +64,7 @@ pub fn run(args: SampleArgs) -> Result<Vec<PathBuf>> {
         temperature: 1.0,
         exact: false,
         prefix: None,
-        device,
+        device: args.tokenizer.device.clone(),
         output: tokens_path.clone(),
     })?;
     let tokens = read_tokens(&tokens_path)?;

@@ -53,7 +53,7 @@ pub struct SampleTokensArgs {
     /// Tokens to continue (safetensors with `tokens` `[B, P, C]`).
     #[arg(long)]
     pub prefix: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Output safetensors file.
@@ -61,17 +61,8 @@ pub struct SampleTokensArgs {
     pub output: PathBuf,
 }
 
-/// Parses `cpu`, `cuda`, `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Device::Cuda(n)),
-            _ => bail!("unknown device {other:?} (use cpu, cuda or cuda:N)"),
-        },
-    }
-}
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto` (one parser for every command).
+pub use crate::train::cli::parse_device;
 
 fn read_config(args: &SampleTokensArgs) -> Result<GeneratorConfig> {
     match (&args.config, &args.preset) {

@@ -81,17 +81,8 @@ pub struct VerifyTokenizerArgs {
     pub tol: f64,
 }
 
-pub fn parse_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::Cuda(i),
-            _ => bail!("--device must be cpu, cuda, cuda:N or auto, not {other:?}"),
-        },
-    })
-}
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto` (one parser for every command).
+pub use crate::train::cli::parse_device;
 
 /// A tokenizer with its weights; the VarStore must outlive the model's use.
 pub struct LoadedTokenizer {
