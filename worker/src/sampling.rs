@@ -79,6 +79,16 @@ pub struct FixedNoise {
     next: i64,
 }
 
+impl Clone for FixedNoise {
+    /// A deep copy that replays the same noise from the same position.
+    fn clone(&self) -> Self {
+        Self {
+            noise: self.noise.copy(),
+            next: self.next,
+        }
+    }
+}
+
 impl FixedNoise {
     pub fn new(noise: Tensor) -> Self {
         Self { noise, next: 0 }
