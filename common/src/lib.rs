@@ -6,9 +6,11 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval_plan;
+pub mod fid;
 pub mod framing;
 pub mod ledger;
 pub mod metrics;
+pub mod npz;
 pub mod proto;
 pub mod schedule;
 pub mod train_config;

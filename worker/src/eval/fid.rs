@@ -1,174 +1,47 @@
-//! Frechet Inception Distance: mergeable f64 feature moments (workers send partial sums, the
-//! coordinator adds them), statistics files (`mu`, `sigma` npz, as pytorch-fid / torch-fidelity /
-//! ADM write them) and the distance itself, computed in f64.
+//! FID on libtorch: the fast path of `eqim fid` / `eqim fid-stats` (feature sums and the
+//! eigendecompositions as tensor ops, LAPACK underneath). The types, statistics files and a
+//! libtorch-free distance live in [`eqim_common::fid`], which the coordinator uses; tests here
+//! check that both distances agree.
 //! FID: Heusel et al. 2017, https://arxiv.org/abs/1706.08500
 
-use std::path::Path;
-
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::npz::{read_npz, write_npz, NpyArray, NpyError};
-
-/// Below this many images FID is strongly biased upwards (the standard protocols use 10k-50k).
-pub const FID_MIN_UNBIASED_IMAGES: u64 = 2048;
+pub use eqim_common::fid::{FeatureMoments, FidStats, FID_MIN_UNBIASED_IMAGES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FidError {
-    #[error("feature dimensions differ: {left} vs {right}")]
-    DimMismatch { left: usize, right: usize },
     #[error("features must be a 2-D [N, {expected}] tensor, got {got:?}")]
     FeatureShape { expected: usize, got: Vec<i64> },
-    #[error("covariance needs at least 2 images, have {count}")]
-    TooFewImages { count: u64 },
-    #[error("{path}: {reason}; a stats file holds 'mu' [D] and 'sigma' [D, D] (np.savez(path, mu=mu, sigma=sigma))")]
-    StatsFile { path: String, reason: String },
     #[error(transparent)]
-    Npy(#[from] NpyError),
+    Fid(#[from] eqim_common::fid::FidError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
 
-/// Mean and covariance of a feature set, in f64.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FidStats {
-    pub dim: usize,
-    /// [dim]
-    pub mu: Vec<f64>,
-    /// [dim, dim], row-major
-    pub sigma: Vec<f64>,
+fn mu_tensor(stats: &FidStats) -> Tensor {
+    Tensor::from_slice(&stats.mu)
 }
 
-impl FidStats {
-    pub fn new(mu: Vec<f64>, sigma: Vec<f64>) -> Result<Self, FidError> {
-        let dim = mu.len();
-        if sigma.len() != dim * dim {
-            return Err(FidError::DimMismatch {
-                left: dim * dim,
-                right: sigma.len(),
-            });
-        }
-        Ok(Self { dim, mu, sigma })
-    }
-
-    pub fn read(path: &Path) -> Result<Self, FidError> {
-        let shown = path.display().to_string();
-        let mut arrays = read_npz(path)?;
-        let bad = |reason: String| FidError::StatsFile {
-            path: shown.clone(),
-            reason,
-        };
-        let mu = arrays
-            .remove("mu")
-            .ok_or_else(|| bad("no array named 'mu'".into()))?;
-        let sigma = arrays
-            .remove("sigma")
-            .ok_or_else(|| bad("no array named 'sigma'".into()))?;
-        let dim = mu.data.len();
-        if mu.shape != [dim] || sigma.shape != [dim, dim] {
-            return Err(bad(format!(
-                "shapes mu {:?} and sigma {:?} do not form [D] and [D, D]",
-                mu.shape, sigma.shape
-            )));
-        }
-        Self::new(mu.data, sigma.data)
-    }
-
-    pub fn write(&self, path: &Path) -> Result<(), FidError> {
-        let mu = NpyArray::new(vec![self.dim], self.mu.clone());
-        let sigma = NpyArray::new(vec![self.dim, self.dim], self.sigma.clone());
-        write_npz(path, &[("mu", &mu), ("sigma", &sigma)])?;
-        Ok(())
-    }
-
-    fn mu_tensor(&self) -> Tensor {
-        Tensor::from_slice(&self.mu)
-    }
-
-    fn sigma_tensor(&self) -> Tensor {
-        Tensor::from_slice(&self.sigma).view([self.dim as i64, self.dim as i64])
-    }
+fn sigma_tensor(stats: &FidStats) -> Tensor {
+    Tensor::from_slice(&stats.sigma).view([stats.dim as i64, stats.dim as i64])
 }
 
-/// Running sums of features and of their outer products, in f64, so that partial sums from
-/// different workers (or batches) add up to exactly the moments of the union.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FeatureMoments {
-    pub dim: usize,
-    pub count: u64,
-    /// sum_i x_i, [dim]
-    pub sum: Vec<f64>,
-    /// sum_i x_i x_i^T, [dim, dim] row-major
-    pub sum_outer: Vec<f64>,
-}
-
-impl FeatureMoments {
-    pub fn new(dim: usize) -> Self {
-        Self {
-            dim,
-            count: 0,
-            sum: vec![0.0; dim],
-            sum_outer: vec![0.0; dim * dim],
-        }
+/// Adds a batch of features [N, dim] (any float kind, any device) to `moments`, with the sums
+/// computed as one f64 matrix product.
+pub fn add_feature_batch(moments: &mut FeatureMoments, features: &Tensor) -> Result<(), FidError> {
+    let size = features.size();
+    if size.len() != 2 || size[1] != moments.dim as i64 {
+        return Err(FidError::FeatureShape {
+            expected: moments.dim,
+            got: size,
+        });
     }
-
-    /// Adds a batch of features [N, dim] (any float kind, any device).
-    pub fn add_batch(&mut self, features: &Tensor) -> Result<(), FidError> {
-        let size = features.size();
-        if size.len() != 2 || size[1] != self.dim as i64 {
-            return Err(FidError::FeatureShape {
-                expected: self.dim,
-                got: size,
-            });
-        }
-        let x = features.to_device(Device::Cpu).to_kind(Kind::Double);
-        let batch_sum = Vec::<f64>::try_from(x.sum_dim_intlist(0, false, Kind::Double))?;
-        // [dim, N] @ [N, dim] -> [dim, dim]
-        let batch_outer = Vec::<f64>::try_from(x.tr().mm(&x).flatten(0, 1))?;
-        for (acc, v) in self.sum.iter_mut().zip(batch_sum) {
-            *acc += v;
-        }
-        for (acc, v) in self.sum_outer.iter_mut().zip(batch_outer) {
-            *acc += v;
-        }
-        self.count += size[0] as u64;
-        Ok(())
-    }
-
-    /// Adds another worker's partial sums.
-    pub fn merge(&mut self, other: &FeatureMoments) -> Result<(), FidError> {
-        if other.dim != self.dim {
-            return Err(FidError::DimMismatch {
-                left: self.dim,
-                right: other.dim,
-            });
-        }
-        for (acc, v) in self.sum.iter_mut().zip(&other.sum) {
-            *acc += v;
-        }
-        for (acc, v) in self.sum_outer.iter_mut().zip(&other.sum_outer) {
-            *acc += v;
-        }
-        self.count += other.count;
-        Ok(())
-    }
-
-    /// Mean and unbiased covariance (divided by N-1, as `np.cov` and pytorch-fid do).
-    pub fn stats(&self) -> Result<FidStats, FidError> {
-        if self.count < 2 {
-            return Err(FidError::TooFewImages { count: self.count });
-        }
-        let n = self.count as f64;
-        let mu: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
-        let d = self.dim;
-        let mut sigma = vec![0.0; d * d];
-        for r in 0..d {
-            for c in 0..d {
-                sigma[r * d + c] = (self.sum_outer[r * d + c] - n * mu[r] * mu[c]) / (n - 1.0);
-            }
-        }
-        FidStats::new(mu, sigma)
-    }
+    let x = features.to_device(Device::Cpu).to_kind(Kind::Double);
+    let batch_sum = Vec::<f64>::try_from(x.sum_dim_intlist(0, false, Kind::Double))?;
+    // [dim, N] @ [N, dim] -> [dim, dim]
+    let batch_outer = Vec::<f64>::try_from(x.tr().mm(&x).flatten(0, 1))?;
+    moments.add_sums(size[0] as u64, &batch_sum, &batch_outer)?;
+    Ok(())
 }
 
 /// Symmetric positive semi-definite square root through the eigendecomposition.
@@ -186,15 +59,16 @@ fn psd_sqrt(m: &Tensor) -> Result<Tensor, FidError> {
 /// complex round-off that scipy-based implementations have to discard.
 pub fn frechet_distance(a: &FidStats, b: &FidStats) -> Result<f64, FidError> {
     if a.dim != b.dim {
-        return Err(FidError::DimMismatch {
+        return Err(eqim_common::fid::FidError::DimMismatch {
             left: a.dim,
             right: b.dim,
-        });
+        }
+        .into());
     }
     let _guard = tch::no_grad_guard();
-    let diff = a.mu_tensor() - b.mu_tensor();
+    let diff = mu_tensor(a) - mu_tensor(b);
     let mean_term = f64::try_from(diff.dot(&diff))?;
-    let (s1, s2) = (a.sigma_tensor(), b.sigma_tensor());
+    let (s1, s2) = (sigma_tensor(a), sigma_tensor(b));
     let trace_term = f64::try_from(s1.trace())? + f64::try_from(s2.trace())?;
     let root1 = psd_sqrt(&s1)?;
     let inner = root1.mm(&s2).mm(&root1);
@@ -348,12 +222,12 @@ mod tests {
         let x2 = matrix(n2, d, rng.uniform(n2 * d)) * 1.5 + 0.2;
         // Set 1 in one go; set 2 as two "workers" with uneven batches, merged.
         let mut m1 = FeatureMoments::new(d);
-        m1.add_batch(&x1).expect("add");
+        add_feature_batch(&mut m1, &x1).expect("add");
         let mut worker_a = FeatureMoments::new(d);
-        worker_a.add_batch(&x2.narrow(0, 0, 7)).expect("add");
-        worker_a.add_batch(&x2.narrow(0, 7, 100)).expect("add");
+        add_feature_batch(&mut worker_a, &x2.narrow(0, 0, 7)).expect("add");
+        add_feature_batch(&mut worker_a, &x2.narrow(0, 7, 100)).expect("add");
         let mut worker_b = FeatureMoments::new(d);
-        worker_b.add_batch(&x2.narrow(0, 107, 193)).expect("add");
+        add_feature_batch(&mut worker_b, &x2.narrow(0, 107, 193)).expect("add");
         worker_a.merge(&worker_b).expect("merge");
         assert_eq!(worker_a.count, 300);
         let fid = frechet_distance(&m1.stats().expect("s1"), &worker_a.stats().expect("s2"));
@@ -365,28 +239,32 @@ mod tests {
     fn moments_refuse_wrong_shapes_and_too_few_images() {
         let mut m = FeatureMoments::new(4);
         let wrong = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
-        assert!(m.add_batch(&wrong).is_err());
-        m.add_batch(&Tensor::ones([1, 4], (Kind::Float, Device::Cpu)))
+        assert!(add_feature_batch(&mut m, &wrong).is_err());
+        add_feature_batch(&mut m, &Tensor::ones([1, 4], (Kind::Float, Device::Cpu)))
             .expect("add");
         assert!(matches!(
             m.stats(),
-            Err(FidError::TooFewImages { count: 1 })
+            Err(eqim_common::fid::FidError::TooFewImages { count: 1 })
         ));
         assert!(m.merge(&FeatureMoments::new(5)).is_err());
     }
 
     #[test]
-    fn stats_files_round_trip_and_bad_files_are_named() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("s.npz");
-        let stats = FidStats::new(vec![1.0, 2.0], vec![1.0, 0.5, 0.5, 2.0]).expect("stats");
-        stats.write(&path).expect("write");
-        assert_eq!(FidStats::read(&path).expect("read"), stats);
-        let only_mu = dir.path().join("mu.npz");
-        let mu = NpyArray::new(vec![2], vec![0.0, 0.0]);
-        write_npz(&only_mu, &[("mu", &mu)]).expect("write");
-        let err = FidStats::read(&only_mu).expect_err("no sigma").to_string();
-        assert!(err.contains("mu.npz") && err.contains("'sigma'"), "{err}");
+    fn libtorch_and_pure_rust_distances_agree() {
+        for (seed, d) in [(11u64, 48usize), (12, 96)] {
+            let mut rng = SplitMix64(seed);
+            let x1 = matrix(3 * d, d, rng.uniform(3 * d * d)).to_kind(Kind::Float);
+            let x2 = (matrix(2 * d, d, rng.uniform(2 * d * d)) * 0.7 + 0.1).to_kind(Kind::Float);
+            let (mut m1, mut m2) = (FeatureMoments::new(d), FeatureMoments::new(d));
+            add_feature_batch(&mut m1, &x1).expect("add");
+            // The coordinator's way: flat f32 rows accumulated in plain Rust.
+            let rows = Vec::<f32>::try_from(x2.flatten(0, 1)).expect("rows");
+            m2.add_rows(&rows).expect("rows");
+            let (s1, s2) = (m1.stats().expect("s1"), m2.stats().expect("s2"));
+            let fast = frechet_distance(&s1, &s2).expect("tch");
+            let pure = eqim_common::fid::frechet_distance(&s1, &s2).expect("pure");
+            assert_close(pure, fast, 1e-9);
+        }
     }
 
     #[test]

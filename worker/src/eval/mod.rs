@@ -4,7 +4,7 @@
 
 pub mod fid;
 pub mod inception;
-pub mod npz;
+pub use eqim_common::npz;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -143,7 +143,7 @@ pub fn folder_features_of(
             })
             .collect::<Result<Vec<_>>>()?;
         let (features, batch_logits) = net.forward_preprocessed(&Tensor::cat(&batch, 0))?;
-        moments.add_batch(&features)?;
+        fid::add_feature_batch(&mut moments, &features)?;
         logits.extend(batch_logits.map(|l| l.to_device(Device::Cpu)));
         progress.inc(chunk.len() as u64);
     }

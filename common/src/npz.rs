@@ -47,27 +47,8 @@ impl NpyArray {
 
     /// Serializes as a version 1.0 `.npy` with dtype `<f8`, C order.
     pub fn to_npy_bytes(&self) -> Vec<u8> {
-        let shape = match self.shape.as_slice() {
-            [n] => format!("({n},)"),
-            dims => format!(
-                "({})",
-                dims.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
-        // numpy aligns the data to 64 bytes: magic(6) + version(2) + len(2) + header + '\n'.
-        let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
-        header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
-        header.push('\n');
-        let mut out = Vec::with_capacity(10 + header.len() + self.data.len() * 8);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&[1, 0]);
-        let header_len = u16::try_from(header.len()).expect("npy: header fits in u16");
-        out.extend_from_slice(&header_len.to_le_bytes());
-        out.extend_from_slice(header.as_bytes());
+        let mut out = npy_header("<f8", &self.shape);
+        out.reserve(self.data.len() * 8);
         for v in &self.data {
             out.extend_from_slice(&v.to_le_bytes());
         }
@@ -154,6 +135,32 @@ impl NpyArray {
     }
 }
 
+/// A version 1.0 `.npy` header for C-order data of dtype `descr` (`<f8`, `|u1`, ...).
+fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
+    let shape = match shape {
+        [n] => format!("({n},)"),
+        dims => format!(
+            "({})",
+            dims.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // numpy aligns the data to 64 bytes: magic(6) + version(2) + len(2) + header + '\n'.
+    let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[1, 0]);
+    let header_len = u16::try_from(header.len()).expect("npy: header fits in u16");
+    out.extend_from_slice(&header_len.to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out
+}
+
 /// The raw text of `key`'s value in a numpy header dict (up to the next top-level comma).
 fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let start = header.find(&format!("'{key}'"))? + key.len() + 2;
@@ -204,8 +211,70 @@ pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, NpyError> {
 
 /// Writes arrays as an uncompressed `.npz` atomically (temp file, fsync, rename).
 pub fn write_npz(path: &Path, arrays: &[(&str, &NpyArray)]) -> Result<(), NpyError> {
+    write_npz_with(path, |zip, options, zip_err| {
+        for (key, array) in arrays {
+            zip.start_file(format!("{key}.npy"), options)
+                .map_err(zip_err)?;
+            zip.write_all(&array.to_npy_bytes())
+                .map_err(|e| zip_err(e.into()))?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `count` images of `height` x `width` x 3 bytes as one `uint8` array `key` [N, H, W, 3]
+/// (the layout of the reference's and ADM's sample archives, `np.load(path)["arr_0"]`),
+/// streaming: `image(i)` is asked for each image in turn and must return H*W*3 bytes.
+pub fn write_image_npz(
+    path: &Path,
+    key: &str,
+    count: usize,
+    height: usize,
+    width: usize,
+    mut image: impl FnMut(usize) -> Result<Vec<u8>, NpyError>,
+) -> Result<(), NpyError> {
+    let shown = path.display().to_string();
+    write_npz_with(path, |zip, options, zip_err| {
+        zip.start_file(format!("{key}.npy"), options)
+            .map_err(zip_err)?;
+        zip.write_all(&npy_header("|u1", &[count, height, width, 3]))
+            .map_err(|e| zip_err(e.into()))?;
+        for i in 0..count {
+            let bytes = image(i)?;
+            if bytes.len() != height * width * 3 {
+                return Err(NpyError::Format {
+                    what: format!("{shown}: image {i}"),
+                    reason: format!(
+                        "{} bytes, expected {height}x{width}x3 = {} (every image of an archive has one size)",
+                        bytes.len(),
+                        height * width * 3
+                    ),
+                });
+            }
+            zip.write_all(&bytes).map_err(|e| zip_err(e.into()))?;
+        }
+        Ok(())
+    })
+}
+
+type ZipFile = zip::ZipWriter<std::fs::File>;
+
+/// Creates `path` atomically: members are written by `fill` into a temp file, which is synced
+/// and renamed over `path` only when everything succeeded.
+fn write_npz_with(
+    path: &Path,
+    fill: impl FnOnce(
+        &mut ZipFile,
+        zip::write::FileOptions,
+        &dyn Fn(zip::result::ZipError) -> NpyError,
+    ) -> Result<(), NpyError>,
+) -> Result<(), NpyError> {
     let shown = path.display().to_string();
     let io_err = |source| NpyError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let zip_err = |source| NpyError::Zip {
         path: shown.clone(),
         source,
     };
@@ -215,18 +284,16 @@ pub fn write_npz(path: &Path, arrays: &[(&str, &NpyArray)]) -> Result<(), NpyErr
     let options = zip::write::FileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(true);
-    for (key, array) in arrays {
-        zip.start_file(format!("{key}.npy"), options)
-            .map_err(|source| NpyError::Zip {
-                path: shown.clone(),
-                source,
-            })?;
-        zip.write_all(&array.to_npy_bytes()).map_err(io_err)?;
-    }
-    let file = zip.finish().map_err(|source| NpyError::Zip {
-        path: shown.clone(),
-        source,
-    })?;
+    let filled = fill(&mut zip, options, &zip_err);
+    let finished = filled.and_then(|()| zip.finish().map_err(zip_err));
+    let file = match finished {
+        Ok(file) => file,
+        Err(e) => {
+            // Never leave a half-written archive behind.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     file.sync_all().map_err(io_err)?;
     std::fs::rename(&tmp, path).map_err(io_err)?;
     Ok(())
@@ -291,5 +358,29 @@ mod tests {
         assert_eq!(arrays.get("mu"), Some(&mu));
         assert_eq!(arrays.get("sigma"), Some(&sigma));
         assert!(!path.with_extension("npz.tmp").exists());
+    }
+
+    #[test]
+    fn image_npz_holds_uint8_images_in_nhwc_and_refuses_odd_sizes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("samples.npz");
+        write_image_npz(&path, "arr_0", 3, 2, 4, |i| Ok(vec![i as u8 * 10; 2 * 4 * 3]))
+            .expect("write");
+        let mut archive =
+            zip::ZipArchive::new(std::fs::File::open(&path).expect("open")).expect("zip");
+        let mut member = archive.by_name("arr_0.npy").expect("member");
+        let mut bytes = Vec::new();
+        member.read_to_end(&mut bytes).expect("read");
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        let header = std::str::from_utf8(&bytes[10..10 + header_len]).expect("ascii");
+        assert!(header.contains("'descr': '|u1'"), "{header}");
+        assert!(header.contains("'shape': (3, 2, 4, 3)"), "{header}");
+        let data = &bytes[10 + header_len..];
+        assert_eq!(data.len(), 3 * 2 * 4 * 3);
+        assert_eq!((data[0], data[24], data[48]), (0, 10, 20));
+        let bad = dir.path().join("bad.npz");
+        let err = write_image_npz(&bad, "arr_0", 2, 2, 2, |_| Ok(vec![0; 5])).expect_err("size");
+        assert!(err.to_string().contains("expected 2x2x3"), "{err}");
+        assert!(!bad.exists() && !bad.with_extension("npz.tmp").exists());
     }
 }
