@@ -101,27 +101,46 @@ pub struct LeaseTable {
     next_id: u64,
     done: u64,
     lease_timeout: Duration,
+    block: u64,
 }
 
 impl LeaseTable {
     pub fn new(num_images: u64, lease_timeout: Duration) -> Self {
+        Self::with_blocks(num_images, 1, lease_timeout)
+    }
+
+    /// A table whose leases are whole blocks `[k * block, (k + 1) * block)` (the last one may be
+    /// shorter): a worker samples a block as one batch, so the batch an image is computed in is
+    /// fixed by its index, and so are its bytes, whichever worker gets it.
+    pub fn with_blocks(num_images: u64, block: u64, lease_timeout: Duration) -> Self {
         Self {
             states: vec![IndexState::Todo; num_images as usize],
             leases: BTreeMap::new(),
             next_id: 1,
             done: 0,
             lease_timeout,
+            block: block.max(1),
         }
     }
 
-    /// Leases up to `max_images` consecutive unleased indices (the lowest first), or `None`
-    /// when nothing is free right now (all done, or the rest is leased).
+    pub fn block_size(&self) -> u64 {
+        self.block
+    }
+
+    pub fn num_images(&self) -> u64 {
+        self.states.len() as u64
+    }
+
+    /// Leases up to `max_images` consecutive unleased indices (the lowest first; whole blocks,
+    /// at least one), or `None` when nothing is free right now (all done, or the rest is
+    /// leased). Leases start on block boundaries because they are granted and returned whole.
     pub fn grant(&mut self, now: Instant, worker: &str, max_images: u64) -> Option<EvalLease> {
         self.expire(now);
         let start = self.states.iter().position(|s| *s == IndexState::Todo)?;
+        let max_images = (max_images / self.block).max(1) * self.block;
         let len = self.states[start..]
             .iter()
-            .take(max_images.max(1) as usize)
+            .take(max_images as usize)
             .take_while(|s| **s == IndexState::Todo)
             .count();
         for state in &mut self.states[start..start + len] {
@@ -186,6 +205,11 @@ impl LeaseTable {
             self.release(*id);
         }
         expired
+    }
+
+    /// Returns one lease to the pool (e.g. it completed without the data it owed).
+    pub fn abandon(&mut self, lease_id: u64) {
+        self.release(lease_id);
     }
 
     fn release(&mut self, lease_id: u64) {
@@ -331,5 +355,19 @@ mod tests {
             table.complete(now, alive.id),
             Completion::Accepted { .. }
         ));
+    }
+
+    #[test]
+    fn block_tables_lease_whole_blocks_only() {
+        let now = Instant::now();
+        let mut table = LeaseTable::with_blocks(10, 4, TIMEOUT);
+        // Asking for 5 gets one block of 4; asking for 1 still gets a whole block.
+        let a = table.grant(now, "w1", 5).expect("lease");
+        let b = table.grant(now, "w2", 1).expect("lease");
+        let c = table.grant(now, "w1", 100).expect("lease");
+        assert_eq!((a.indices, b.indices.clone(), c.indices), (0..4, 4..8, 8..10));
+        table.worker_lost("w2");
+        let again = table.grant(now, "w1", 8).expect("lease");
+        assert_eq!(again.indices, b.indices, "a returned block comes back whole");
     }
 }

@@ -11,7 +11,7 @@ use std::fmt;
 use std::ops::Range;
 
 /// Bumped on any incompatible change of the messages below; checked in [`Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN protocol id of the control plane, so a stray QUIC client of another protocol fails the
 /// TLS handshake instead of sending us garbage.
@@ -199,6 +199,24 @@ pub struct MetricsSummary {
     pub samples_per_second: f64,
 }
 
+/// Feature rows per [`WorkerToCoordinator::EvalFeatures`] frame: 64 x 2048 f32 = 512 KiB, half
+/// the frame limit.
+pub const MAX_FEATURE_ROWS_PER_FRAME: usize = 64;
+
+/// What an evaluation worker samples. Every worker of a job must send the same plan: the
+/// coordinator adopts the first one it sees and refuses others, so a set never mixes settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalPlanInfo {
+    pub num_images: u64,
+    pub class_num: u64,
+    pub base_seed: u64,
+    /// Images sampled as one batch; leases are whole blocks of this many indices.
+    pub batch_size: u64,
+    /// Everything else that changes the pixels (weight hashes, model config, guidance, steps,
+    /// length, latent scale, device kind), as a JSON object; it goes into the manifest.
+    pub settings_json: String,
+}
+
 /// Why a connection was refused at the handshake.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {
@@ -259,15 +277,25 @@ pub enum WorkerToCoordinator {
         step: u64,
         files: Vec<WrittenFile>,
     },
-    /// Ask for up to `max_images` evaluation indices.
-    EvalLeaseRequest { max_images: u64 },
-    /// Still working on the lease; pushes its deadline.
+    /// Ask for up to `max_images` evaluation indices of the set described by `plan` (refused
+    /// when it is not the job's plan).
+    EvalLeaseRequest { plan: EvalPlanInfo, max_images: u64 },
+    /// Still working on the lease (sent on progress, so a hung worker stops renewing); pushes
+    /// its deadline.
     EvalLeaseRenew { lease: LeaseId },
-    /// The lease's images are written; `feature_sums` are the Inception statistics' partial sums.
+    /// Inception features of the lease's images `first_index..`, [n, dim] row-major f32. Sent
+    /// in pieces of at most [`MAX_FEATURE_ROWS_PER_FRAME`] rows before the completion; counted
+    /// only if the lease completes.
+    EvalFeatures {
+        lease: LeaseId,
+        first_index: u64,
+        dim: u32,
+        rows: Vec<f32>,
+    },
+    /// The lease's images are written and synced.
     EvalLeaseComplete {
         lease: LeaseId,
         files: Vec<WrittenFile>,
-        feature_sums: Vec<f64>,
     },
     /// Figures of a committed step.
     Metrics {
@@ -315,12 +343,16 @@ pub enum CoordinatorToWorker {
     Probe { nonce: u64 },
     /// Too few workers to train; wait for a `Welcome`.
     Paused { reason: String },
-    /// Evaluation indices to compute, until `deadline_ms` from now unless renewed.
+    /// Evaluation indices to compute, until `deadline_ms` from now unless renewed; with
+    /// `want_features`, send their Inception features before completing.
     EvalLeaseGrant {
         lease: LeaseId,
         indices: Range<u64>,
         deadline_ms: u64,
+        want_features: bool,
     },
+    /// This worker's evaluation plan is not the job's (different settings or weights).
+    EvalRefused { reason: String },
     /// No evaluation work is left.
     EvalDone,
     /// The job is over; disconnect and exit.
@@ -340,6 +372,7 @@ impl WorkerToCoordinator {
             Self::CheckpointWritten { .. } => "checkpoint_written",
             Self::EvalLeaseRequest { .. } => "eval_lease_request",
             Self::EvalLeaseRenew { .. } => "eval_lease_renew",
+            Self::EvalFeatures { .. } => "eval_features",
             Self::EvalLeaseComplete { .. } => "eval_lease_complete",
             Self::Metrics { .. } => "metrics",
         }
@@ -359,6 +392,7 @@ impl CoordinatorToWorker {
             Self::Probe { .. } => "probe",
             Self::Paused { .. } => "paused",
             Self::EvalLeaseGrant { .. } => "eval_lease_grant",
+            Self::EvalRefused { .. } => "eval_refused",
             Self::EvalDone => "eval_done",
             Self::Finished { .. } => "finished",
         }

@@ -5,6 +5,7 @@
 //! [`crate::net`].
 
 use crate::config::CoordinatorConfig;
+use crate::eval::{EvalOutcome, EvalState, Outgoing};
 use crate::membership::{self, Action, MembershipConfig, MembershipState, Reason, SessionKey};
 use crate::net::listener::refuse;
 use crate::net::session::{CloseReason, SessionActor, SessionArgs, SessionMsg};
@@ -43,6 +44,8 @@ pub struct JobOutcome {
     pub generation: Generation,
     pub ledger: Ledger,
     pub aborted_steps: u64,
+    /// What an evaluation job produced (absent for training jobs and unfinished evaluations).
+    pub eval: Option<EvalOutcome>,
 }
 
 /// A snapshot for tests and status pages.
@@ -78,6 +81,10 @@ pub enum JobMsg {
     Status { reply: RpcReplyPort<JobStatus> },
     /// Stop the job (Ctrl-C): close every session.
     Shutdown { reason: String },
+    /// The evaluation's FID and manifest are computed and written (off the actor's thread).
+    EvalFinished {
+        outcome: Result<EvalOutcome, String>,
+    },
 }
 
 struct SessionEntry {
@@ -106,6 +113,11 @@ pub struct JobState {
     ticker: Option<JoinHandle<()>>,
     done: Option<oneshot::Sender<JobOutcome>>,
     stop_reason: String,
+    /// Present in an evaluation job (config `eval:`), which has no membership generations and
+    /// no steps: workers lease image indices instead.
+    eval: Option<EvalState>,
+    eval_finishing: bool,
+    eval_outcome: Option<EvalOutcome>,
 }
 
 impl Actor for JobActor {
@@ -120,6 +132,11 @@ impl Actor for JobActor {
     ) -> Result<JobState, ActorProcessingErr> {
         let ticker =
             myself.send_interval(args.cfg.timeouts.decision_tick_interval, || JobMsg::Tick);
+        let eval = args
+            .cfg
+            .eval
+            .clone()
+            .map(|e| EvalState::new(e, &args.cfg.job_dir));
         Ok(JobState {
             membership_cfg: args.cfg.membership(),
             membership: MembershipState::new(),
@@ -140,6 +157,9 @@ impl Actor for JobActor {
             ticker: Some(ticker),
             done: Some(args.done),
             stop_reason: "stopped".into(),
+            eval,
+            eval_finishing: false,
+            eval_outcome: None,
         })
     }
 
@@ -164,14 +184,34 @@ impl Actor for JobActor {
                     control_send,
                     control_recv,
                 };
-                state.handle_admit(&myself, conn).await;
+                if state.eval.is_some() {
+                    state.admit_eval_worker(&myself, conn).await;
+                } else {
+                    state.handle_admit(&myself, conn).await;
+                }
             }
             JobMsg::FromWorker {
                 worker,
                 session,
                 msg,
             } => state.handle_worker(worker, session, msg),
+            JobMsg::Tick if state.eval.is_some() => state.eval_tick(&myself),
             JobMsg::Tick => state.handle_tick(&myself),
+            JobMsg::EvalFinished { outcome } => {
+                match outcome {
+                    Ok(outcome) => {
+                        info!(images = outcome.images, seconds = outcome.seconds, fid = ?outcome.fid, manifest = %outcome.manifest.display(), "evaluation complete");
+                        state.eval_outcome = Some(outcome);
+                        state.stop_reason = "evaluation complete".into();
+                    }
+                    Err(e) => {
+                        warn!(cause = %e, "evaluation could not be finished");
+                        state.stop_reason = format!("evaluation failed: {e}");
+                    }
+                }
+                let reason = state.stop_reason.clone();
+                myself.stop(Some(reason));
+            }
             JobMsg::Status { reply } => {
                 if reply.send(state.status()).is_err() {
                     debug!("status requester went away");
@@ -218,7 +258,8 @@ impl Actor for JobActor {
         }
         if let Some(done) = state.done.take() {
             let outcome = JobOutcome {
-                finished: state.membership.phase.is_finished(),
+                finished: state.membership.phase.is_finished() || state.eval_outcome.is_some(),
+                eval: state.eval_outcome.take(),
                 stop_reason: state.stop_reason.clone(),
                 cursor: state.steps.cursor(),
                 generation: state.membership.generation,
@@ -321,6 +362,10 @@ impl JobState {
             debug!(worker_id = %worker, kind = msg.kind(), "message from a replaced session ignored");
             return;
         }
+        if self.eval.is_some() {
+            self.handle_eval_message(now, worker, msg);
+            return;
+        }
         match msg {
             WorkerToCoordinator::Heartbeat { .. } => {
                 self.membership.heartbeat(now, &worker, session);
@@ -366,8 +411,9 @@ impl JobState {
             }
             WorkerToCoordinator::EvalLeaseRequest { .. }
             | WorkerToCoordinator::EvalLeaseRenew { .. }
+            | WorkerToCoordinator::EvalFeatures { .. }
             | WorkerToCoordinator::EvalLeaseComplete { .. } => {
-                warn!(worker_id = %worker, kind = msg.kind(), "evaluation leases are not served by this coordinator yet");
+                warn!(worker_id = %worker, kind = msg.kind(), "evaluation message in a training job (its coordinator config has no eval section); ignored");
             }
             WorkerToCoordinator::Hello(_) => {
                 warn!(worker_id = %worker, "second hello on an admitted session");
@@ -469,6 +515,11 @@ impl JobState {
         }
         info!(worker_id = %worker, cause = %why, "session ended");
         self.sessions.remove(&worker);
+        if let Some(eval) = self.eval.as_mut() {
+            let out = eval.on_worker_lost(Instant::now(), &worker);
+            self.send_all(out);
+            return;
+        }
         if self.membership.remove(&worker, Some(key)) {
             self.abort_open_step_if_voter(
                 &worker,
@@ -682,6 +733,155 @@ impl JobState {
             cursor: self.steps.cursor(),
             coverage: self.steps.ledger().summary(),
             aborted_steps: self.aborted_steps,
+        }
+    }
+}
+
+/// Evaluation jobs: sessions without membership generations; the messages are lease traffic.
+impl JobState {
+    async fn admit_eval_worker(&mut self, myself: &ActorRef<JobMsg>, mut c: AdmittedConnection) {
+        let worker = c.hello.worker_id.clone();
+        let refusal = if self.eval_finishing {
+            Some(Refusal::JobFinished)
+        } else if !self.sessions.contains_key(&worker)
+            && self.sessions.len() >= self.cfg.max_workers as usize
+        {
+            Some(Refusal::JobFull {
+                max_workers: self.cfg.max_workers,
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            info!(worker_id = %worker, %reason, "eval worker refused");
+            tokio::spawn(async move {
+                refuse(&c.connection, &mut c.control_send, reason).await;
+            });
+            return;
+        }
+        if let Some(old) = self.sessions.remove(&worker) {
+            // A reconnect under the same name: the old session's leases go back first.
+            close_session(&old, CloseReason::Replaced);
+            if let Some(eval) = self.eval.as_mut() {
+                let out = eval.on_worker_lost(Instant::now(), &worker);
+                self.send_all(out);
+            }
+        }
+        self.next_session += 1;
+        let key = SessionKey(self.next_session);
+        let args = SessionArgs {
+            worker: worker.clone(),
+            key,
+            connection: c.connection,
+            control_send: c.control_send,
+            control_recv: c.control_recv,
+            job: myself.clone(),
+            admitted: CoordinatorToWorker::Admitted {
+                heartbeat_interval_ms: self.cfg.timeouts.heartbeat_interval.as_millis() as u64,
+            },
+        };
+        match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await {
+            Ok((actor, _handle)) => {
+                info!(worker_id = %worker, remote = %c.remote, device = %c.hello.device, "eval worker admitted");
+                self.session_owners
+                    .insert(actor.get_id(), (worker.clone(), key));
+                self.sessions.insert(worker, SessionEntry { key, actor });
+            }
+            Err(e) => warn!(worker_id = %worker, cause = %e, "session did not start"),
+        }
+    }
+
+    fn handle_eval_message(&mut self, now: Instant, worker: WorkerId, msg: WorkerToCoordinator) {
+        let Some(eval) = self.eval.as_mut() else {
+            return;
+        };
+        let out = match msg {
+            // Liveness is the QUIC idle timeout (a dead process) and the lease timeout (a hung
+            // one: leases are renewed on progress only).
+            WorkerToCoordinator::Heartbeat { .. } | WorkerToCoordinator::ProbeAck { .. } => {
+                return
+            }
+            WorkerToCoordinator::EvalLeaseRequest { plan, max_images } => {
+                eval.on_request(now, &worker, plan, max_images)
+            }
+            WorkerToCoordinator::EvalLeaseRenew { lease } => {
+                eval.on_renew(now, &worker, lease);
+                return;
+            }
+            WorkerToCoordinator::EvalFeatures {
+                lease,
+                first_index,
+                dim,
+                rows,
+            } => {
+                if let Err(e) = eval.on_features(&worker, lease, first_index, dim, rows) {
+                    warn!(worker_id = %worker, cause = %e, "bad eval features; closing the session");
+                    if let Some(entry) = self.sessions.get(&worker) {
+                        close_session(entry, CloseReason::ProtocolError(e));
+                    }
+                }
+                return;
+            }
+            WorkerToCoordinator::EvalLeaseComplete { lease, files } => {
+                eval.on_complete(now, &worker, lease, files)
+            }
+            WorkerToCoordinator::Leaving { reason, .. } => {
+                info!(worker_id = %worker, %reason, "eval worker leaving");
+                if let Some(entry) = self.sessions.remove(&worker) {
+                    close_session(&entry, CloseReason::Left);
+                }
+                eval.on_worker_lost(now, &worker)
+            }
+            other => {
+                warn!(worker_id = %worker, kind = other.kind(), "not an evaluation message; ignored");
+                return;
+            }
+        };
+        self.send_all(out);
+    }
+
+    fn eval_tick(&mut self, myself: &ActorRef<JobMsg>) {
+        let Some(eval) = self.eval.as_mut() else {
+            return;
+        };
+        let out = eval.on_tick(Instant::now());
+        self.send_all(out);
+        if self.eval_finishing || !self.eval.as_ref().is_some_and(EvalState::is_finished) {
+            return;
+        }
+        self.eval_finishing = true;
+        for worker in self.sessions.keys() {
+            self.send(worker, CoordinatorToWorker::EvalDone);
+        }
+        for entry in self.sessions.values() {
+            close_session(entry, CloseReason::Finished);
+        }
+        let results = match self.eval.as_mut().map(|e| e.take_results(Instant::now())) {
+            Some(Ok(results)) => results,
+            Some(Err(e)) => {
+                warn!(cause = %e, "evaluation could not be finished");
+                return;
+            }
+            None => return,
+        };
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || results.finish())
+                .await
+                .map_err(|e| format!("the finishing task failed: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            if myself
+                .cast(JobMsg::EvalFinished { outcome: result })
+                .is_err()
+            {
+                debug!("job actor stopped before the evaluation finished");
+            }
+        });
+    }
+
+    fn send_all(&self, out: Vec<Outgoing>) {
+        for (worker, msg) in out {
+            self.send(&worker, msg);
         }
     }
 }

@@ -148,6 +148,7 @@ impl CoordinatorArgs {
                 seed: 0,
                 checkpoint_every_steps: None,
             },
+            eval: None,
         })
     }
 }
@@ -160,6 +161,18 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let outcome = runtime.block_on(crate::run(cfg))?;
+    if let Some(eval) = &outcome.eval {
+        let fid = eval.fid.map_or("not computed (no eval.fid_stats)".into(), |f| {
+            format!("{f:.4}")
+        });
+        println!(
+            "evaluation: {} images in {:.1} s, fid {fid}, manifest {}",
+            eval.images,
+            eval.seconds,
+            eval.manifest.display()
+        );
+        return Ok(());
+    }
     for coverage in outcome.ledger.summary() {
         println!("{coverage}");
     }

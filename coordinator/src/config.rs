@@ -118,7 +118,86 @@ pub struct CoordinatorConfig {
     pub max_workers: u32,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// The training schedule; absent (and ignored) in an evaluation job.
+    #[serde(default = "no_schedule")]
     pub schedule: ScheduleConfig,
+    /// Makes this an evaluation job: lease image indices to `eqim eval-worker`s instead of
+    /// training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalServing>,
+}
+
+/// An evaluation job has no training schedule; this one-sample placeholder keeps the step
+/// state well-formed and is never opened.
+fn no_schedule() -> ScheduleConfig {
+    ScheduleConfig {
+        dataset_len: 1,
+        global_batch: 1,
+        micro_batch: 1,
+        epochs: 1,
+        seed: 0,
+        checkpoint_every_steps: None,
+    }
+}
+
+/// How long an eval worker may hold a lease without progress before it is handed to another.
+pub const DEFAULT_EVAL_LEASE_TIMEOUT: Duration = eqim_common::eval_plan::DEFAULT_EVAL_LEASE_TIMEOUT;
+
+/// The `eval:` section of a coordinator config: which set to sample and where the results go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalServing {
+    /// Images in the set (workers must plan the same number).
+    pub num_images: u64,
+    /// Most images per lease (rounded to whole batches of the workers' batch size).
+    #[serde(default = "default_lease_images")]
+    pub lease_images: u64,
+    #[serde(with = "duration_secs", default = "default_lease_timeout")]
+    pub lease_timeout: Duration,
+    /// Reference statistics (npz `mu`, `sigma`): workers send Inception features and the
+    /// coordinator computes the FID against these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid_stats: Option<PathBuf>,
+    /// Where `manifest.json` goes [default: `<job_dir>/eval`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+}
+
+fn default_lease_images() -> u64 {
+    32
+}
+
+fn default_lease_timeout() -> Duration {
+    DEFAULT_EVAL_LEASE_TIMEOUT
+}
+
+impl EvalServing {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.num_images == 0 {
+            return Err(("eval.num_images".into(), "must be at least 1".into()));
+        }
+        if self.lease_images == 0 {
+            return Err(("eval.lease_images".into(), "must be at least 1".into()));
+        }
+        if self.lease_timeout.is_zero() {
+            return Err((
+                "eval.lease_timeout".into(),
+                "must be more than 0 seconds".into(),
+            ));
+        }
+        if let Some(path) = &self.fid_stats {
+            if !path.is_file() {
+                return Err((
+                    "eval.fid_stats".into(),
+                    format!(
+                        "{} is not a file: give an npz with mu and sigma (e.g. from `eqim fid-stats DIR`)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl CoordinatorConfig {
@@ -151,7 +230,10 @@ impl Validate for CoordinatorConfig {
             ));
         }
         self.timeouts.validate()?;
-        self.schedule.validate()
+        match &self.eval {
+            Some(eval) => eval.validate(),
+            None => self.schedule.validate(),
+        }
     }
 }
 
@@ -188,6 +270,32 @@ mod tests {
             "the demo spells out the defaults"
         );
         assert_eq!(cfg.schedule.checkpoint_every_steps, Some(20));
+    }
+
+    #[test]
+    fn an_eval_config_needs_no_schedule_and_checks_its_stats_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.yaml");
+        std::fs::write(
+            &path,
+            "bind: 127.0.0.1:0\njob_dir: job\nexpected_workers: 1\nmin_workers: 1\nmax_workers: 4\n\
+             eval:\n  num_images: 20\n  lease_timeout: 5\n",
+        )
+        .unwrap();
+        let cfg: CoordinatorConfig = load_config(&path).unwrap();
+        let eval = cfg.eval.clone().expect("eval section");
+        assert_eq!(
+            (eval.num_images, eval.lease_images, eval.lease_timeout),
+            (20, 32, Duration::from_secs(5))
+        );
+        std::fs::write(
+            &path,
+            "bind: 127.0.0.1:0\njob_dir: job\nexpected_workers: 1\nmin_workers: 1\nmax_workers: 4\n\
+             eval:\n  num_images: 20\n  fid_stats: /nonexistent/ref.npz\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", load_config::<CoordinatorConfig>(&path).unwrap_err());
+        assert!(err.contains("eval.fid_stats") && err.contains("eqim fid-stats"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dashboards;
+pub mod eval;
 pub mod membership;
 pub mod metrics_http;
 pub mod metrics_registry;
