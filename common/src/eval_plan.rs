@@ -365,9 +365,15 @@ mod tests {
         let a = table.grant(now, "w1", 5).expect("lease");
         let b = table.grant(now, "w2", 1).expect("lease");
         let c = table.grant(now, "w1", 100).expect("lease");
-        assert_eq!((a.indices, b.indices.clone(), c.indices), (0..4, 4..8, 8..10));
+        assert_eq!(
+            (a.indices, b.indices.clone(), c.indices),
+            (0..4, 4..8, 8..10)
+        );
         table.worker_lost("w2");
         let again = table.grant(now, "w1", 8).expect("lease");
-        assert_eq!(again.indices, b.indices, "a returned block comes back whole");
+        assert_eq!(
+            again.indices, b.indices,
+            "a returned block comes back whole"
+        );
     }
 }

@@ -364,8 +364,10 @@ mod tests {
     fn image_npz_holds_uint8_images_in_nhwc_and_refuses_odd_sizes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("samples.npz");
-        write_image_npz(&path, "arr_0", 3, 2, 4, |i| Ok(vec![i as u8 * 10; 2 * 4 * 3]))
-            .expect("write");
+        write_image_npz(&path, "arr_0", 3, 2, 4, |i| {
+            Ok(vec![i as u8 * 10; 2 * 4 * 3])
+        })
+        .expect("write");
         let mut archive =
             zip::ZipArchive::new(std::fs::File::open(&path).expect("open")).expect("zip");
         let mut member = archive.by_name("arr_0.npy").expect("member");

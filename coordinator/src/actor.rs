@@ -798,9 +798,7 @@ impl JobState {
         let out = match msg {
             // Liveness is the QUIC idle timeout (a dead process) and the lease timeout (a hung
             // one: leases are renewed on progress only).
-            WorkerToCoordinator::Heartbeat { .. } | WorkerToCoordinator::ProbeAck { .. } => {
-                return
-            }
+            WorkerToCoordinator::Heartbeat { .. } | WorkerToCoordinator::ProbeAck { .. } => return,
             WorkerToCoordinator::EvalLeaseRequest { plan, max_images } => {
                 eval.on_request(now, &worker, plan, max_images)
             }

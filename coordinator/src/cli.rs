@@ -162,9 +162,11 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         .context("starting the tokio runtime")?;
     let outcome = runtime.block_on(crate::run(cfg))?;
     if let Some(eval) = &outcome.eval {
-        let fid = eval.fid.map_or("not computed (no eval.fid_stats)".into(), |f| {
-            format!("{f:.4}")
-        });
+        let fid = eval
+            .fid
+            .map_or("not computed (no eval.fid_stats)".into(), |f| {
+                format!("{f:.4}")
+            });
         println!(
             "evaluation: {} images in {:.1} s, fid {fid}, manifest {}",
             eval.images,

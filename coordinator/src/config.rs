@@ -295,7 +295,19 @@ mod tests {
         )
         .unwrap();
         let err = format!("{:#}", load_config::<CoordinatorConfig>(&path).unwrap_err());
-        assert!(err.contains("eval.fid_stats") && err.contains("eqim fid-stats"), "{err}");
+        assert!(
+            err.contains("eval.fid_stats") && err.contains("eqim fid-stats"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_eval_example_config_loads_as_an_evaluation_job() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/eval-coordinator.yaml");
+        let cfg: CoordinatorConfig = load_config(&path).unwrap();
+        let eval = cfg.eval.expect("eval section");
+        assert_eq!((eval.num_images, eval.lease_images), (3000, 128));
+        assert_eq!(eval.lease_timeout, Duration::from_secs(600));
     }
 
     #[test]

@@ -229,7 +229,10 @@ impl EvalState {
         rows: Vec<f32>,
     ) -> Result<(), String> {
         if !self.held_by(lease, worker) {
-            return Err(format!("features for lease {} not held by {worker}", lease.0));
+            return Err(format!(
+                "features for lease {} not held by {worker}",
+                lease.0
+            ));
         }
         let dim = dim as usize;
         if dim == 0 || !rows.len().is_multiple_of(dim) {
@@ -310,7 +313,9 @@ impl EvalState {
                         Some(i) if indices.contains(&i) => {
                             self.files.insert(i, file);
                         }
-                        _ => warn!(worker_id = %worker, file = %file.path, "reported file is not an image of its lease"),
+                        _ => {
+                            warn!(worker_id = %worker, file = %file.path, "reported file is not an image of its lease")
+                        }
                     }
                 }
                 let (done, total) = self.progress();
@@ -389,14 +394,12 @@ impl EvalResults {
         let mut fid = None;
         let mut reference_sha256 = None;
         if let Some(stats_path) = &self.cfg.fid_stats {
-            let moments = self
-                .moments
-                .as_ref()
-                .filter(|m| m.count == total)
-                .ok_or(EvalFinishError::MissingFeatures {
+            let moments = self.moments.as_ref().filter(|m| m.count == total).ok_or(
+                EvalFinishError::MissingFeatures {
                     have: self.moments.as_ref().map_or(0, |m| m.count),
                     total,
-                })?;
+                },
+            )?;
             if moments.count < FID_MIN_UNBIASED_IMAGES {
                 warn!(
                     images = moments.count,
@@ -570,7 +573,10 @@ mod tests {
         other.settings_json = r#"{"cfg":7.0}"#.into();
         match &eval.on_request(now, &w("b"), other, 4)[..] {
             [(_, CoordinatorToWorker::EvalRefused { reason })] => {
-                assert!(reason.contains("cfg\":7.0") && reason.contains("job:"), "{reason}")
+                assert!(
+                    reason.contains("cfg\":7.0") && reason.contains("job:"),
+                    "{reason}"
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -611,18 +617,27 @@ mod tests {
         let (b, ib) = grant(&eval.on_request(now, &w("b"), plan(4, 2), 2), "b");
         assert_eq!((ia.clone(), ib.clone()), (0..2, 2..4));
         // Wrong holder, ragged rows and rows outside the lease are refused.
-        assert!(eval.on_features(&w("b"), a, 0, 2, points[..4].to_vec()).is_err());
-        assert!(eval.on_features(&w("a"), a, 0, 2, points[..3].to_vec()).is_err());
-        assert!(eval.on_features(&w("a"), a, 1, 2, points[..4].to_vec()).is_err());
-        eval.on_features(&w("a"), a, 0, 2, points[..4].to_vec()).unwrap();
+        assert!(eval
+            .on_features(&w("b"), a, 0, 2, points[..4].to_vec())
+            .is_err());
+        assert!(eval
+            .on_features(&w("a"), a, 0, 2, points[..3].to_vec())
+            .is_err());
+        assert!(eval
+            .on_features(&w("a"), a, 1, 2, points[..4].to_vec())
+            .is_err());
+        eval.on_features(&w("a"), a, 0, 2, points[..4].to_vec())
+            .unwrap();
         // b completes without its features: its block goes back and a gets it next.
         eval.on_complete(now, &w("b"), b, files(ib.clone()));
         assert_eq!(eval.progress(), (0, 4));
         eval.on_complete(now, &w("a"), a, files(ia));
         let (a2, again) = grant(&eval.on_request(now, &w("a"), plan(4, 2), 2), "a");
         assert_eq!(again, ib);
-        eval.on_features(&w("a"), a2, 2, 2, points[4..6].to_vec()).unwrap();
-        eval.on_features(&w("a"), a2, 3, 2, points[6..].to_vec()).unwrap();
+        eval.on_features(&w("a"), a2, 2, 2, points[4..6].to_vec())
+            .unwrap();
+        eval.on_features(&w("a"), a2, 3, 2, points[6..].to_vec())
+            .unwrap();
         eval.on_complete(now, &w("a"), a2, files(again));
         assert!(eval.is_finished());
         let outcome = eval.take_results(now).unwrap().finish().unwrap();

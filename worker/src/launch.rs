@@ -28,6 +28,9 @@ pub struct ProcessSpec {
     pub ends_job: bool,
     /// A non-zero exit of this process stops the cluster with an error.
     pub required: bool,
+    /// One of the job's workers: when every worker has failed, nothing can make progress any
+    /// more and the cluster stops with an error.
+    pub worker: bool,
 }
 
 /// How a cluster run ended.
@@ -52,6 +55,7 @@ struct Running {
     child: Child,
     ends_job: bool,
     required: bool,
+    worker: bool,
     status: Option<ExitStatus>,
     pumps: Vec<thread::JoinHandle<()>>,
 }
@@ -115,6 +119,7 @@ pub fn run_cluster(
             child,
             ends_job: spec.ends_job,
             required: spec.required,
+            worker: spec.worker,
             status: None,
             pumps,
         });
@@ -142,6 +147,16 @@ pub fn run_cluster(
                     job_done = true;
                 }
             }
+        }
+        let mut workers = running.iter().filter(|r| r.worker).peekable();
+        if !job_done
+            && failure.is_none()
+            && workers.peek().is_some()
+            && workers.all(|r| r.status.is_some_and(|s| !s.success()))
+        {
+            // (Workers told that the job is over exit 0 while the coordinator finishes up.)
+            failure =
+                Some("every worker failed before the job ended (see their logs above)".into());
         }
         if job_done || failure.is_some() || running.iter().all(|r| r.status.is_some()) {
             break;
@@ -247,6 +262,7 @@ mod tests {
             command,
             ends_job,
             required,
+            worker: name.starts_with("worker"),
         }
     }
 
@@ -286,6 +302,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("worker-0"), "{err}");
+    }
+
+    #[test]
+    fn the_cluster_stops_when_every_worker_failed_but_not_when_they_finished() {
+        let start = Instant::now();
+        let err = run_cluster(
+            vec![
+                sh("coordinator", "sleep 30", true, true),
+                sh("worker-0", "exit 1", false, false),
+                sh("worker-1", "sleep 0.2; exit 9", false, false),
+            ],
+            Arc::new(AtomicBool::new(false)),
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("every worker failed"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Workers that finished (exit 0) leave the coordinator to finish up.
+        let out = run_cluster(
+            vec![
+                sh("coordinator", "sleep 0.5; echo done", true, true),
+                sh("worker-0", "exit 0", false, false),
+                sh("worker-1", "exit 1", false, false),
+            ],
+            Arc::new(AtomicBool::new(false)),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(out.status_of("coordinator").unwrap().success());
     }
 
     #[test]

@@ -32,6 +32,9 @@ enum Command {
     Fid(eqim_worker::eval::FidArgs),
     /// Sample a fixed, index-addressed image set (PNGs + manifest), identical at any worker count.
     Eval(Box<eqim_worker::eval::run::EvalArgs>),
+    /// One worker of an evaluation job: leases batches of image indices from a coordinator
+    /// whose config has an `eval:` section (`eqim eval` starts these for you on one machine).
+    EvalWorker(Box<eqim_worker::eval::run::EvalWorkerArgs>),
     /// Check the tch models against a reference fixture (PREFIX.json, PREFIX.weights.safetensors,
     /// PREFIX.io.safetensors): prints the max abs error per case, fails above --tol.
     VerifyReference {
@@ -109,6 +112,7 @@ fn main() -> Result<()> {
         Command::Eval(args) => {
             eqim_worker::eval::run::run_eval(&args)?;
         }
+        Command::EvalWorker(args) => eqim_worker::eval::run::run_worker(*args)?,
         Command::VerifyReference { prefix, tol } => {
             eqim_worker::verify::run_cli(&prefix, tol)?;
         }

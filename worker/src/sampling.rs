@@ -93,6 +93,11 @@ impl FixedNoise {
     pub fn new(noise: Tensor) -> Self {
         Self { noise, next: 0 }
     }
+
+    /// The whole noise tensor `[steps, B, C]` (to put several images' noise side by side).
+    pub fn into_tensor(self) -> Tensor {
+        self.noise
+    }
 }
 
 impl NoiseSource for FixedNoise {

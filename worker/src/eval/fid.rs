@@ -240,8 +240,7 @@ mod tests {
         let mut m = FeatureMoments::new(4);
         let wrong = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
         assert!(add_feature_batch(&mut m, &wrong).is_err());
-        add_feature_batch(&mut m, &Tensor::ones([1, 4], (Kind::Float, Device::Cpu)))
-            .expect("add");
+        add_feature_batch(&mut m, &Tensor::ones([1, 4], (Kind::Float, Device::Cpu))).expect("add");
         assert!(matches!(
             m.stats(),
             Err(eqim_common::fid::FidError::TooFewImages { count: 1 })

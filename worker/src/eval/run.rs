@@ -1,29 +1,47 @@
-//! `eqim eval`: samples a fixed, index-addressed image set (label, noise seed and file name are
-//! functions of the index only), decodes and writes PNGs plus a manifest, with local workers
-//! pulling index leases from the coordinator's lease table so the set does not depend on how many
-//! workers run or which of them die. Optionally scores the set with FID.
+//! Distributed evaluation: a fixed, index-addressed image set (label, noise seed, batch and file
+//! name are functions of the index only) sampled by `eqim eval-worker` processes that lease
+//! whole batches of indices from a coordinator running an evaluation job, so the set does not
+//! depend on how many workers run or which of them die. `eqim eval` is the one-machine launcher:
+//! a coordinator and N eval workers as child processes, then the optional npz of all images.
+//! The coordinator sums the workers' Inception features in f64 and computes the FID.
 
+use std::ffi::OsString;
+use std::ops::Range;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use eqim_common::eval_plan::{Completion, EvalPlan, LeaseTable, DEFAULT_EVAL_LEASE_TIMEOUT};
+use eqim_common::eval_plan::{EvalPlan, DEFAULT_EVAL_LEASE_TIMEOUT};
+use eqim_common::proto::{
+    CoordinatorToWorker, EvalPlanInfo, Refusal, WorkerId, WorkerToCoordinator, WrittenFile,
+    MAX_FEATURE_ROWS_PER_FRAME,
+};
+use eqim_coordinator::client::{Client, ClientConfig, ClientError, ControlSender};
 use sha2::{Digest, Sha256};
 use tch::{nn, Tensor};
+use tracing::{info, warn};
 
-use super::fid::FeatureMoments;
 use super::inception::{Inception, INCEPTION_DIM};
-use crate::imageio::{save_png, tensor_to_rgb};
+use crate::imageio::tensor_to_rgb;
+use crate::launch::{run_cluster, stop_on_signals, ProcessSpec};
 use crate::model::generator::{EquivariantGenerativeModel, GeneratorConfig};
 use crate::model::tokenizer::Parts;
 use crate::model::weights;
-use crate::sampling::{sample_cached, seeded_noise, CfgSchedule, SampleSpec};
+use crate::progress::{Activity, Progress};
+use crate::sampling::{sample_cached, seeded_noise, CfgSchedule, FixedNoise, SampleSpec};
 use crate::tokenizer_cli::{load_tokenizer_parts, LoadedTokenizer, TokenizerArgs};
 
-/// `eqim eval`
+/// Lease renewals are sent on progress, at most this often per lease deadline (a quarter).
+const RENEW_FRACTION: u32 = 4;
+/// How long an eval worker waits for the coordinator's answer to a lease request: all work
+/// may be leased to others, whose leases come back at the latest after the lease timeout.
+const LEASE_ANSWER_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// What an image set is: the model, the sampler settings and the index layout. Shared by
+/// `eqim eval` and `eqim eval-worker`; every worker of a job must be given the same values.
 #[derive(clap::Args, Debug, Clone)]
-pub struct EvalArgs {
+pub struct EvalPlanArgs {
     /// Generator weights (safetensors with the reference's parameter names).
     #[arg(long)]
     pub weights: PathBuf,
@@ -57,193 +75,144 @@ pub struct EvalArgs {
     /// Generator latents are tokenizer latents times this (the reference's vae_norm).
     #[arg(long, default_value_t = 0.05493)]
     pub latent_scale: f64,
-    /// Output folder for `{i:05}.png` and manifest.json.
+    /// Images sampled together (cond and uncond in one batch). Batch k is always indices
+    /// [k*B, (k+1)*B), whichever worker computes it, so the bytes do not depend on the cluster.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: u64,
+    /// Output folder for `{i:05}.png` (and, with `eqim eval`, manifest.json).
     #[arg(long)]
     pub out: PathBuf,
-    /// Local workers (threads, each with its own models) pulling index leases.
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Inception file for the FID features [default: the one scripts/fetch-inception caches].
+    #[arg(long)]
+    pub inception: Option<PathBuf>,
+}
+
+impl EvalPlanArgs {
+    /// The same values as command-line flags, for launching workers.
+    fn to_flags(&self) -> Vec<OsString> {
+        let mut flags: Vec<OsString> = Vec::new();
+        let mut push = |k: &str, v: OsString| {
+            flags.push(k.into());
+            flags.push(v);
+        };
+        push("--weights", self.weights.clone().into());
+        push("--config", self.config.clone().into());
+        if let Some(p) = &self.tokenizer_config {
+            push("--tokenizer-config", p.clone().into());
+        }
+        push(
+            "--tokenizer-checkpoint",
+            self.tokenizer_checkpoint.clone().into(),
+        );
+        push("--num-images", self.num_images.to_string().into());
+        push("--cfg", self.cfg.to_string().into());
+        push(
+            "--cfg-schedule",
+            match self.cfg_schedule {
+                CfgSchedule::Linear => "linear",
+                CfgSchedule::Constant => "constant",
+            }
+            .into(),
+        );
+        if let Some(n) = self.length {
+            push("--length", n.to_string().into());
+        }
+        if let Some(n) = self.steps {
+            push("--steps", n.to_string().into());
+        }
+        push("--seed", self.seed.to_string().into());
+        push("--latent-scale", self.latent_scale.to_string().into());
+        push("--batch-size", self.batch_size.to_string().into());
+        push("--out", self.out.clone().into());
+        push("--device", self.device.clone().into());
+        if let Some(p) = &self.inception {
+            push("--inception", p.clone().into());
+        }
+        flags
+    }
+}
+
+/// `eqim eval`: the whole evaluation on this machine.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub plan: EvalPlanArgs,
+    /// Eval worker processes on this machine (each with its own models).
     #[arg(long, default_value_t = 1)]
-    pub workers: usize,
-    /// Most indices per lease.
-    #[arg(long, default_value_t = 8)]
-    pub lease_size: u64,
+    pub workers: u32,
+    /// Intra-op threads per worker. Fixed (not derived from the worker count) so that the
+    /// numbers, which on CPU may depend on how work is split over threads, are the same at any
+    /// world size.
+    #[arg(long, default_value_t = 1)]
+    pub threads: i32,
+    /// Most images per lease (whole batches).
+    #[arg(long, default_value_t = 32)]
+    pub lease_images: u64,
     /// Seconds a lease lives without progress before it is handed to another worker.
     #[arg(long, default_value_t = DEFAULT_EVAL_LEASE_TIMEOUT.as_secs())]
     pub lease_timeout_s: u64,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Reference statistics (npz `mu`, `sigma`): also print the set's FID against them.
+    /// Reference statistics (npz `mu`, `sigma`, e.g. from `eqim fid-stats`): workers compute
+    /// Inception features and the coordinator prints the set's FID against them.
     #[arg(long)]
     pub fid_stats: Option<PathBuf>,
-    /// Inception file for --fid-stats [default: the one scripts/fetch-inception caches].
+    /// Also write every image into one npz (`arr_0`, uint8 [N, H, W, 3], as the reference's
+    /// and ADM's evaluation suites read it).
     #[arg(long)]
-    pub inception: Option<PathBuf>,
-    /// Test hook: local worker `W` stops after `N` images without completing its lease
-    /// (as if killed), given as `W:N`.
+    pub npz: Option<PathBuf>,
+    /// A worker silent this long is declared dead and its leases go to the others.
+    #[arg(long, default_value_t = 3000)]
+    pub heartbeat_timeout_ms: u64,
+    /// Test hook: worker `W` kills itself (SIGKILL) after `N` images, mid-lease, given as `W:N`.
     #[arg(long, hide = true)]
     pub kill_worker_after: Option<String>,
 }
 
-/// What every worker needs, read once.
-struct EvalJob {
-    args: EvalArgs,
+/// `eqim eval-worker`: one worker of an evaluation job (local or on a cluster).
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalWorkerArgs {
+    #[command(flatten)]
+    pub plan: EvalPlanArgs,
+    /// `HOST:PORT` of the coordinator (started with an `eval:` section in its config).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coordinator: String,
+    /// The job's token file (the coordinator writes it into its job directory).
+    #[arg(long, value_name = "FILE")]
+    pub token: PathBuf,
+    /// SHA-256 of the coordinator's certificate; by default read from `coordinator-cert.sha256`
+    /// next to the token file.
+    #[arg(long, value_name = "HEX")]
+    pub fingerprint: Option<String>,
+    /// Name of this worker, unique in the job (default `eval-PID`).
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// Give up when the coordinator cannot be reached for this long (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    pub connect_timeout: f64,
+    /// Intra-op threads for libtorch (give every worker of a job the same number).
+    #[arg(long, default_value_t = 1)]
+    pub threads: i32,
+    /// Batches per lease request.
+    #[arg(long, default_value_t = 4)]
+    pub batches_per_lease: u64,
+    /// Serve this worker's Prometheus `/metrics` here.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Test hook: SIGKILL this process after rendering this many images.
+    #[arg(long, hide = true)]
+    pub die_after_images: Option<u64>,
+}
+
+/// The set's layout and sampler settings, resolved from the arguments and the model config.
+struct Plan {
+    args: EvalPlanArgs,
     generator_cfg: GeneratorConfig,
-    plan: EvalPlan,
+    layout: EvalPlan,
     num_iter: i64,
     num_steps: i64,
-    device: tch::Device,
-}
-
-/// One worker's models.
-struct WorkerModels {
-    _generator_vs: nn::VarStore,
-    generator: EquivariantGenerativeModel,
-    tokenizer: LoadedTokenizer,
-    /// Present with --fid-stats: features are computed where the images are made, and only
-    /// their f64 partial sums travel.
-    inception: Option<Inception>,
-}
-
-impl EvalJob {
-    fn load_models(&self) -> Result<WorkerModels> {
-        let mut vs = nn::VarStore::new(self.device);
-        let generator = EquivariantGenerativeModel::new(vs.root(), &self.generator_cfg)?;
-        weights::load_file_strict(&vs, &self.args.weights)?;
-        vs.freeze();
-        let tokenizer = load_tokenizer_parts(
-            &TokenizerArgs {
-                config: self.args.tokenizer_config.clone(),
-                checkpoint: Some(self.args.tokenizer_checkpoint.clone()),
-                weights: None,
-                random_weights: false,
-                seed: 0,
-                device: self.args.device.clone(),
-            },
-            Parts::DecoderOnly,
-        )?;
-        let inception = match &self.args.fid_stats {
-            Some(_) => Some(
-                super::InceptionArgs {
-                    inception: self.args.inception.clone(),
-                    batch_size: 1,
-                    device: Some(self.args.device.clone()),
-                }
-                .load()?,
-            ),
-            None => None,
-        };
-        Ok(WorkerModels {
-            _generator_vs: vs,
-            generator,
-            tokenizer,
-            inception,
-        })
-    }
-
-    /// Image `index` alone (batch 1), so that its bytes cannot depend on batch neighbours.
-    /// Writes the PNG and returns its pixels.
-    fn render(&self, models: &WorkerModels, index: u64) -> Result<image::RgbImage> {
-        let _guard = tch::no_grad_guard();
-        let labels = Tensor::from_slice(&[self.plan.label(index) as i64]);
-        let spec = SampleSpec {
-            batch: 1,
-            labels: Some(&labels),
-            prefix: None,
-            num_iter: self.num_iter,
-            cfg: self.args.cfg,
-            cfg_schedule: self.args.cfg_schedule,
-            num_steps: self.num_steps,
-            temperature: 1.0,
-        };
-        let channels = self.generator_cfg.vae_embed_dim;
-        let mut noise = seeded_noise(self.plan.noise_seed(index), self.num_iter, 1, channels);
-        let tokens = sample_cached(&models.generator, &spec, &mut noise, &mut |_| {})?;
-        let z = tokens.to_device(models.tokenizer.vs.device()) / self.args.latent_scale;
-        let image = models
-            .tokenizer
-            .model
-            .decode(&z)
-            .with_context(|| format!("decoding image {index}"))?;
-        save_png(
-            &image.get(0),
-            &self.args.out.join(EvalPlan::file_name(index)),
-        )?;
-        tensor_to_rgb(&image.get(0))
-    }
-}
-
-/// One local worker: lease, render, renew, complete, until no work is left.
-fn worker_loop(
-    job: &EvalJob,
-    table: &Mutex<LeaseTable>,
-    fid_moments: &Mutex<FeatureMoments>,
-    start_line: &Barrier,
-    name: &str,
-    die_after: Option<u64>,
-) -> Result<u64> {
-    let models = job.load_models();
-    // Start leasing together, so that work spreads over every worker (and a failed load does not
-    // leave the others waiting).
-    start_line.wait();
-    let models = models?;
-    let mut rendered = 0u64;
-    loop {
-        let lease = {
-            let mut t = table.lock().expect("lease table lock poisoned");
-            if t.is_finished() {
-                return Ok(rendered);
-            }
-            t.grant(Instant::now(), name, job.args.lease_size)
-        };
-        let Some(lease) = lease else {
-            // Everything left is leased to others; one may die and its lease come back.
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        };
-        let mut lease_moments = FeatureMoments::new(INCEPTION_DIM);
-        for index in lease.indices.clone() {
-            if die_after == Some(rendered) {
-                bail!(
-                    "injected death after {rendered} images (lease {})",
-                    lease.id
-                );
-            }
-            let rgb = job.render(&models, index)?;
-            if let Some(net) = &models.inception {
-                let (w, h) = rgb.dimensions();
-                // [H, W, 3] -> [1, 3, H, W], the bytes the PNG holds
-                let pixels = Tensor::from_slice(rgb.as_raw())
-                    .view([h as i64, w as i64, 3])
-                    .permute([2, 0, 1])
-                    .unsqueeze(0);
-                let (features, _) = net.forward(&pixels)?;
-                lease_moments.add_batch(&features)?;
-            }
-            rendered += 1;
-            let renewed = table
-                .lock()
-                .expect("lease table lock poisoned")
-                .renew(Instant::now(), lease.id);
-            if renewed.is_none() {
-                tracing::warn!(worker = name, lease = lease.id, "lease lost; dropping it");
-                break;
-            }
-        }
-        let outcome = table
-            .lock()
-            .expect("lease table lock poisoned")
-            .complete(Instant::now(), lease.id);
-        match outcome {
-            // Counted once per index: only accepted completions carry their sums in.
-            Completion::Accepted { .. } => fid_moments
-                .lock()
-                .expect("moments lock poisoned")
-                .merge(&lease_moments)?,
-            Completion::Stale => {
-                tracing::warn!(worker = name, lease = lease.id, "late completion ignored")
-            }
-        }
-    }
+    info: EvalPlanInfo,
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -251,52 +220,379 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
-fn write_manifest(job: &EvalJob) -> Result<()> {
-    let args = &job.args;
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&args.config)
-            .with_context(|| format!("reading {}", args.config.display()))?,
-    )
-    .with_context(|| format!("parsing {}", args.config.display()))?;
-    let images: Vec<serde_json::Value> = (0..job.plan.num_images)
-        .map(|i| {
-            serde_json::json!({
-                "index": i,
-                "file": EvalPlan::file_name(i),
-                "label": job.plan.label(i),
-                "noise_seed": job.plan.noise_seed(i),
-            })
+impl Plan {
+    fn resolve(args: &EvalPlanArgs) -> Result<Self> {
+        let text = std::fs::read_to_string(&args.config)
+            .with_context(|| format!("reading generator config {}", args.config.display()))?;
+        let generator_cfg: GeneratorConfig = serde_json::from_str(&text)
+            .with_context(|| format!("parsing generator config {}", args.config.display()))?;
+        let layout = EvalPlan::new(args.num_images, generator_cfg.class_num as u64, args.seed)?;
+        let num_iter = args.length.unwrap_or(generator_cfg.token_num);
+        let num_steps = args.steps.unwrap_or(generator_cfg.num_sampling_steps);
+        if num_iter <= 0 || num_steps <= 0 || args.batch_size == 0 {
+            bail!("--length, --steps and --batch-size must be positive");
+        }
+        if !(args.latent_scale.is_finite() && args.latent_scale > 0.0) {
+            bail!("--latent-scale must be positive, got {}", args.latent_scale);
+        }
+        let device = crate::sample_tokens::parse_device(&args.device)?;
+        // Everything that changes the pixels, by content (paths differ between machines).
+        let settings = serde_json::json!({
+            "generator_weights_sha256": sha256_file(&args.weights)?,
+            "tokenizer_checkpoint_sha256": sha256_file(&args.tokenizer_checkpoint)?,
+            "generator_config": serde_json::from_str::<serde_json::Value>(&text)?,
+            "cfg": args.cfg,
+            "cfg_schedule": args.cfg_schedule,
+            "length": num_iter,
+            "steps": num_steps,
+            "latent_scale": args.latent_scale,
+            "device_kind": if device.is_cuda() { "cuda" } else { "cpu" },
+        });
+        let info = EvalPlanInfo {
+            num_images: args.num_images,
+            class_num: generator_cfg.class_num as u64,
+            base_seed: args.seed,
+            batch_size: args.batch_size,
+            settings_json: settings.to_string(),
+        };
+        Ok(Self {
+            args: args.clone(),
+            generator_cfg,
+            layout,
+            num_iter,
+            num_steps,
+            info,
         })
+    }
+}
+
+/// One worker's models.
+struct Models {
+    _generator_vs: nn::VarStore,
+    generator: EquivariantGenerativeModel,
+    tokenizer: LoadedTokenizer,
+    /// Loaded at the first lease that asks for features.
+    inception: Option<Inception>,
+}
+
+impl Models {
+    fn load(plan: &Plan) -> Result<Self> {
+        let args = &plan.args;
+        let device = crate::sample_tokens::parse_device(&args.device)?;
+        let mut vs = nn::VarStore::new(device);
+        let generator = EquivariantGenerativeModel::new(vs.root(), &plan.generator_cfg)?;
+        weights::load_file_strict(&vs, &args.weights)?;
+        vs.freeze();
+        let tokenizer = load_tokenizer_parts(
+            &TokenizerArgs {
+                config: args.tokenizer_config.clone(),
+                checkpoint: Some(args.tokenizer_checkpoint.clone()),
+                weights: None,
+                random_weights: false,
+                seed: 0,
+                device: args.device.clone(),
+            },
+            Parts::DecoderOnly,
+        )?;
+        Ok(Self {
+            _generator_vs: vs,
+            generator,
+            tokenizer,
+            inception: None,
+        })
+    }
+
+    fn inception(&mut self, args: &EvalPlanArgs) -> Result<&Inception> {
+        if self.inception.is_none() {
+            let net = super::InceptionArgs {
+                inception: args.inception.clone(),
+                batch_size: 1,
+                device: Some(args.device.clone()),
+            }
+            .load()?;
+            self.inception = Some(net);
+        }
+        Ok(self.inception.as_ref().expect("loaded above"))
+    }
+}
+
+/// Samples and decodes the images `indices` (one batch, fixed by the plan) and returns their
+/// pixels. `on_token` is called after every generated token (progress, lease renewal).
+fn render_batch(
+    plan: &Plan,
+    models: &Models,
+    indices: Range<u64>,
+    on_token: &mut dyn FnMut(i64),
+) -> Result<Vec<image::RgbImage>> {
+    let _guard = tch::no_grad_guard();
+    let batch = (indices.end - indices.start) as i64;
+    let labels: Vec<i64> = indices
+        .clone()
+        .map(|i| plan.layout.label(i) as i64)
         .collect();
-    let manifest = serde_json::json!({
-        "generator_weights": args.weights.display().to_string(),
-        "generator_weights_sha256": sha256_file(&args.weights)?,
-        "tokenizer_checkpoint": args.tokenizer_checkpoint.display().to_string(),
-        "tokenizer_checkpoint_sha256": sha256_file(&args.tokenizer_checkpoint)?,
-        "generator_config": config,
-        "num_images": job.plan.num_images,
-        "class_num": job.plan.class_num,
-        "cfg": args.cfg,
-        "cfg_schedule": args.cfg_schedule,
-        "length": job.num_iter,
-        "steps": job.num_steps,
-        "base_seed": args.seed,
-        "latent_scale": args.latent_scale,
-        "noise": "per image: tch manual_seed(noise_seed), then randn(1, vae_embed_dim) per token",
-        "images": images,
-    });
-    let path = args.out.join("manifest.json");
-    let tmp = args.out.join(".manifest.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let labels = Tensor::from_slice(&labels);
+    let spec = SampleSpec {
+        batch,
+        labels: Some(&labels),
+        prefix: None,
+        num_iter: plan.num_iter,
+        cfg: plan.args.cfg,
+        cfg_schedule: plan.args.cfg_schedule,
+        num_steps: plan.num_steps,
+        temperature: 1.0,
+    };
+    let channels = plan.generator_cfg.vae_embed_dim;
+    // Each image's noise comes from its own seed: [tokens, 1, C] per image, side by side.
+    let per_image: Vec<Tensor> = indices
+        .clone()
+        .map(|i| seeded_noise(plan.layout.noise_seed(i), plan.num_iter, 1, channels).into_tensor())
+        .collect();
+    let mut noise = FixedNoise::new(Tensor::cat(&per_image, 1));
+    let tokens = sample_cached(&models.generator, &spec, &mut noise, on_token)?;
+    let z = tokens.to_device(models.tokenizer.vs.device()) / plan.args.latent_scale;
+    let images = models
+        .tokenizer
+        .model
+        .decode(&z)
+        .with_context(|| format!("decoding images {indices:?}"))?;
+    (0..batch).map(|k| tensor_to_rgb(&images.get(k))).collect()
+}
+
+/// Writes a PNG atomically (temp file, fsync, rename) and describes it for the coordinator.
+fn write_png(image: &image::RgbImage, dir: &Path, index: u64) -> Result<WrittenFile> {
+    let name = EvalPlan::file_name(index);
+    let path = dir.join(&name);
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .with_context(|| format!("encoding {}", path.display()))?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(WrittenFile {
+        path: name,
+        bytes: bytes.len() as u64,
+        sha256: Sha256::digest(&bytes).into(),
+    })
+}
+
+/// Inception features of a batch of same-sized images, [n, 2048] row-major.
+fn features_of(net: &Inception, images: &[image::RgbImage]) -> Result<Vec<f32>> {
+    let pixels: Vec<Tensor> = images
+        .iter()
+        .map(|rgb| {
+            let (w, h) = rgb.dimensions();
+            // [H, W, 3] -> [3, H, W]: the bytes the PNG holds
+            Tensor::from_slice(rgb.as_raw())
+                .view([h as i64, w as i64, 3])
+                .permute([2, 0, 1])
+        })
+        .collect();
+    let (features, _) = net.forward(&Tensor::stack(&pixels, 0))?;
+    Ok(Vec::<f32>::try_from(
+        features
+            .to_device(tch::Device::Cpu)
+            .to_kind(tch::Kind::Float)
+            .flatten(0, -1),
+    )?)
+}
+
+/// Sends a control message from this (non-async) thread.
+fn send(
+    rt: &tokio::runtime::Runtime,
+    sender: &ControlSender,
+    msg: WorkerToCoordinator,
+) -> Result<()> {
+    let kind = msg.kind();
+    rt.block_on(sender.send(&msg))
+        .with_context(|| format!("sending {kind} to the coordinator"))
+}
+
+/// Reads the job's credentials, waiting up to `timeout` for a coordinator that is still
+/// starting to write them.
+fn load_credentials(
+    args: &EvalWorkerArgs,
+    timeout: Duration,
+) -> Result<eqim_coordinator::net::credentials::ClientCredentials> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match crate::runtime::agent::credentials_from(&args.token, args.fingerprint.as_deref()) {
+            Ok(credentials) => return Ok(credentials),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs one eval worker until the coordinator says the set is done.
+pub fn run_worker(args: EvalWorkerArgs) -> Result<()> {
+    tch::set_num_threads(args.threads.max(1));
+    let plan = Plan::resolve(&args.plan)?;
+    std::fs::create_dir_all(&args.plan.out)
+        .with_context(|| format!("creating {}", args.plan.out.display()))?;
+    let worker_id = WorkerId(
+        args.worker_id
+            .clone()
+            .unwrap_or_else(|| format!("eval-{}", std::process::id())),
+    );
+    let metrics = eqim_coordinator::metrics_registry::WorkerMetrics::new("eqim", &worker_id.0)
+        .context("creating the worker's metrics")?;
+    let _metrics_server = match args.metrics_addr {
+        Some(addr) => Some(
+            crate::metrics::MetricsThread::start(addr, &metrics)
+                .with_context(|| format!("serving /metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let mut models = Models::load(&plan)?;
+    let connect_timeout = Duration::try_from_secs_f64(args.connect_timeout)
+        .with_context(|| format!("--connect-timeout {}", args.connect_timeout))?;
+    let credentials = load_credentials(&args, connect_timeout)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let client_cfg = ClientConfig::new(args.coordinator.clone(), credentials, worker_id.clone())
+        .with_device(args.plan.device.clone());
+    let Some(mut client) = rt.block_on(connect_with_retry(client_cfg, connect_timeout))? else {
+        info!(worker_id = %worker_id, "the evaluation is already complete; nothing to do");
+        return Ok(());
+    };
+    let sender = client.sender();
+    info!(worker_id = %worker_id, coordinator = %args.coordinator, "eval worker connected");
+    let max_images = plan.info.batch_size * args.batches_per_lease.max(1);
+    let mut rendered = 0u64;
+    let mut progress = Progress::new(Activity::Evaluation, None);
+    loop {
+        send(
+            &rt,
+            &sender,
+            WorkerToCoordinator::EvalLeaseRequest {
+                plan: plan.info.clone(),
+                max_images,
+            },
+        )?;
+        let answer = rt
+            .block_on(async { tokio::time::timeout(LEASE_ANSWER_TIMEOUT, client.recv()).await })
+            .map_err(|_| {
+                anyhow::anyhow!("no answer to a lease request within {LEASE_ANSWER_TIMEOUT:?}")
+            })?;
+        let (lease, indices, deadline_ms, want_features) = match answer {
+            Some(CoordinatorToWorker::EvalLeaseGrant {
+                lease,
+                indices,
+                deadline_ms,
+                want_features,
+            }) => (lease, indices, deadline_ms, want_features),
+            Some(CoordinatorToWorker::EvalDone) | Some(CoordinatorToWorker::Finished { .. }) => {
+                break
+            }
+            Some(CoordinatorToWorker::EvalRefused { reason }) => {
+                bail!("the coordinator refused this eval worker: {reason}")
+            }
+            Some(other) => bail!(
+                "unexpected {} from the coordinator (is it running an evaluation job, with an eval: section?)",
+                other.kind()
+            ),
+            None => bail!("the coordinator closed the connection"),
+        };
+        let renew_every = Duration::from_millis(deadline_ms) / RENEW_FRACTION;
+        let mut last_renewal = Instant::now();
+        let mut files = Vec::new();
+        let mut start = indices.start;
+        while start < indices.end {
+            let end = (start + plan.info.batch_size).min(indices.end);
+            let mut renew_error = None;
+            let images = render_batch(&plan, &models, start..end, &mut |_| {
+                if last_renewal.elapsed() >= renew_every && renew_error.is_none() {
+                    last_renewal = Instant::now();
+                    renew_error =
+                        send(&rt, &sender, WorkerToCoordinator::EvalLeaseRenew { lease }).err();
+                }
+            })?;
+            if let Some(e) = renew_error {
+                return Err(e);
+            }
+            for (k, image) in images.iter().enumerate() {
+                let index = start + k as u64;
+                if args.die_after_images == Some(rendered) {
+                    warn!(rendered, "test hook: killing this eval worker mid-lease");
+                    // SIGKILL: no goodbye on the connection, as when a machine is preempted.
+                    nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL)
+                        .context("raising SIGKILL")?;
+                }
+                files.push(write_png(image, &args.plan.out, index)?);
+                rendered += 1;
+                metrics.eval_images.inc();
+                progress.inc(1);
+            }
+            if want_features {
+                let net = models.inception(&args.plan)?;
+                let rows = features_of(net, &images)?;
+                for (c, chunk) in rows
+                    .chunks(MAX_FEATURE_ROWS_PER_FRAME * INCEPTION_DIM)
+                    .enumerate()
+                {
+                    send(
+                        &rt,
+                        &sender,
+                        WorkerToCoordinator::EvalFeatures {
+                            lease,
+                            first_index: start + (c * MAX_FEATURE_ROWS_PER_FRAME) as u64,
+                            dim: INCEPTION_DIM as u32,
+                            rows: chunk.to_vec(),
+                        },
+                    )?;
+                }
+            }
+            start = end;
+        }
+        send(
+            &rt,
+            &sender,
+            WorkerToCoordinator::EvalLeaseComplete { lease, files },
+        )?;
+    }
+    progress.finish();
+    info!(worker_id = %worker_id, images = rendered, "eval worker done");
+    rt.block_on(client.close());
     Ok(())
 }
 
-fn parse_kill(spec: Option<&str>) -> Result<Option<(usize, u64)>> {
+/// Connects, retrying while the coordinator may still be starting; `None` when the job has
+/// already finished (a late worker has nothing to do).
+async fn connect_with_retry(cfg: ClientConfig, timeout: Duration) -> Result<Option<Client>> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match Client::connect(cfg.clone()).await {
+            Ok(client) => return Ok(Some(client)),
+            Err(ClientError::Refused(Refusal::JobFinished)) => return Ok(None),
+            Err(e) if e.is_retryable() && Instant::now() + pause < deadline => {
+                tracing::debug!(cause = %e, "coordinator not reachable yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "connecting to the coordinator at {} (waited up to {timeout:?})",
+                        cfg.coordinator
+                    )
+                })
+            }
+        }
+    }
+}
+
+fn parse_kill(spec: Option<&str>) -> Result<Option<(u32, u64)>> {
     let Some(spec) = spec else { return Ok(None) };
     let parsed = spec
         .split_once(':')
@@ -309,118 +605,188 @@ fn parse_kill(spec: Option<&str>) -> Result<Option<(usize, u64)>> {
 /// What an eval run did.
 #[derive(Debug, Clone)]
 pub struct EvalReport {
-    /// Images per second of sampling + decoding (model loading included).
+    /// Images per second, from the coordinator's first lease to its last completion.
     pub images_per_second: f64,
-    /// Workers that died, with the cause; their leases went to the others.
+    /// Workers that exited abnormally; their leases went to the others.
     pub dead_workers: Vec<String>,
-    /// FID against --fid-stats, from the workers' merged feature sums.
+    /// FID against --fid-stats, computed by the coordinator from every image's features.
     pub fid: Option<f64>,
 }
 
-/// Runs the whole eval.
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+/// Runs a whole evaluation on this machine: a coordinator and `--workers` eval workers as child
+/// processes (the same programs as on a cluster), then the optional npz.
 pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading generator config {}", args.config.display()))?;
-    let generator_cfg: GeneratorConfig = serde_json::from_str(&text)
-        .with_context(|| format!("parsing generator config {}", args.config.display()))?;
-    let plan = EvalPlan::new(args.num_images, generator_cfg.class_num as u64, args.seed)?;
-    let num_iter = args.length.unwrap_or(generator_cfg.token_num);
-    let num_steps = args.steps.unwrap_or(generator_cfg.num_sampling_steps);
-    if num_iter <= 0 || num_steps <= 0 || args.workers == 0 || args.lease_size == 0 {
-        bail!("--length, --steps, --workers and --lease-size must be positive");
+    if args.workers == 0 || args.lease_images == 0 {
+        bail!("--workers and --lease-images must be positive");
     }
-    if !(args.latent_scale.is_finite() && args.latent_scale > 0.0) {
-        bail!("--latent-scale must be positive, got {}", args.latent_scale);
-    }
+    // Fail early, in this process, on a bad config or plan.
+    let plan = Plan::resolve(&args.plan)?;
     let kill = parse_kill(args.kill_worker_after.as_deref())?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let job = Arc::new(EvalJob {
-        args: args.clone(),
-        generator_cfg,
-        plan,
-        num_iter,
-        num_steps,
-        device: crate::sample_tokens::parse_device(&args.device)?,
+    let mut plan_args = args.plan.clone();
+    plan_args.out = absolute(&args.plan.out)?;
+    std::fs::create_dir_all(&plan_args.out)
+        .with_context(|| format!("creating {}", plan_args.out.display()))?;
+    let job_dir = plan_args.out.join(".eval-job");
+    let port = crate::runtime::launch_cmd::free_udp_port()?;
+    let fid_stats = args.fid_stats.as_deref().map(absolute).transpose()?;
+    let interval_ms = (args.heartbeat_timeout_ms / 6).max(50);
+    let coordinator_cfg = serde_json::json!({
+        "bind": format!("127.0.0.1:{port}"),
+        "job_dir": job_dir,
+        "expected_workers": args.workers,
+        "min_workers": 1,
+        "max_workers": args.workers,
+        "timeouts": {
+            "heartbeat_interval": interval_ms as f64 / 1000.0,
+            "heartbeat_timeout": args.heartbeat_timeout_ms as f64 / 1000.0,
+            "quic_idle_timeout": args.heartbeat_timeout_ms as f64 / 1000.0,
+        },
+        "eval": {
+            "num_images": plan.info.num_images,
+            "lease_images": args.lease_images,
+            "lease_timeout": args.lease_timeout_s as f64,
+            "fid_stats": fid_stats,
+            "out": plan_args.out,
+        },
     });
-    let table = Arc::new(Mutex::new(LeaseTable::new(
-        args.num_images,
-        Duration::from_secs(args.lease_timeout_s),
-    )));
-    let start = Instant::now();
-    let start_line = Arc::new(Barrier::new(args.workers));
-    let fid_moments = Arc::new(Mutex::new(FeatureMoments::new(INCEPTION_DIM)));
-    let handles: Vec<_> = (0..args.workers)
-        .map(|w| {
-            let (job, table, start_line, fid_moments) = (
-                Arc::clone(&job),
-                Arc::clone(&table),
-                Arc::clone(&start_line),
-                Arc::clone(&fid_moments),
+    std::fs::create_dir_all(&job_dir).with_context(|| format!("creating {}", job_dir.display()))?;
+    let config_path = job_dir.join("coordinator.yaml");
+    // JSON is YAML: the coordinator's loader reads it by extension.
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&coordinator_cfg)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let manifest = plan_args.out.join("manifest.json");
+    if manifest.exists() {
+        std::fs::remove_file(&manifest)
+            .with_context(|| format!("removing the old {}", manifest.display()))?;
+    }
+    let exe = std::env::current_exe().context("locating the eqim executable")?;
+    let mut coordinator = std::process::Command::new(&exe);
+    coordinator
+        .arg("coordinator")
+        .arg("--config")
+        .arg(&config_path);
+    let mut specs = vec![ProcessSpec {
+        name: "coordinator".into(),
+        command: coordinator,
+        ends_job: true,
+        required: true,
+        worker: false,
+    }];
+    for i in 0..args.workers {
+        let mut worker = std::process::Command::new(&exe);
+        worker
+            .arg("eval-worker")
+            .args(plan_args.to_flags())
+            .arg("--coordinator")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--token")
+            .arg(job_dir.join("token"))
+            .arg("--worker-id")
+            .arg(format!("eval-{i}"))
+            .arg("--threads")
+            .arg(args.threads.to_string())
+            .arg("--batches-per-lease")
+            .arg(
+                (args.lease_images / plan.info.batch_size)
+                    .max(1)
+                    .to_string(),
             );
-            let die_after = kill.filter(|(k, _)| *k == w).map(|(_, n)| n);
-            std::thread::spawn(move || {
-                let name = format!("local-{w}");
-                let result = worker_loop(&job, &table, &fid_moments, &start_line, &name, die_after);
-                if result.is_err() {
-                    // What the coordinator does when a worker's session ends.
-                    table
-                        .lock()
-                        .expect("lease table lock poisoned")
-                        .worker_lost(&name);
-                }
-                (name, result)
-            })
-        })
-        .collect();
-    let mut failures = Vec::new();
-    for handle in handles {
-        let (name, result) = handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("an eval worker thread panicked"))?;
-        match result {
-            Ok(n) => tracing::info!(worker = name, images = n, "eval worker done"),
-            Err(err) => {
-                tracing::warn!(worker = name, cause = %format!("{err:#}"), "eval worker died");
-                failures.push(format!("{name}: {err:#}"));
-            }
+        if let Some((_, n)) = kill.filter(|(w, _)| *w == i) {
+            worker.arg("--die-after-images").arg(n.to_string());
         }
+        specs.push(ProcessSpec {
+            name: format!("eval-{i}"),
+            command: worker,
+            ends_job: false,
+            // A lost worker's leases go to the others.
+            required: false,
+            worker: true,
+        });
     }
-    if !table
-        .lock()
-        .expect("lease table lock poisoned")
-        .is_finished()
-    {
-        bail!("every eval worker died: {}", failures.join("; "));
-    }
-    let images_per_second = args.num_images as f64 / start.elapsed().as_secs_f64();
-    write_manifest(&job)?;
-    println!(
-        "wrote {} images to {} ({images_per_second:.2} images/s, {} workers)",
-        args.num_images,
-        args.out.display(),
-        args.workers
+    info!(
+        workers = args.workers,
+        threads = args.threads,
+        port,
+        images = plan.info.num_images,
+        "launching a local evaluation"
     );
-    let mut fid = None;
-    if let Some(stats) = &args.fid_stats {
-        let reference = super::fid::FidStats::read(stats)?;
-        let moments = fid_moments.lock().expect("moments lock poisoned").clone();
-        anyhow::ensure!(
-            moments.count == args.num_images,
-            "feature sums cover {} of {} images",
-            moments.count,
-            args.num_images
-        );
-        super::warn_if_small(moments.count);
-        let distance = super::fid::frechet_distance(&moments.stats()?, &reference)?;
-        println!("fid {distance:.4} ({} images)", moments.count);
-        fid = Some(distance);
+    let stop = stop_on_signals()?;
+    let outcome = run_cluster(specs, stop, crate::launch::DEFAULT_SHUTDOWN_GRACE)?;
+    if outcome.interrupted {
+        bail!("interrupted; every process was stopped");
+    }
+    match outcome.status_of("coordinator") {
+        Some(s) if s.success() => {}
+        other => bail!("the evaluation did not finish (coordinator: {other:?}); see the log above"),
+    }
+    // Workers still running when the coordinator finished were stopped with SIGTERM: late
+    // starters with nothing left to do, not deaths.
+    let dead_workers: Vec<String> = outcome
+        .statuses
+        .iter()
+        .filter(|(name, status)| {
+            name != "coordinator"
+                && !status.is_some_and(|s| s.success() || s.signal() == Some(libc::SIGTERM))
+        })
+        .map(|(name, status)| format!("{name}: {status:?}"))
+        .collect();
+    let written: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?,
+    )
+    .with_context(|| format!("parsing {}", manifest.display()))?;
+    let seconds = written["seconds"].as_f64().unwrap_or(f64::NAN);
+    let images_per_second = plan.info.num_images as f64 / seconds;
+    let fid = written["fid"].as_f64();
+    println!(
+        "wrote {} images to {} ({images_per_second:.2} images/s with {} workers{})",
+        plan.info.num_images,
+        plan_args.out.display(),
+        args.workers,
+        if dead_workers.is_empty() {
+            String::new()
+        } else {
+            format!(", {} died", dead_workers.len())
+        }
+    );
+    if let Some(f) = fid {
+        super::warn_if_small(plan.info.num_images);
+        println!("fid {f:.4} ({} images)", plan.info.num_images);
+    }
+    if let Some(npz) = &args.npz {
+        write_images_npz(&plan_args.out, plan.info.num_images, npz)?;
+        println!("wrote {}", npz.display());
     }
     Ok(EvalReport {
         images_per_second,
-        dead_workers: failures,
+        dead_workers,
         fid,
     })
+}
+
+/// Packs `{i:05}.png` for i in 0..n into one uint8 npz `arr_0` [N, H, W, 3].
+pub fn write_images_npz(dir: &Path, n: u64, out: &Path) -> Result<()> {
+    let read = |i: u64| -> Result<image::RgbImage> {
+        let path = dir.join(EvalPlan::file_name(i));
+        Ok(image::open(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .to_rgb8())
+    };
+    let first = read(0)?;
+    let (w, h) = first.dimensions();
+    eqim_common::npz::write_image_npz(out, "arr_0", n as usize, h as usize, w as usize, |i| {
+        read(i as u64).map(image::RgbImage::into_raw).map_err(|e| {
+            eqim_common::npz::NpyError::Format {
+                what: out.display().to_string(),
+                reason: format!("{e:#}"),
+            }
+        })
+    })
+    .with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -431,15 +797,11 @@ mod tests {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        eval: EvalArgs,
+        plan: EvalPlanArgs,
     }
 
-    fn fixtures() -> PathBuf {
-        crate::verify::tokenizer::fixtures_dir()
-    }
-
-    fn eval_into(out: &Path, extra: &[&str]) -> EvalArgs {
-        let f = fixtures();
+    fn plan_args(extra: &[&str]) -> EvalPlanArgs {
+        let f = crate::verify::tokenizer::fixtures_dir();
         let mut argv: Vec<String> = vec!["eval".into()];
         for (k, v) in [
             ("--weights", f.join("generator_tiny.weights.safetensors")),
@@ -449,132 +811,46 @@ mod tests {
                 "--tokenizer-checkpoint",
                 f.join("tokenizer_tiny.weights.safetensors"),
             ),
-            ("--out", out.to_path_buf()),
+            ("--out", PathBuf::from("/tmp/unused")),
         ] {
             argv.push(k.into());
             argv.push(v.display().to_string());
         }
-        for a in [
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        Cli::parse_from(argv).plan
+    }
+
+    #[test]
+    fn plan_flags_round_trip_and_bad_plans_are_refused() {
+        let args = plan_args(&[
             "--num-images",
             "20",
             "--length",
             "4",
-            "--steps",
-            "3",
-            "--cfg",
-            "3.0",
-            "--lease-size",
-            "3",
-        ]
-        .iter()
-        .chain(extra)
-        {
-            argv.push(a.to_string());
-        }
-        Cli::parse_from(argv).eval
-    }
-
-    fn read_all(dir: &Path) -> Vec<Vec<u8>> {
-        (0..20)
-            .map(|i| std::fs::read(dir.join(EvalPlan::file_name(i))).expect("png written"))
-            .collect()
-    }
-
-    #[test]
-    fn png_bytes_do_not_depend_on_workers_or_a_killed_worker() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (one, two, killed) = (
-            dir.path().join("one"),
-            dir.path().join("two"),
-            dir.path().join("killed"),
+            "--cfg-schedule",
+            "constant",
+        ]);
+        let mut argv: Vec<OsString> = vec!["eval".into()];
+        argv.extend(args.to_flags());
+        let again = Cli::parse_from(argv).plan;
+        let (a, b) = (
+            Plan::resolve(&args).expect("plan"),
+            Plan::resolve(&again).expect("plan"),
         );
-        run_eval(&eval_into(&one, &["--workers", "1"])).expect("1 worker");
-        run_eval(&eval_into(&two, &["--workers", "2"])).expect("2 workers");
-        let report = run_eval(&eval_into(
-            &killed,
-            &["--workers", "3", "--kill-worker-after", "1:1"],
-        ))
-        .expect("3 workers, one killed");
-        assert_eq!(report.dead_workers.len(), 1, "{:?}", report.dead_workers);
-        assert!(report.dead_workers[0].contains("injected death after 1 images"));
-        let reference = read_all(&one);
-        assert_eq!(read_all(&two), reference, "1 vs 2 workers");
-        assert_eq!(read_all(&killed), reference, "with a killed worker");
-        // Different indices really are different images (noise and labels vary).
-        assert_ne!(reference[0], reference[1]);
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(one.join("manifest.json")).expect("manifest"))
-                .expect("json");
-        assert_eq!(manifest["images"][19]["label"], 9);
-        assert_eq!(manifest["images"].as_array().map(Vec::len), Some(20));
-    }
-
-    #[test]
-    fn fid_from_worker_sums_equals_fid_of_the_written_folder() {
-        let inception = crate::eval::inception::default_inception_path();
-        if !inception.is_file() {
-            eprintln!(
-                "skipping: Inception file {} absent (run scripts/fetch-inception)",
-                inception.display()
-            );
-            return;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let stats = dir.path().join("ref.npz");
-        // Reference statistics: a fixed random set of 10 feature vectors.
-        let mut reference = FeatureMoments::new(INCEPTION_DIM);
-        tch::manual_seed(3);
-        reference
-            .add_batch(&Tensor::rand(
-                [10, INCEPTION_DIM as i64],
-                tch::kind::FLOAT_CPU,
-            ))
-            .expect("add");
-        reference
-            .stats()
-            .expect("stats")
-            .write(&stats)
-            .expect("write");
-        let out = dir.path().join("set");
-        let stats_arg = stats.display().to_string();
-        let mut args = eval_into(
-            &out,
-            &[
-                "--workers",
-                "2",
-                "--kill-worker-after",
-                "0:1",
-                "--fid-stats",
-                &stats_arg,
-            ],
-        );
-        args.num_images = 10;
-        let report = run_eval(&args).expect("eval");
-        assert_eq!(report.dead_workers.len(), 1);
-        let from_workers = report.fid.expect("fid");
-        let net = Inception::load(&inception, tch::Device::Cpu).expect("inception");
-        let folder = crate::eval::folder_features(&net, &out, 4).expect("features");
-        assert_eq!(folder.moments.count, 10);
-        let reference = crate::eval::fid::FidStats::read(&stats).expect("read");
-        let from_folder =
-            crate::eval::fid::frechet_distance(&folder.moments.stats().expect("s"), &reference)
-                .expect("fid");
-        assert!(
-            (from_workers - from_folder).abs() < 1e-3 * from_folder.abs().max(1.0),
-            "{from_workers} vs {from_folder}"
-        );
-    }
-
-    #[test]
-    fn unbalanced_counts_and_bad_kill_specs_are_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut args = eval_into(dir.path(), &[]);
-        args.num_images = 21;
-        let err = run_eval(&args).expect_err("21 % 10");
+        assert_eq!(a.info, b.info, "workers get exactly the launcher's plan");
+        assert_eq!(a.info.class_num, 10);
+        assert!(a
+            .info
+            .settings_json
+            .contains("\"cfg_schedule\":\"constant\""));
+        let err = Plan::resolve(&plan_args(&["--num-images", "21"]))
+            .err()
+            .expect("21 % 10");
         assert!(
             format!("{err:#}").contains("multiple of the 10 classes"),
             "{err:#}"
         );
+        assert!(Plan::resolve(&plan_args(&["--batch-size", "0"])).is_err());
         assert!(parse_kill(Some("x")).is_err());
         assert_eq!(parse_kill(Some("1:2")).expect("parse"), Some((1, 2)));
     }

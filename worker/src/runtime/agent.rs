@@ -91,20 +91,29 @@ fn secs(flag: &str, value: f64) -> Result<Duration> {
 
 /// Reads the token, waiting for the file while the coordinator may still be creating it.
 fn load_credentials(args: &WorkerArgs) -> Result<ClientCredentials> {
-    match &args.fingerprint {
+    credentials_from(&args.token, args.fingerprint.as_deref())
+}
+
+/// The job's credentials from a token file and, optionally, a certificate fingerprint given
+/// on the command line (otherwise `coordinator-cert.sha256` next to the token).
+pub fn credentials_from(
+    token: &std::path::Path,
+    fingerprint: Option<&str>,
+) -> Result<ClientCredentials> {
+    match fingerprint {
         Some(hex_text) => {
             let cert_sha256 = parse_fingerprint(hex_text.trim())
                 .map_err(|m| anyhow::anyhow!("--fingerprint: {m}"))?;
-            let token = std::fs::read_to_string(&args.token)
-                .with_context(|| format!("reading the token file {}", args.token.display()))?
+            let token = std::fs::read_to_string(token)
+                .with_context(|| format!("reading the token file {}", token.display()))?
                 .trim()
                 .to_owned();
             Ok(ClientCredentials { token, cert_sha256 })
         }
-        None => ClientCredentials::from_token_file(&args.token).with_context(|| {
+        None => ClientCredentials::from_token_file(token).with_context(|| {
             format!(
                 "reading the token {} and the coordinator-cert.sha256 next to it (or pass --fingerprint)",
-                args.token.display()
+                token.display()
             )
         }),
     }

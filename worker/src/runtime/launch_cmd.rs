@@ -43,7 +43,8 @@ struct CoordinatorCli {
 }
 
 /// A free UDP port on loopback for the coordinator's QUIC endpoint.
-fn free_udp_port() -> Result<u16> {
+/// A UDP port that was free a moment ago (the coordinator binds it next).
+pub fn free_udp_port() -> Result<u16> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
     Ok(socket
         .local_addr()
@@ -126,6 +127,7 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         command: coordinator,
         ends_job: true,
         required: true,
+        worker: false,
     }];
     let token = cfg.job_dir.join("token");
     for i in 0..args.workers {
@@ -166,6 +168,7 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             ends_job: false,
             // A lost worker is the runtime's business: the others carry on.
             required: false,
+            worker: true,
         });
     }
     tracing::info!(
