@@ -38,6 +38,9 @@ use std::time::Duration;
 /// Prefix of every eqim metric name.
 pub const NAMESPACE: &str = "eqim";
 
+/// The `job` label of every series when nothing else names the job.
+pub const DEFAULT_JOB_LABEL: &str = "eqim";
+
 /// Port of the coordinator's `/metrics` endpoint.
 pub const DEFAULT_COORDINATOR_METRICS_PORT: u16 = 9400;
 /// Worker `i` on a host serves `/metrics` on this port + `i` (`configs/prometheus.yml` lists them).
@@ -73,13 +76,22 @@ pub const STEP_PHASES: &[&str] = &[
 ];
 
 /// Values of [`LABEL_REASON`]: why the coordinator removed a worker from the membership.
+/// Silent for longer than the heartbeat timeout.
 pub const DEATH_HEARTBEAT_TIMEOUT: &str = "heartbeat_timeout";
+/// Its connection ended (or a new connection under the same worker id replaced it).
 pub const DEATH_DISCONNECTED: &str = "disconnected";
+/// A step failed or timed out and it did not answer the liveness probe that followed.
 pub const DEATH_STEP_FAILED: &str = "step_failed";
+/// It did not report its process group ready within the rendezvous timeout.
+pub const DEATH_RENDEZVOUS_TIMEOUT: &str = "rendezvous_timeout";
+/// It said it was leaving (a clean shutdown of the worker, e.g. SIGTERM).
+pub const DEATH_LEFT: &str = "left";
 pub const DEATH_REASONS: &[&str] = &[
     DEATH_HEARTBEAT_TIMEOUT,
     DEATH_DISCONNECTED,
     DEATH_STEP_FAILED,
+    DEATH_RENDEZVOUS_TIMEOUT,
+    DEATH_LEFT,
 ];
 
 // ---- Both roles -------------------------------------------------------------------------------

@@ -119,6 +119,10 @@ pub struct CoordinatorConfig {
     #[serde(default)]
     pub timeouts: Timeouts,
     pub schedule: ScheduleConfig,
+    /// Serve Prometheus `/metrics` over HTTP here (e.g. `127.0.0.1:9400`; port 0 picks a free
+    /// one). Left out: no `/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl CoordinatorConfig {
@@ -188,6 +192,11 @@ mod tests {
             "the demo spells out the defaults"
         );
         assert_eq!(cfg.schedule.checkpoint_every_steps, Some(20));
+        assert_eq!(
+            cfg.metrics_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9400))),
+            "the demo serves /metrics on the documented port"
+        );
     }
 
     #[test]

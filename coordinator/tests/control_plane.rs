@@ -44,6 +44,7 @@ fn config(job_dir: &Path, expected_workers: u32, dataset_len: u64) -> Coordinato
             seed: 11,
             checkpoint_every_steps: None,
         },
+        metrics_addr: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn config(job_dir: &std::path::Path) -> CoordinatorConfig {
             seed: 1,
             checkpoint_every_steps: None,
         },
+        metrics_addr: None,
     }
 }
 

@@ -33,6 +33,7 @@ fn config(job_dir: &Path, workers: u32, schedule: ScheduleConfig) -> Coordinator
             decision_tick_interval: Duration::from_millis(5),
         },
         schedule,
+        metrics_addr: None,
     }
 }
 

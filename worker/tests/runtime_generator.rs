@@ -130,6 +130,7 @@ fn coordinator_config(job_dir: &Path, workers: u32) -> CoordinatorConfig {
             seed: 5,
             checkpoint_every_steps: None,
         },
+        metrics_addr: None,
     }
 }
 
