@@ -15,6 +15,7 @@ pub mod config;
 pub mod dashboards;
 pub mod job_metrics;
 pub mod membership;
+pub mod metrics_expectations;
 pub mod metrics_http;
 pub mod metrics_registry;
 pub mod net;
