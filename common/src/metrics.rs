@@ -312,7 +312,7 @@ pub const METRICS: &[MetricDesc] = &[
     // Worker: training steps.
     histogram(
         STEP_DURATION_SECONDS,
-        "Wall time of one training step, from asking for the batch to the end of the optimizer update.",
+        "Wall time of one committed training step on this worker: data, forward, backward and all-reduce, plus the optimizer update applied at the commit.",
         WORKER,
         STEP_BUCKETS,
     ),
@@ -439,19 +439,19 @@ pub const METRICS: &[MetricDesc] = &[
     ),
     counter(
         RECOVERIES_TOTAL,
-        "Recoveries completed: training resumed in a new generation after a worker was lost.",
+        "Recoveries completed: a step committed again after a failure (an aborted step or a lost worker).",
         COORDINATOR,
     ),
     histogram(
         RECOVERY_DURATION_SECONDS,
-        "Time from losing a worker to the first committed step of the new generation.",
+        "Time from a failure (an aborted step or a lost worker) to the next committed step.",
         COORDINATOR,
         RECOVERY_BUCKETS,
     ),
     // Coordinator: progress, data, checkpoints, evaluation.
     gauge(
         COMMITTED_STEP,
-        "Last global step the coordinator committed.",
+        "Steps the coordinator has committed (the index of the next step); a worker's eqim_train_step reaches it once it applies the last one.",
         COORDINATOR,
     ),
     gauge(EPOCH, "Current data epoch (0-based).", COORDINATOR),
