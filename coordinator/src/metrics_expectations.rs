@@ -1,9 +1,11 @@
-//! What `scripts/check-prometheus` may expect of each metric after scraping a short, healthy,
-//! local training job (2 workers, a few dozen steps over two epochs, periodic checkpoints): most
-//! must have moved off their starting value; a few rightly stay there in such a job (no lost
-//! worker, no bad data); the GPU ones need an NVIDIA GPU; the evaluation ones belong to a later
-//! phase of the check. Every metric of the table has exactly one entry, so a new metric cannot be
-//! left out of the check silently (a test fails until it is classified here).
+//! What `scripts/check-prometheus` may expect of each metric while scraping a short local training
+//! job (2 workers, a few epochs, periodic checkpoints), in two phases: `training` (the job runs
+//! undisturbed) and `recovery` (then one worker is killed and the job carries on). Most metrics
+//! must move during training; deaths and recoveries once the worker is lost; a few rightly stay
+//! at their starting value in such a job (no bad data); the GPU ones need an NVIDIA GPU; the
+//! evaluation ones belong to a later evaluation phase of the check. Every metric of the table has
+//! exactly one entry, so a new metric cannot be left out of the check silently (a test fails
+//! until it is classified here).
 
 use eqim_common::metrics::{self as names, MetricDesc, MetricKind};
 
@@ -12,6 +14,8 @@ use eqim_common::metrics::{self as names, MetricDesc, MetricKind};
 pub enum TrainingExpectation {
     /// Some series of it must have been above zero during the job.
     Moves,
+    /// Moves once a worker is lost: checked in the recovery phase, after the check kills one.
+    MovesAfterLoss,
     /// Exported from the start, but rightly at its starting value in a short healthy job; the
     /// text says why (printed by the check).
     StaysAtStart(&'static str),
@@ -30,7 +34,7 @@ pub fn training_expectation(name: &str) -> Option<TrainingExpectation> {
         names::EMA_LAG_STEPS => StaysAtStart("the generator updates its EMA in every step"),
         names::DATA_ERRORS_TOTAL => StaysAtStart("the job's synthetic data has no unreadable file"),
         names::WORKER_DEATHS_TOTAL | names::RECOVERIES_TOTAL | names::RECOVERY_DURATION_SECONDS => {
-            StaysAtStart("no worker is lost in this job (scripts/chaos covers failures)")
+            MovesAfterLoss
         }
         names::GPU_MEMORY_USED_BYTES
         | names::GPU_MEMORY_TOTAL_BYTES
@@ -113,6 +117,20 @@ mod tests {
             .collect();
         assert!(eval.iter().all(|n| n.starts_with("eqim_eval_")), "{eval:?}");
         assert_eq!(eval.len(), 3);
+    }
+
+    #[test]
+    fn the_recovery_phase_checks_deaths_and_recoveries() {
+        for name in [
+            names::WORKER_DEATHS_TOTAL,
+            names::RECOVERIES_TOTAL,
+            names::RECOVERY_DURATION_SECONDS,
+        ] {
+            assert_eq!(
+                training_expectation(name),
+                Some(TrainingExpectation::MovesAfterLoss)
+            );
+        }
     }
 
     #[test]

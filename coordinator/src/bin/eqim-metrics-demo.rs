@@ -40,6 +40,8 @@ enum Phase {
     Synthetic,
     /// A real training job: also, each metric moved as `metrics_expectations` requires.
     Training,
+    /// The same job after one worker was killed: deaths and recoveries moved.
+    Recovery,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -139,10 +141,15 @@ async fn main() -> Result<()> {
             no_gpu,
             give_up_when,
         } => {
-            let mut probes = probes(&dashboards, &job)?;
-            if phase == Phase::Training {
-                probes.extend(training_probes(&job, no_gpu.as_deref()));
-            }
+            let probes = match phase {
+                Phase::Synthetic => probes(&dashboards, &job)?,
+                Phase::Training => {
+                    let mut all = probes(&dashboards, &job)?;
+                    all.extend(training_probes(&job, no_gpu.as_deref()));
+                    all
+                }
+                Phase::Recovery => recovery_probes(&job),
+            };
             check(
                 &prometheus,
                 probes,
@@ -348,6 +355,7 @@ fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
     };
     let mut probes = Vec::new();
     let (mut at_start, mut skipped, mut eval) = (Vec::new(), Vec::new(), Vec::new());
+    let mut after_loss = Vec::new();
     for desc in names::METRICS {
         let expectation = training_expectation(desc.name);
         let must_move = match expectation {
@@ -365,6 +373,10 @@ fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
             }
             Some(E::EvalPhase) => {
                 eval.push(desc.name);
+                false
+            }
+            Some(E::MovesAfterLoss) => {
+                after_loss.push(desc.name);
                 false
             }
             // The unit tests keep the table classified; an unclassified metric must still move.
@@ -387,6 +399,10 @@ fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
         "  exist, and rightly stay at their starting value in a short healthy job: {}",
         at_start.join(", ")
     );
+    println!(
+        "  exist; must move once a worker is lost (recovery phase): {}",
+        after_loss.join(", ")
+    );
     if !skipped.is_empty() {
         println!(
             "  SKIPPED, exist but not required to move: {}",
@@ -396,6 +412,34 @@ fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
     println!(
         "  NOT YET COVERED (exist; the evaluation phase must check they move): {}",
         eval.join(", ")
+    );
+    probes
+}
+
+/// The recovery phase's probes: every metric that must move once a worker is lost did.
+fn recovery_probes(job: &str) -> Vec<Probe> {
+    use eqim_coordinator::metrics_expectations::{
+        moved_query, training_expectation, TrainingExpectation as E,
+    };
+    let probes: Vec<Probe> = names::METRICS
+        .iter()
+        .filter(|d| training_expectation(d.name) == Some(E::MovesAfterLoss))
+        .map(|desc| Probe {
+            what: format!("{} moved after a worker was lost", desc.name),
+            query: moved_query(desc, job, "10m"),
+            min_value: None,
+            kind: ProbeKind::Moved,
+        })
+        .collect();
+    let moving: Vec<_> = names::METRICS
+        .iter()
+        .filter(|d| training_expectation(d.name) == Some(E::MovesAfterLoss))
+        .map(|d| d.name)
+        .collect();
+    println!(
+        "recovery phase: {} metrics must move after the worker is lost: {}",
+        probes.len(),
+        moving.join(", ")
     );
     probes
 }
