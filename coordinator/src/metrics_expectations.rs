@@ -71,8 +71,9 @@ pub fn training_expectation(name: &str) -> Option<TrainingExpectation> {
 }
 
 /// A PromQL query that returns a sample only if some series of `desc` (with `job`) was above
-/// zero in the last `window`. Histograms count observations, and the step phases must each have
-/// been observed on some worker.
+/// zero in the last `window`. A histogram must have observations; one with a label (the step
+/// phases) must have observed time above zero for every label value on some worker, so a phase
+/// that is recorded but never timed (always 0 s) fails.
 pub fn moved_query(desc: &MetricDesc, job: &str, window: &str) -> String {
     let selector = |series: &str| format!("{series}{{job=\"{job}\"}}");
     match desc.kind {
@@ -84,7 +85,7 @@ pub fn moved_query(desc: &MetricDesc, job: &str, window: &str) -> String {
             let label = desc.labels[0].name;
             format!(
                 "min(max by ({label}) (max_over_time({}[{window}]))) > 0",
-                selector(&format!("{}_count", desc.name))
+                selector(&format!("{}_sum", desc.name))
             )
         }
         _ => format!("max(max_over_time({}[{window}])) > 0", selector(desc.name)),
@@ -141,7 +142,10 @@ mod tests {
             "max(max_over_time(eqim_step_duration_seconds_count{job=\"j\"}[5m])) > 0"
         );
         let phases = names::describe(names::STEP_PHASE_DURATION_SECONDS).expect("in the table");
-        assert!(moved_query(phases, "j", "5m").starts_with("min(max by (phase) ("));
+        assert_eq!(
+            moved_query(phases, "j", "5m"),
+            "min(max by (phase) (max_over_time(eqim_step_phase_duration_seconds_sum{job=\"j\"}[5m]))) > 0"
+        );
         let loss = names::describe(names::TRAIN_LOSS).expect("in the table");
         assert_eq!(
             moved_query(loss, "j", "1m"),

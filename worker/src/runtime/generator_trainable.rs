@@ -151,7 +151,7 @@ impl Trainable for GeneratorTrainable {
             .source
             .fetch(self.epoch, indices)?
             .to_device(self.device);
-        // Forward and backward run inside one trainer call; only the data is timed apart.
+        // The trainer times its forward passes in the accumulator (see take_phase_times).
         self.phase_times.data_wait += fetching.elapsed();
         let rows = batch.rows();
         // The trainer seeds the micro-batch from its progress step and the slot.
@@ -203,7 +203,9 @@ impl Trainable for GeneratorTrainable {
     }
 
     fn take_phase_times(&mut self) -> super::trainable::PhaseTimes {
-        std::mem::take(&mut self.phase_times)
+        let mut times = std::mem::take(&mut self.phase_times);
+        times.forward = std::mem::take(&mut self.acc.forward_time);
+        times
     }
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
