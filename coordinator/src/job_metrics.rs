@@ -249,17 +249,16 @@ mod tests {
         }
     }
 
+    /// Parsed from YAML, so optional keys added to the config later need no edit here.
     fn config() -> CoordinatorConfig {
-        CoordinatorConfig {
-            bind: "127.0.0.1:0".parse().expect("addr"),
-            job_dir: "unused".into(),
-            expected_workers: 2,
-            min_workers: 1,
-            max_workers: 4,
-            timeouts: Default::default(),
-            schedule: schedule(),
-            metrics_addr: None,
-        }
+        let yaml = "bind: 127.0.0.1:0\njob_dir: unused\nexpected_workers: 2\nmin_workers: 1\n\
+                    max_workers: 4\nschedule:\n  dataset_len: 10\n  global_batch: 4\n  \
+                    micro_batch: 4\n  epochs: 2\n  seed: 1\n";
+        let cfg: CoordinatorConfig =
+            eqim_common::config::parse_config(std::path::Path::new("test.yaml"), yaml)
+                .expect("test config parses");
+        assert_eq!(cfg.schedule, schedule());
+        cfg
     }
 
     fn ms(n: u64) -> Duration {

@@ -2,14 +2,14 @@
 //! membership, joins, committed steps, a worker leaving, and the recovery that follows must show
 //! in what Prometheus would scrape.
 
+use eqim_common::config::{parse_config, Validate};
 use eqim_common::metrics as names;
 use eqim_common::proto::{
     CoordinatorToWorker, Generation, StoreEndpoint, VoteOutcome, WorkerId, WorkerToCoordinator,
 };
 use eqim_coordinator::client::{Client, ClientConfig};
-use eqim_coordinator::config::{CoordinatorConfig, Timeouts};
+use eqim_coordinator::config::CoordinatorConfig;
 use eqim_coordinator::net::credentials::ClientCredentials;
-use eqim_coordinator::steps::ScheduleConfig;
 use eqim_coordinator::Coordinator;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,34 +19,38 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Parsed from YAML, so optional keys added to the config later need no edit here.
 fn config(job_dir: &Path) -> CoordinatorConfig {
-    CoordinatorConfig {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        job_dir: job_dir.to_owned(),
-        expected_workers: 2,
-        min_workers: 1,
-        max_workers: 4,
-        timeouts: Timeouts {
-            heartbeat_interval: Duration::from_millis(100),
-            heartbeat_timeout: HEARTBEAT_TIMEOUT,
-            quic_idle_timeout: HEARTBEAT_TIMEOUT,
-            handshake_timeout: Duration::from_secs(2),
-            join_timeout: Duration::from_secs(30),
-            rendezvous_timeout: Duration::from_secs(5),
-            step_timeout: Duration::from_secs(5),
-            probe_timeout: Duration::from_millis(300),
-            decision_tick_interval: Duration::from_millis(20),
-        },
-        schedule: ScheduleConfig {
-            dataset_len: 100,
-            global_batch: 4,
-            micro_batch: 2,
-            epochs: 1,
-            seed: 3,
-            checkpoint_every_steps: None,
-        },
-        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-    }
+    let yaml = format!(
+        "bind: 127.0.0.1:0
+job_dir: {job_dir}
+expected_workers: 2
+min_workers: 1
+max_workers: 4
+metrics_addr: 127.0.0.1:0
+timeouts:
+  heartbeat_interval: 0.1
+  heartbeat_timeout: {heartbeat_timeout}
+  quic_idle_timeout: {heartbeat_timeout}
+  handshake_timeout: 2
+  join_timeout: 30
+  rendezvous_timeout: 5
+  step_timeout: 5
+  probe_timeout: 0.3
+  decision_tick_interval: 0.02
+schedule:
+  dataset_len: 100
+  global_batch: 4
+  micro_batch: 2
+  epochs: 1
+  seed: 3
+",
+        job_dir = job_dir.display(),
+        heartbeat_timeout = HEARTBEAT_TIMEOUT.as_secs_f64()
+    );
+    let cfg: CoordinatorConfig = parse_config(Path::new("coordinator.yaml"), &yaml).unwrap();
+    cfg.validate().unwrap();
+    cfg
 }
 
 fn client_config(c: &Coordinator, id: &str) -> ClientConfig {
