@@ -92,6 +92,7 @@ pub struct JobState {
     membership_cfg: MembershipConfig,
     membership: MembershipState,
     steps: StepState,
+    metrics: crate::job_metrics::JobMetrics,
     sessions: BTreeMap<WorkerId, SessionEntry>,
     /// Which worker and connection each session actor serves, for supervision events.
     session_owners: BTreeMap<ActorId, (WorkerId, SessionKey)>,
@@ -108,7 +109,6 @@ pub struct JobState {
     ticker: Option<JoinHandle<()>>,
     done: Option<oneshot::Sender<JobOutcome>>,
     stop_reason: String,
-    metrics: crate::job_metrics::JobMetrics,
 }
 
 impl Actor for JobActor {

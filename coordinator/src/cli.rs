@@ -143,6 +143,7 @@ impl CoordinatorArgs {
         Ok(CoordinatorConfig {
             bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT),
             job_dir: PathBuf::from("eqim-job"),
+            metrics_addr: None,
             expected_workers: workers,
             min_workers: 1,
             max_workers: workers,
@@ -155,7 +156,6 @@ impl CoordinatorArgs {
                 seed: 0,
                 checkpoint_every_steps: None,
             },
-            metrics_addr: None,
         })
     }
 }
