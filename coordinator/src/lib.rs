@@ -13,13 +13,14 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dashboards;
-pub mod job_metrics;
 pub mod membership;
 pub mod metrics_expectations;
 pub mod metrics_http;
 pub mod metrics_registry;
 pub mod net;
 pub mod steps;
+
+pub mod job_metrics;
 
 use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};
 use anyhow::{Context, Result};
