@@ -38,6 +38,9 @@ use std::time::Duration;
 /// Prefix of every eqim metric name.
 pub const NAMESPACE: &str = "eqim";
 
+/// The `job` label of every series when nothing else names the job.
+pub const DEFAULT_JOB_LABEL: &str = "eqim";
+
 /// Port of the coordinator's `/metrics` endpoint.
 pub const DEFAULT_COORDINATOR_METRICS_PORT: u16 = 9400;
 /// Worker `i` on a host serves `/metrics` on this port + `i` (`configs/prometheus.yml` lists them).
@@ -73,13 +76,22 @@ pub const STEP_PHASES: &[&str] = &[
 ];
 
 /// Values of [`LABEL_REASON`]: why the coordinator removed a worker from the membership.
+/// Silent for longer than the heartbeat timeout.
 pub const DEATH_HEARTBEAT_TIMEOUT: &str = "heartbeat_timeout";
+/// Its connection ended (or a new connection under the same worker id replaced it).
 pub const DEATH_DISCONNECTED: &str = "disconnected";
+/// A step failed or timed out and it did not answer the liveness probe that followed.
 pub const DEATH_STEP_FAILED: &str = "step_failed";
+/// It did not report its process group ready within the rendezvous timeout.
+pub const DEATH_RENDEZVOUS_TIMEOUT: &str = "rendezvous_timeout";
+/// It said it was leaving (a clean shutdown of the worker, e.g. SIGTERM).
+pub const DEATH_LEFT: &str = "left";
 pub const DEATH_REASONS: &[&str] = &[
     DEATH_HEARTBEAT_TIMEOUT,
     DEATH_DISCONNECTED,
     DEATH_STEP_FAILED,
+    DEATH_RENDEZVOUS_TIMEOUT,
+    DEATH_LEFT,
 ];
 
 // ---- Both roles -------------------------------------------------------------------------------
@@ -300,7 +312,7 @@ pub const METRICS: &[MetricDesc] = &[
     // Worker: training steps.
     histogram(
         STEP_DURATION_SECONDS,
-        "Wall time of one training step, from asking for the batch to the end of the optimizer update.",
+        "Wall time of one committed training step on this worker: data, forward, backward and all-reduce, plus the optimizer update applied at the commit.",
         WORKER,
         STEP_BUCKETS,
     ),
@@ -427,19 +439,19 @@ pub const METRICS: &[MetricDesc] = &[
     ),
     counter(
         RECOVERIES_TOTAL,
-        "Recoveries completed: training resumed in a new generation after a worker was lost.",
+        "Recoveries completed: a step committed again after a failure (an aborted step or a lost worker).",
         COORDINATOR,
     ),
     histogram(
         RECOVERY_DURATION_SECONDS,
-        "Time from losing a worker to the first committed step of the new generation.",
+        "Time from a failure (an aborted step or a lost worker) to the next committed step.",
         COORDINATOR,
         RECOVERY_BUCKETS,
     ),
     // Coordinator: progress, data, checkpoints, evaluation.
     gauge(
         COMMITTED_STEP,
-        "Last global step the coordinator committed.",
+        "Steps the coordinator has committed (the index of the next step); a worker's eqim_train_step reaches it once it applies the last one.",
         COORDINATOR,
     ),
     gauge(EPOCH, "Current data epoch (0-based).", COORDINATOR),

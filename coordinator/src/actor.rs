@@ -33,6 +33,8 @@ pub struct JobArgs {
     pub cfg: Arc<CoordinatorConfig>,
     /// Receives the outcome when the job actor stops.
     pub done: oneshot::Sender<JobOutcome>,
+    /// The coordinator's `/metrics` registry, when it serves one.
+    pub metrics: Option<crate::metrics_registry::CoordinatorMetrics>,
 }
 
 /// What a job did, reported when the job actor stops.
@@ -97,6 +99,7 @@ pub struct JobState {
     membership_cfg: MembershipConfig,
     membership: MembershipState,
     steps: StepState,
+    metrics: crate::job_metrics::JobMetrics,
     sessions: BTreeMap<WorkerId, SessionEntry>,
     /// Which worker and connection each session actor serves, for supervision events.
     session_owners: BTreeMap<ActorId, (WorkerId, SessionKey)>,
@@ -139,6 +142,7 @@ impl Actor for JobActor {
             .map(|e| EvalState::new(e, &args.cfg.job_dir));
         Ok(JobState {
             membership_cfg: args.cfg.membership(),
+            metrics: crate::job_metrics::JobMetrics::new(args.metrics, &args.cfg),
             membership: MembershipState::new(),
             steps: crate::checkpoints::resume_steps(&args.cfg),
             pending_checkpoints: BTreeMap::new(),
@@ -318,6 +322,7 @@ impl JobState {
             }
         };
         if replaced.is_some() {
+            self.metrics.worker_disconnected(now, &self.membership);
             if let Some(old) = self.sessions.remove(&worker) {
                 close_session(&old, CloseReason::Replaced);
             }
@@ -345,6 +350,7 @@ impl JobState {
                 self.session_owners
                     .insert(actor.get_id(), (worker.clone(), key));
                 self.sessions.insert(worker, SessionEntry { key, actor });
+                self.metrics.worker_joined();
                 self.drive(now);
             }
             Err(e) => {
@@ -386,6 +392,7 @@ impl JobState {
             }
             WorkerToCoordinator::Leaving { generation, reason } => {
                 info!(worker_id = %worker, %generation, %reason, "worker leaving");
+                self.metrics.worker_left(now, &self.membership);
                 self.remove_member(&worker, CloseReason::Left);
             }
             WorkerToCoordinator::Metrics {
@@ -403,7 +410,10 @@ impl JobState {
                 info!(worker_id = %worker, %generation, step, files = files.len(), "checkpoint written");
                 match self.pending_checkpoints.remove(&step) {
                     Some((dir, since)) => {
-                        crate::checkpoints::complete(&dir, step, files, self.cfg.checkpoint_root());
+                        let root = self.cfg.checkpoint_root();
+                        if crate::checkpoints::complete(&dir, step, files, root) {
+                            self.metrics.checkpoint_completed();
+                        }
                         info!(dir = %dir.display(), ms = since.elapsed().as_millis() as u64, "checkpoint complete");
                     }
                     None => warn!(step, "report of a checkpoint that was not ordered; ignored"),
@@ -446,6 +456,7 @@ impl JobState {
             }
             Ok(VoteResult::Commit { generation, step }) => {
                 self.membership.step_open = false;
+                self.metrics.step_committed(now, &self.steps);
                 let checkpoint = self
                     .steps
                     .checkpoint_due(step)
@@ -521,6 +532,8 @@ impl JobState {
             return;
         }
         if self.membership.remove(&worker, Some(key)) {
+            self.metrics
+                .session_ended(Instant::now(), why, &self.membership);
             self.abort_open_step_if_voter(
                 &worker,
                 AbortReason::MemberLost {
@@ -567,6 +580,7 @@ impl JobState {
     fn on_abort(&mut self, generation: Generation, step: u64, reason: AbortReason) {
         info!(%generation, step, ?reason, "step aborted");
         self.aborted_steps += 1;
+        self.metrics.step_aborted(Instant::now());
         self.membership.step_open = false;
         self.broadcast_roster(CoordinatorToWorker::Abort {
             generation,
@@ -598,6 +612,8 @@ impl JobState {
                 Action::DeclareDead { workers } => {
                     for worker in workers {
                         warn!(worker_id = %worker, reason = %decision.reason, "declared dead");
+                        let m = &self.membership;
+                        self.metrics.worker_declared_dead(now, &decision.reason, m);
                         self.remove_member(&worker, CloseReason::DeclaredDead);
                     }
                 }
@@ -621,6 +637,9 @@ impl JobState {
     fn form_generation(&mut self, now: Instant) {
         let roster = self.membership.form_generation(now).to_vec();
         let generation = self.membership.generation;
+        let world_size = roster.len();
+        self.metrics
+            .generation_formed(generation, world_size, &self.steps);
         let Some(store) = roster
             .first()
             .and_then(|w| self.membership.members.get(w))

@@ -67,19 +67,24 @@ pub fn order(
 }
 
 /// Writes the manifest over the worker's files and the job state, then trims old checkpoints.
-pub fn complete(dir: &Path, steps: u64, mut files: Vec<WrittenFile>, root: PathBuf) {
-    let result = checkpoint::written_file(dir, checkpoint::JOB_STATE_FILE)
-        .and_then(|job| {
-            files.push(job);
-            checkpoint::write_manifest(dir, steps, &files)
-        })
-        .and_then(|_| checkpoint::trim(&root, DEFAULT_KEEP));
-    match result {
+/// Returns whether the manifest was written, i.e. the checkpoint is good (failures are logged).
+pub fn complete(dir: &Path, steps: u64, mut files: Vec<WrittenFile>, root: PathBuf) -> bool {
+    let written = checkpoint::written_file(dir, checkpoint::JOB_STATE_FILE).and_then(|job| {
+        files.push(job);
+        checkpoint::write_manifest(dir, steps, &files)
+    });
+    if let Err(e) = written {
+        error!(cause = %e, "cannot complete the checkpoint");
+        return false;
+    }
+    // The checkpoint is good once its manifest is written; trimming old ones is housekeeping.
+    match checkpoint::trim(&root, DEFAULT_KEEP) {
         Ok(removed) => {
             for old in removed {
                 info!(dir = %old.display(), "old checkpoint removed");
             }
         }
-        Err(e) => error!(cause = %e, "cannot complete the checkpoint"),
+        Err(e) => error!(cause = %e, "cannot remove old checkpoints"),
     }
+    true
 }

@@ -57,6 +57,10 @@ pub struct CoordinatorArgs {
     /// Order a checkpoint every this many steps.
     #[arg(long)]
     pub checkpoint_every_steps: Option<u64>,
+    /// Serve Prometheus `/metrics` over HTTP on this address (e.g. 127.0.0.1:9400; port 0 picks
+    /// a free one).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 fn ms(v: Option<u64>) -> Option<Duration> {
@@ -122,6 +126,9 @@ impl CoordinatorArgs {
         if a.checkpoint_every_steps.is_some() {
             s.checkpoint_every_steps = a.checkpoint_every_steps;
         }
+        if a.metrics_addr.is_some() {
+            cfg.metrics_addr = a.metrics_addr;
+        }
         if let Err((key, message)) = cfg.validate() {
             bail!("coordinator config: `{key}` {message}");
         }
@@ -136,6 +143,7 @@ impl CoordinatorArgs {
         Ok(CoordinatorConfig {
             bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT),
             job_dir: PathBuf::from("eqim-job"),
+            metrics_addr: None,
             expected_workers: workers,
             min_workers: 1,
             max_workers: workers,
@@ -224,6 +232,19 @@ mod tests {
         assert_eq!(cfg.max_workers, 3);
         assert_eq!(cfg.bind.port(), 0);
         assert_eq!(cfg.timeouts.quic_idle_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.metrics_addr, None);
+    }
+
+    #[test]
+    fn the_metrics_flag_overrides_the_config_file() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/coordinator-demo.yaml"
+        );
+        let cfg = parse(&["--config", path, "--metrics-addr", "127.0.0.1:0"]).unwrap();
+        assert_eq!(cfg.metrics_addr, Some("127.0.0.1:0".parse().unwrap()));
+        let err = Cli::try_parse_from(["x", "--metrics-addr", "9400"]).err();
+        assert!(err.is_some(), "a bare port is not an address");
     }
 
     #[test]

@@ -113,6 +113,10 @@ pub struct CoordinatorConfig {
     /// `coordinator-cert.sha256`. Created (with a fresh token and certificate) if missing, reused
     /// on restart so workers can reconnect.
     pub job_dir: PathBuf,
+    /// Serve Prometheus `/metrics` over HTTP here (e.g. `127.0.0.1:9400`; port 0 picks a free
+    /// one). Left out: no `/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
     pub expected_workers: u32,
     pub min_workers: u32,
     pub max_workers: u32,
@@ -270,6 +274,11 @@ mod tests {
             "the demo spells out the defaults"
         );
         assert_eq!(cfg.schedule.checkpoint_every_steps, Some(20));
+        assert_eq!(
+            cfg.metrics_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9400))),
+            "the demo serves /metrics on the documented port"
+        );
     }
 
     #[test]

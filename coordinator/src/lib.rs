@@ -15,10 +15,13 @@ pub mod config;
 pub mod dashboards;
 pub mod eval;
 pub mod membership;
+pub mod metrics_expectations;
 pub mod metrics_http;
 pub mod metrics_registry;
 pub mod net;
 pub mod steps;
+
+pub mod job_metrics;
 
 use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};
 use anyhow::{Context, Result};
@@ -43,6 +46,10 @@ pub struct Coordinator {
     pub cert_sha256: [u8; 32],
     /// The job's token file (with `coordinator-cert.sha256` next to it).
     pub token_path: PathBuf,
+    /// Where `/metrics` is served (the bound port when port 0 was asked for), if it is.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Kept for the job's lifetime; dropping it stops serving `/metrics`.
+    metrics_server: Option<metrics_http::MetricsServer>,
     job: ActorRef<JobMsg>,
     endpoint: quinn::Endpoint,
     accept: JoinHandle<()>,
@@ -73,6 +80,20 @@ impl Coordinator {
             cert_sha256: creds.fingerprint,
             handshake_timeout: cfg.timeouts.handshake_timeout,
         });
+        let (metrics, metrics_server) = match cfg.metrics_addr {
+            Some(addr) => {
+                let metrics = metrics_registry::CoordinatorMetrics::new(
+                    eqim_common::metrics::DEFAULT_JOB_LABEL,
+                )
+                .context("creating the coordinator's metrics")?;
+                let server = metrics_http::MetricsServer::start(addr, metrics.all.clone())
+                    .await
+                    .with_context(|| format!("serving /metrics on {addr} (metrics_addr)"))?;
+                (Some(metrics), Some(server))
+            }
+            None => (None, None),
+        };
+        let metrics_addr = metrics_server.as_ref().map(|s| s.local_addr());
         let (done_tx, done) = oneshot::channel();
         let (job, job_handle) = Actor::spawn(
             None,
@@ -80,6 +101,7 @@ impl Coordinator {
             JobArgs {
                 cfg: Arc::new(cfg),
                 done: done_tx,
+                metrics,
             },
         )
         .await
@@ -90,6 +112,8 @@ impl Coordinator {
             local_addr,
             cert_sha256: creds.fingerprint,
             token_path: creds.token_path.clone(),
+            metrics_addr,
+            metrics_server,
             job,
             endpoint,
             accept,
@@ -122,6 +146,9 @@ impl Coordinator {
             .close(net::close_code::FINISHED.into(), b"job over");
         if let Err(e) = self.job_handle.await {
             tracing::warn!(cause = %e, "job actor task ended abnormally");
+        }
+        if let Some(server) = self.metrics_server {
+            server.shutdown().await;
         }
         Ok(outcome)
     }

@@ -22,6 +22,7 @@ fn config(job_dir: &Path, expected_workers: u32, dataset_len: u64) -> Coordinato
     CoordinatorConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
         job_dir: job_dir.to_owned(),
+        metrics_addr: None,
         expected_workers,
         min_workers: 1,
         max_workers: 4,

@@ -14,6 +14,7 @@ fn config(job_dir: &std::path::Path) -> CoordinatorConfig {
     CoordinatorConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
         job_dir: job_dir.to_owned(),
+        metrics_addr: None,
         expected_workers: 3,
         min_workers: 1,
         max_workers: 3,

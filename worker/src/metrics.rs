@@ -1,7 +1,8 @@
 //! A worker's Prometheus metrics: its own `/metrics` endpoint (see `eqim_common::metrics` for why
 //! every worker serves one), a step timer that splits a step into its phases, a recorder that
 //! writes a finished step into the metrics, and a GPU sampler (memory, utilisation) via
-//! `nvidia-smi`. Nothing here calls tch, so it is safe inside async tasks.
+//! `nvidia-smi`. Nothing here runs tch operations (only its `Device` type), so it is safe inside
+//! async tasks.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,6 +86,14 @@ impl StepTimer {
         self.last_mark = now;
     }
 
+    /// Moves up to `amount` of the time attributed to `from` over to `to`: for work a model
+    /// timed inside a phase (reading its data inside the forward/backward call).
+    pub fn reattribute(&mut self, from: StepPhase, to: StepPhase, amount: Duration) {
+        let moved = amount.min(self.phases[from.index()]);
+        self.phases[from.index()] -= moved;
+        self.phases[to.index()] += moved;
+    }
+
     pub fn finish(self) -> StepTiming {
         self.finish_at(Instant::now())
     }
@@ -110,17 +119,38 @@ impl StepTiming {
     }
 }
 
-/// What the training loop knows at the end of a step.
+/// What the training loop knows when it has computed (not yet applied) a step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepReport {
+    /// Data wait, forward, backward and all-reduce; the optimizer runs at the commit.
     pub timing: StepTiming,
     /// Images this worker processed in the step (its local batch).
     pub images: u64,
+    /// Optimizer updates the model holds while computing this step (the step's index).
     pub global_step: u64,
     pub loss: f64,
+}
+
+/// What an optimizer update reported (models that cannot tell report nothing).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateReport {
     pub learning_rate: f64,
+    /// Global L2 norm of the averaged gradients, before clipping.
     pub grad_norm: f64,
-    pub ema_lag_steps: u64,
+    /// Steps the EMA weights trail the live weights; `None` for a model without EMA.
+    pub ema_lag_steps: Option<u64>,
+}
+
+/// A committed step, as applied by this worker.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitReport {
+    /// Compute time of the step (its [`StepReport::timing`] total).
+    pub step_time: Duration,
+    /// Time of the optimizer update applied at the commit.
+    pub optimizer_time: Duration,
+    /// Optimizer updates the model holds after this one.
+    pub updates_held: u64,
+    pub update: Option<UpdateReport>,
 }
 
 /// Writes finished steps, commits and checkpoints into a worker's metrics.
@@ -146,11 +176,14 @@ impl StepRecorder {
         self.smoothed_images_per_second.unwrap_or(0.0)
     }
 
+    /// A computed step: throughput, loss and every phase but the optimizer's (timed at commit).
     pub fn record_step(&mut self, report: &StepReport) {
         let m = &self.metrics;
         let total = report.timing.total.as_secs_f64();
-        m.step_duration.observe(total);
         for phase in StepPhase::ALL {
+            if phase == StepPhase::Optimizer {
+                continue;
+            }
             m.step_phase_duration
                 .with_label_values(&[phase.label()])
                 .observe(report.timing.phase(phase).as_secs_f64());
@@ -168,23 +201,39 @@ impl StepRecorder {
         }
         m.train_step.set(report.global_step as f64);
         m.train_loss.set(report.loss);
-        m.learning_rate.set(report.learning_rate);
-        m.grad_norm.set(report.grad_norm);
-        m.ema_lag_steps.set(report.ema_lag_steps as f64);
     }
 
-    /// The coordinator committed a step that took `step_time` on this worker (goodput).
-    pub fn record_commit(&self, step_time: Duration) {
-        self.metrics
-            .committed_step_seconds
-            .inc_by(step_time.as_secs_f64());
+    /// The coordinator committed a step and this worker applied it: the whole step's time
+    /// (compute and optimizer) counts as useful (goodput), and the update's figures are set.
+    pub fn record_commit(&self, c: &CommitReport) {
+        let m = &self.metrics;
+        let whole = (c.step_time + c.optimizer_time).as_secs_f64();
+        m.committed_step_seconds.inc_by(whole);
+        m.step_duration.observe(whole);
+        m.step_phase_duration
+            .with_label_values(&[StepPhase::Optimizer.label()])
+            .observe(c.optimizer_time.as_secs_f64());
+        m.train_step.set(c.updates_held as f64);
+        if let Some(u) = c.update {
+            m.learning_rate.set(u.learning_rate);
+            m.grad_norm.set(u.grad_norm);
+            if let Some(lag) = u.ema_lag_steps {
+                m.ema_lag_steps.set(lag as f64);
+            }
+        }
+    }
+
+    /// Adds the data errors counted since the last call: `total` is a process-wide running
+    /// count (e.g. the data loader's unreadable files); `seen` remembers the last value.
+    pub fn record_data_errors_total(&self, total: u64, seen: &mut u64) {
+        if total > *seen {
+            self.metrics.data_errors.inc_by((total - *seen) as f64);
+        }
+        *seen = (*seen).max(total);
     }
 
     pub fn record_checkpoint(&self, write_time: Duration, size_bytes: u64) {
-        self.metrics
-            .checkpoint_duration
-            .observe(write_time.as_secs_f64());
-        self.metrics.checkpoint_size.set(size_bytes as f64);
+        record_checkpoint(&self.metrics, write_time, size_bytes);
     }
 
     pub fn record_data_error(&self) {
@@ -194,6 +243,14 @@ impl StepRecorder {
     pub fn record_eval_images(&self, images: u64) {
         self.metrics.eval_images.inc_by(images as f64);
     }
+}
+
+/// A checkpoint this worker wrote, from a checkpoint writer thread.
+pub fn record_checkpoint(metrics: &WorkerMetrics, write_time: Duration, size_bytes: u64) {
+    metrics
+        .checkpoint_duration
+        .observe(write_time.as_secs_f64());
+    metrics.checkpoint_size.set(size_bytes as f64);
 }
 
 /// A `/metrics` server on its own thread and single-threaded tokio runtime, for code paths that
@@ -292,6 +349,15 @@ pub fn parse_nvidia_smi_line(line: &str) -> Option<GpuReading> {
     })
 }
 
+/// The `nvidia-smi --id` of CUDA device `ordinal`: the ordinal-th entry of
+/// `CUDA_VISIBLE_DEVICES` when that lists plain indices, else the ordinal itself.
+pub fn nvidia_smi_index(ordinal: usize, cuda_visible_devices: Option<&str>) -> usize {
+    cuda_visible_devices
+        .and_then(|list| list.split(',').nth(ordinal))
+        .and_then(|entry| entry.trim().parse().ok())
+        .unwrap_or(ordinal)
+}
+
 /// Reads GPU `index` with `nvidia-smi`; `None` when there is no NVIDIA driver or GPU.
 pub fn read_gpu(index: usize) -> Option<GpuReading> {
     let out = std::process::Command::new("nvidia-smi")
@@ -316,6 +382,26 @@ pub struct GpuSampler {
 }
 
 impl GpuSampler {
+    /// Samples the GPU behind a tch device (`cuda:N`, through `CUDA_VISIBLE_DEVICES` when set)
+    /// every [`DEFAULT_GPU_SAMPLE_INTERVAL`]; `None` for the CPU or when `nvidia-smi` cannot read
+    /// it (logged), leaving the GPU gauges at 0.
+    pub fn for_device(metrics: &WorkerMetrics, device: tch::Device) -> Option<Self> {
+        let tch::Device::Cuda(ordinal) = device else {
+            return None;
+        };
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let index = nvidia_smi_index(ordinal, visible.as_deref());
+        let sampler = Self::start(metrics, index, DEFAULT_GPU_SAMPLE_INTERVAL);
+        match &sampler {
+            Some(_) => tracing::info!(gpu = index, "sampling GPU memory and utilisation"),
+            None => tracing::warn!(
+                gpu = index,
+                "nvidia-smi cannot read this GPU; the GPU metrics stay 0"
+            ),
+        }
+        sampler
+    }
+
     pub fn start(metrics: &WorkerMetrics, index: usize, interval: Duration) -> Option<Self> {
         let first = read_gpu(index)?;
         let metrics = metrics.clone();
@@ -388,6 +474,20 @@ mod tests {
     }
 
     #[test]
+    fn reattributing_moves_time_between_phases_but_never_more_than_there_is() {
+        let t0 = Instant::now();
+        let mut timer = StepTimer::start_at(t0);
+        timer.end_phase_at(StepPhase::Backward, t0 + ms(50));
+        timer.reattribute(StepPhase::Backward, StepPhase::DataWait, ms(20));
+        timer.reattribute(StepPhase::Forward, StepPhase::DataWait, ms(20));
+        let timing = timer.finish_at(t0 + ms(50));
+        assert_eq!(timing.phase(StepPhase::Backward), ms(30));
+        assert_eq!(timing.phase(StepPhase::DataWait), ms(20));
+        assert_eq!(timing.phase(StepPhase::Forward), ms(0));
+        assert_eq!(timing.total, ms(50));
+    }
+
+    #[test]
     fn phase_labels_are_the_table_values_in_order() {
         let labels: Vec<_> = StepPhase::ALL.iter().map(|p| p.label()).collect();
         assert_eq!(labels, names::STEP_PHASES);
@@ -405,9 +505,6 @@ mod tests {
             images: 50,
             global_step: 7,
             loss: 0.5,
-            learning_rate: 1e-4,
-            grad_norm: 2.0,
-            ema_lag_steps: 0,
         };
         rec.record_step(&report);
         assert_eq!(rec.images_per_second(), 100.0);
@@ -418,19 +515,56 @@ mod tests {
         rec.record_step(&slower);
         // 100 + 0.1 * (50 - 100)
         assert!((rec.images_per_second() - 95.0).abs() < 1e-9);
-        rec.record_commit(ms(500));
+        assert_eq!(metrics.train_step.get(), 7.0);
+        let optimizer = || {
+            metrics
+                .step_phase_duration
+                .with_label_values(&[names::PHASE_OPTIMIZER])
+        };
+        assert_eq!(optimizer().get_sample_count(), 0, "timed at the commit");
+        assert_eq!(metrics.step_duration.get_sample_count(), 0);
+        rec.record_commit(&CommitReport {
+            step_time: ms(500),
+            optimizer_time: ms(20),
+            updates_held: 8,
+            update: Some(UpdateReport {
+                learning_rate: 1e-4,
+                grad_norm: 2.0,
+                ema_lag_steps: Some(0),
+            }),
+        });
         rec.record_checkpoint(ms(1500), 4096);
         assert_eq!(metrics.steps.get(), 2.0);
         assert_eq!(metrics.images.get(), 100.0);
-        assert_eq!(metrics.train_step.get(), 7.0);
-        assert_eq!(metrics.step_duration.get_sample_count(), 2);
-        assert!((metrics.step_duration.get_sample_sum() - 1.5).abs() < 1e-9);
+        assert_eq!(metrics.train_step.get(), 8.0);
+        assert_eq!(metrics.learning_rate.get(), 1e-4);
+        assert_eq!(metrics.grad_norm.get(), 2.0);
+        assert_eq!(metrics.step_duration.get_sample_count(), 1);
+        assert!((metrics.step_duration.get_sample_sum() - 0.52).abs() < 1e-9);
+        assert!((optimizer().get_sample_sum() - 0.02).abs() < 1e-9);
         let forward = metrics
             .step_phase_duration
             .with_label_values(&[names::PHASE_FORWARD]);
         assert!((forward.get_sample_sum() - 0.1).abs() < 1e-9);
-        assert_eq!(metrics.committed_step_seconds.get(), 0.5);
+        assert!((metrics.committed_step_seconds.get() - 0.52).abs() < 1e-9);
         assert_eq!(metrics.checkpoint_size.get(), 4096.0);
+        let mut seen = 0;
+        rec.record_data_errors_total(3, &mut seen);
+        rec.record_data_errors_total(3, &mut seen);
+        rec.record_data_errors_total(5, &mut seen);
+        assert_eq!(metrics.data_errors.get(), 5.0);
+    }
+
+    #[test]
+    fn cuda_ordinals_map_through_cuda_visible_devices() {
+        assert_eq!(nvidia_smi_index(0, None), 0);
+        assert_eq!(nvidia_smi_index(1, Some("3,5")), 5);
+        assert_eq!(
+            nvidia_smi_index(0, Some("GPU-1234")),
+            0,
+            "UUIDs: keep the ordinal"
+        );
+        assert_eq!(nvidia_smi_index(2, Some("3")), 2);
     }
 
     #[test]

@@ -18,6 +18,7 @@ fn config(job_dir: &Path, workers: u32, schedule: ScheduleConfig) -> Coordinator
     CoordinatorConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
         job_dir: job_dir.to_owned(),
+        metrics_addr: None,
         expected_workers: workers,
         min_workers: 1,
         max_workers: 4,

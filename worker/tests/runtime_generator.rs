@@ -106,6 +106,7 @@ fn coordinator_config(job_dir: &Path, workers: u32) -> CoordinatorConfig {
     CoordinatorConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
         job_dir: job_dir.to_owned(),
+        metrics_addr: None,
         expected_workers: workers,
         min_workers: workers,
         max_workers: 4,

@@ -1,7 +1,8 @@
 //! `eqim-metrics-demo`: test tooling for the observability stack, used by `scripts/check-prometheus`.
 //! `serve` exposes every metric of one role with changing, clearly synthetic values (no training
-//! happens); `check` asks a running Prometheus whether every series and every panel expression of
-//! the dashboards has samples.
+//! happens; `check-prometheus --synthetic`); `check` asks a running Prometheus whether every
+//! series and every panel expression of the dashboards has samples and, with `--phase training`
+//! (a real training job), whether each metric moved as `metrics_expectations` says it must.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,6 +31,17 @@ const TICK_INTERVAL: Duration = Duration::from_millis(250);
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which source `check` is pointed at.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    /// `serve`'s synthetic exporters: existence and samples only.
+    Synthetic,
+    /// A real training job: also, each metric moved as `metrics_expectations` requires.
+    Training,
+    /// The same job after one worker was killed: deaths and recoveries moved.
+    Recovery,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -76,6 +88,15 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 40)]
         timeout_s: u64,
+        #[arg(long, value_enum, default_value = "synthetic")]
+        phase: Phase,
+        /// Why there is no NVIDIA GPU to check the GPU metrics on (e.g. "nvidia-smi not
+        /// found"); without it, a training check requires the GPU metrics to move.
+        #[arg(long, value_name = "REASON")]
+        no_gpu: Option<String>,
+        /// Stop polling early (and fail) once this file exists: the job being checked ended.
+        #[arg(long, value_name = "FILE")]
+        give_up_when: Option<PathBuf>,
     },
 }
 
@@ -116,12 +137,24 @@ async fn main() -> Result<()> {
             dashboards,
             job,
             timeout_s,
+            phase,
+            no_gpu,
+            give_up_when,
         } => {
+            let probes = match phase {
+                Phase::Synthetic => probes(&dashboards, &job)?,
+                Phase::Training => {
+                    let mut all = probes(&dashboards, &job)?;
+                    all.extend(training_probes(&job, no_gpu.as_deref()));
+                    all
+                }
+                Phase::Recovery => recovery_probes(&job),
+            };
             check(
                 &prometheus,
-                &dashboards,
-                &job,
+                probes,
                 Duration::from_secs(timeout_s),
+                give_up_when.as_deref(),
             )
             .await
         }
@@ -261,6 +294,17 @@ struct Probe {
     query: String,
     /// Each returned sample must be at least this (for `count_over_time` of a series).
     min_value: Option<f64>,
+    kind: ProbeKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProbeKind {
+    /// A series a dashboard uses has samples.
+    Series,
+    /// A panel or variable expression returns samples.
+    Expression,
+    /// A metric moved off its starting value during the job (training phase).
+    Moved,
 }
 
 fn probes(dashboards: &Path, job: &str) -> Result<Vec<Probe>> {
@@ -284,6 +328,7 @@ fn probes(dashboards: &Path, job: &str) -> Result<Vec<Probe>> {
                 what: format!("{} / {}", board.title, q.location),
                 query: substitute_variables(&expr, "20s"),
                 min_value: None,
+                kind: ProbeKind::Expression,
             });
         }
     }
@@ -294,13 +339,117 @@ fn probes(dashboards: &Path, job: &str) -> Result<Vec<Probe>> {
                 what: format!("series {name} (used by {title})"),
                 query: format!("count_over_time({name}{{job=\"{job}\"}}[5m])"),
                 min_value: Some(2.0),
+                kind: ProbeKind::Series,
             },
         );
     }
     Ok(out)
 }
 
-async fn check(prometheus: &str, dashboards: &Path, job: &str, timeout: Duration) -> Result<()> {
+/// The training phase's probes (each metric that must move did), after printing how every
+/// metric of the table is covered: moved, rightly at its start, skipped for want of a GPU, or
+/// left to the evaluation phase.
+fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
+    use eqim_coordinator::metrics_expectations::{
+        moved_query, training_expectation, TrainingExpectation as E,
+    };
+    let mut probes = Vec::new();
+    let (mut at_start, mut skipped, mut eval) = (Vec::new(), Vec::new(), Vec::new());
+    let mut after_loss = Vec::new();
+    for desc in names::METRICS {
+        let expectation = training_expectation(desc.name);
+        let must_move = match expectation {
+            Some(E::Moves) => true,
+            Some(E::NeedsGpu) => match no_gpu {
+                None => true,
+                Some(why) => {
+                    skipped.push(format!("{} ({why})", desc.name));
+                    false
+                }
+            },
+            Some(E::StaysAtStart(why)) => {
+                at_start.push(format!("{} ({why})", desc.name));
+                false
+            }
+            Some(E::EvalPhase) => {
+                eval.push(desc.name);
+                false
+            }
+            Some(E::MovesAfterLoss) => {
+                after_loss.push(desc.name);
+                false
+            }
+            // The unit tests keep the table classified; an unclassified metric must still move.
+            None => true,
+        };
+        if must_move {
+            probes.push(Probe {
+                what: format!("{} moved off its starting value during the job", desc.name),
+                query: moved_query(desc, job, "10m"),
+                min_value: None,
+                kind: ProbeKind::Moved,
+            });
+        }
+    }
+    println!(
+        "training phase: {} metrics must move during the job",
+        probes.len()
+    );
+    println!(
+        "  exist, and rightly stay at their starting value in a short healthy job: {}",
+        at_start.join(", ")
+    );
+    println!(
+        "  exist; must move once a worker is lost (recovery phase): {}",
+        after_loss.join(", ")
+    );
+    if !skipped.is_empty() {
+        println!(
+            "  SKIPPED, exist but not required to move: {}",
+            skipped.join(", ")
+        );
+    }
+    println!(
+        "  NOT YET COVERED (exist; the evaluation phase must check they move): {}",
+        eval.join(", ")
+    );
+    probes
+}
+
+/// The recovery phase's probes: every metric that must move once a worker is lost did.
+fn recovery_probes(job: &str) -> Vec<Probe> {
+    use eqim_coordinator::metrics_expectations::{
+        moved_query, training_expectation, TrainingExpectation as E,
+    };
+    let probes: Vec<Probe> = names::METRICS
+        .iter()
+        .filter(|d| training_expectation(d.name) == Some(E::MovesAfterLoss))
+        .map(|desc| Probe {
+            what: format!("{} moved after a worker was lost", desc.name),
+            query: moved_query(desc, job, "10m"),
+            min_value: None,
+            kind: ProbeKind::Moved,
+        })
+        .collect();
+    let moving: Vec<_> = names::METRICS
+        .iter()
+        .filter(|d| training_expectation(d.name) == Some(E::MovesAfterLoss))
+        .map(|d| d.name)
+        .collect();
+    println!(
+        "recovery phase: {} metrics must move after the worker is lost: {}",
+        probes.len(),
+        moving.join(", ")
+    );
+    probes
+}
+
+async fn check(
+    prometheus: &str,
+    probes: Vec<Probe>,
+    timeout: Duration,
+    give_up_when: Option<&Path>,
+) -> Result<()> {
     let base = prometheus
         .strip_prefix("http://")
         .context("--prometheus must be an http:// URL")?
@@ -308,7 +457,6 @@ async fn check(prometheus: &str, dashboards: &Path, job: &str, timeout: Duration
     let addr: SocketAddr = base
         .parse()
         .with_context(|| format!("--prometheus must be http://IP:PORT, got {prometheus}"))?;
-    let probes = probes(dashboards, job)?;
     let started = Instant::now();
     loop {
         let mut failures = Vec::new();
@@ -318,14 +466,26 @@ async fn check(prometheus: &str, dashboards: &Path, job: &str, timeout: Duration
             }
         }
         if failures.is_empty() {
+            let count = |kind| probes.iter().filter(|p| p.kind == kind).count();
             println!(
-                "prometheus check: all {} probes have samples ({} series, {} panel and variable expressions) after {:.1} s",
+                "prometheus check: all {} probes pass ({} series have samples, {} panel and variable expressions return samples, {} metrics moved) after {:.1} s",
                 probes.len(),
-                probes.iter().filter(|p| p.min_value.is_some()).count(),
-                probes.iter().filter(|p| p.min_value.is_none()).count(),
+                count(ProbeKind::Series),
+                count(ProbeKind::Expression),
+                count(ProbeKind::Moved),
                 started.elapsed().as_secs_f64()
             );
             return Ok(());
+        }
+        let source_gone = give_up_when.filter(|p| p.exists());
+        if let Some(marker) = source_gone {
+            bail!(
+                "the checked job ended ({} exists) before every probe passed; {} of {} still fail:\n  {}",
+                marker.display(),
+                failures.len(),
+                probes.len(),
+                failures.join("\n  ")
+            );
         }
         if started.elapsed() > timeout {
             bail!(

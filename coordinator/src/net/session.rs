@@ -94,6 +94,12 @@ enum ReadEnd {
     JobGone,
 }
 
+/// Whether a session that stopped for `why` (its stop reason) was ended by the worker closing
+/// its streams cleanly, as a worker that leaves does, rather than by a lost connection.
+pub fn ended_by_worker(why: &str) -> bool {
+    why == ReadEnd::ClosedByWorker.to_string()
+}
+
 impl Actor for SessionActor {
     type Msg = SessionMsg;
     type State = SessionState;
@@ -241,5 +247,14 @@ async fn forward_stream(
             msg,
         })
         .map_err(|_| ReadEnd::JobGone)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_clean_close_by_the_worker_counts_as_ended_by_it() {
+        assert!(super::ended_by_worker("worker closed the control stream"));
+        assert!(!super::ended_by_worker("connection lost: timed out"));
     }
 }

@@ -131,8 +131,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| format!("worker-{}", std::process::id())),
     );
-    let metrics = eqim_coordinator::metrics_registry::WorkerMetrics::new("eqim", &worker_id.0)
-        .context("creating the worker's metrics")?;
+    let metrics = eqim_coordinator::metrics_registry::WorkerMetrics::new(
+        eqim_common::metrics::DEFAULT_JOB_LABEL,
+        &worker_id.0,
+    )
+    .context("creating the worker's metrics")?;
     let _metrics_server = match args.metrics_addr {
         Some(addr) => {
             let server = crate::metrics::MetricsThread::start(addr, &metrics)
@@ -165,6 +168,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| job_dir.join("checkpoints")),
     };
+    let gpu_metrics = trainer_cfg.metrics.clone();
     let seed = args.seed;
     let lr = args.lr;
     let train_config = args.train_config.clone();
@@ -178,6 +182,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                     match model {
                         Ok(model) => {
                             info!(config = %path.display(), samples = model.dataset_len(), "training the generator");
+                            // GPU memory and utilisation for /metrics while training on a GPU.
+                            let _gpu = gpu_metrics.as_ref().and_then(|m| {
+                                crate::metrics::GpuSampler::for_device(m, model.device())
+                            });
                             run_training(trainer_cfg, model, event_tx, &port_tx, command_rx)
                         }
                         Err(e) => {

@@ -46,6 +46,9 @@ pub struct GeneratorTrainable {
     step: u64,
     epoch: u64,
     config_path: PathBuf,
+    /// What the last update reported, for the metrics.
+    last_update: Option<crate::metrics::UpdateReport>,
+    phase_times: super::trainable::PhaseTimes,
 }
 
 impl GeneratorTrainable {
@@ -84,12 +87,19 @@ impl GeneratorTrainable {
             step: 0,
             epoch: 0,
             config_path: path.to_owned(),
+            last_update: None,
+            phase_times: Default::default(),
         })
     }
 
     /// Samples the data source holds (the coordinator's `dataset_len` must equal it).
     pub fn dataset_len(&self) -> u64 {
         self.source.len()
+    }
+
+    /// The device the generator trains on.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     pub fn model_config(&self) -> &crate::model::generator::GeneratorConfig {
@@ -136,10 +146,13 @@ impl Trainable for GeneratorTrainable {
                 self.config_path.display()
             );
         }
+        let fetching = std::time::Instant::now();
         let batch = self
             .source
             .fetch(self.epoch, indices)?
             .to_device(self.device);
+        // The trainer times its forward passes in the accumulator (see take_phase_times).
+        self.phase_times.data_wait += fetching.elapsed();
         let rows = batch.rows();
         // The trainer seeds the micro-batch from its progress step and the slot.
         self.trainer.progress.step = self.step;
@@ -176,7 +189,23 @@ impl Trainable for GeneratorTrainable {
             grad_norm = report.grad_norm,
             "generator step"
         );
+        self.last_update = Some(crate::metrics::UpdateReport {
+            learning_rate: report.lr,
+            grad_norm: report.grad_norm,
+            // `Trainer::apply` updates the EMA in every step, right after the optimizer.
+            ema_lag_steps: Some(0),
+        });
         Ok(())
+    }
+
+    fn last_update(&self) -> Option<crate::metrics::UpdateReport> {
+        self.last_update
+    }
+
+    fn take_phase_times(&mut self) -> super::trainable::PhaseTimes {
+        let mut times = std::mem::take(&mut self.phase_times);
+        times.forward = std::mem::take(&mut self.acc.forward_time);
+        times
     }
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {

@@ -20,8 +20,9 @@ pub struct LaunchArgs {
     /// Directory for each worker's final state (`worker-I.safetensors`).
     #[arg(long, value_name = "DIR")]
     pub final_state_dir: Option<PathBuf>,
-    /// Serve each worker's `/metrics` on 127.0.0.1 at this port + its index.
-    #[arg(long)]
+    /// Serve Prometheus `/metrics` on 127.0.0.1: the coordinator at this port, worker i at
+    /// this port + 1 + i (9400 matches configs/prometheus.yml).
+    #[arg(long, value_name = "PORT")]
     pub metrics_base_port: Option<u16>,
     /// Train the generator of this training config (e.g. configs/demo-generator.toml) instead
     /// of the synthetic model; its data must have `schedule.dataset_len` rows and its
@@ -50,6 +51,15 @@ pub fn free_udp_port() -> Result<u16> {
         .local_addr()
         .context("reading the bound port")?
         .port())
+}
+
+/// The `/metrics` port of the coordinator (`worker` None) or of local worker `i` under
+/// `--metrics-base-port base`: the coordinator at `base`, worker i at `base + 1 + i`.
+pub fn metrics_port(base: u16, worker: Option<u32>) -> Result<u16> {
+    let offset = worker.map_or(0, |i| 1 + u64::from(i));
+    u16::try_from(u64::from(base) + offset).with_context(|| {
+        format!("--metrics-base-port {base} leaves no port for worker {worker:?} (above 65535)")
+    })
 }
 
 /// Refuses a training config whose data or batch does not match the coordinator's schedule,
@@ -122,6 +132,11 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         "--port",
         &port.to_string(),
     ]);
+    if let Some(base) = args.metrics_base_port {
+        coordinator
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", metrics_port(base, None)?));
+    }
     let mut specs = vec![ProcessSpec {
         name: "coordinator".into(),
         command: coordinator,
@@ -145,11 +160,9 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             .arg("--connect-timeout")
             .arg(args.connect_timeout.to_string());
         if let Some(base) = args.metrics_base_port {
-            let port = u16::try_from(u32::from(base) + i)
-                .context("--metrics-base-port + worker index exceeds 65535")?;
             worker
                 .arg("--metrics-addr")
-                .arg(format!("127.0.0.1:{port}"));
+                .arg(format!("127.0.0.1:{}", metrics_port(base, Some(i))?));
         }
         if let Some(path) = &args.train_config {
             worker.arg("--train-config").arg(path);
@@ -185,5 +198,19 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     match outcome.status_of("coordinator") {
         Some(s) if s.success() => Ok(()),
         other => bail!("the coordinator did not finish the job: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metrics_port;
+
+    #[test]
+    fn metrics_ports_put_the_coordinator_at_the_base_and_workers_after_it() {
+        assert_eq!(metrics_port(9400, None).unwrap(), 9400);
+        assert_eq!(metrics_port(9400, Some(0)).unwrap(), 9401);
+        assert_eq!(metrics_port(9400, Some(7)).unwrap(), 9408);
+        let err = metrics_port(65535, Some(0)).unwrap_err().to_string();
+        assert!(err.contains("--metrics-base-port 65535"), "{err}");
     }
 }

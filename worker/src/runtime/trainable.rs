@@ -35,6 +35,24 @@ pub trait Trainable {
     fn export(&self, _dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
         Ok(Vec::new())
     }
+    /// Learning rate, gradient norm and EMA lag of the last [`Trainable::apply_step`], for the
+    /// metrics; `None` before the first update or for a model that cannot tell.
+    fn last_update(&self) -> Option<crate::metrics::UpdateReport> {
+        None
+    }
+    /// Time spent in [`Trainable::accumulate_grads`] since the last call that was not the
+    /// forward/backward pass: reading and preparing data, and the forward pass when the model
+    /// times it apart from the backward. Zero for what the model does not time.
+    fn take_phase_times(&mut self) -> PhaseTimes {
+        PhaseTimes::default()
+    }
+}
+
+/// Parts of [`Trainable::accumulate_grads`] a model timed (see [`Trainable::take_phase_times`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseTimes {
+    pub data_wait: std::time::Duration,
+    pub forward: std::time::Duration,
 }
 
 /// A small multi-layer perceptron regressing a fixed teacher function on synthetic samples, with
@@ -45,6 +63,9 @@ pub struct SyntheticMlp {
     momentum: Vec<(String, Tensor)>,
     lr: f64,
     beta: f64,
+    /// Gradient norm of the last update (`None` before the first).
+    last_grad_norm: Option<f64>,
+    phase_times: PhaseTimes,
 }
 
 /// Input features of a synthetic sample.
@@ -104,6 +125,8 @@ impl SyntheticMlp {
             momentum,
             lr,
             beta: 0.9,
+            last_grad_norm: None,
+            phase_times: PhaseTimes::default(),
         }
     }
 
@@ -157,30 +180,56 @@ impl Trainable for SyntheticMlp {
             return Ok(0.0);
         }
         anyhow::ensure!(step_samples > 0, "a step with samples has step_samples 0");
+        let started = std::time::Instant::now();
         let (x, y) = Self::batch(indices);
+        let data_ready = std::time::Instant::now();
         let per_sample = (self.net.forward(&x) - y).square().sum_dim_intlist(
             [1i64].as_slice(),
             false,
             Kind::Float,
         );
         let loss_sum = per_sample.sum(Kind::Float);
+        // CPU tensors: the forward has run when the call returns.
+        self.phase_times.data_wait += data_ready - started;
+        self.phase_times.forward += data_ready.elapsed();
         (&loss_sum / step_samples as f64).backward();
         loss_sum.f_double_value(&[]).context("reading the loss")
     }
 
     fn apply_step(&mut self) -> Result<()> {
         let _no_grad = tch::no_grad_guard();
+        let mut squared_norm = 0.0;
         for ((name, mut var), (_, m)) in sorted_vars(&self.vs).into_iter().zip(&self.momentum) {
             let grad = var.grad();
             anyhow::ensure!(
                 grad.defined(),
                 "no gradient for {name} at the optimizer step"
             );
+            squared_norm += grad
+                .square()
+                .sum(Kind::Double)
+                .f_double_value(&[])
+                .with_context(|| format!("reading the gradient norm of {name}"))?;
             let mut m = m.shallow_clone();
             let _ = m.f_mul_scalar_(self.beta)?.f_add_(&grad)?;
             let _ = var.f_sub_(&(&m * self.lr))?;
         }
+        self.last_grad_norm = Some(squared_norm.sqrt());
         Ok(())
+    }
+
+    fn last_update(&self) -> Option<crate::metrics::UpdateReport> {
+        self.last_grad_norm
+            .map(|grad_norm| crate::metrics::UpdateReport {
+                learning_rate: self.lr,
+                grad_norm,
+                // Plain SGD with momentum: there are no EMA weights to lag.
+                ema_lag_steps: None,
+            })
+    }
+
+    fn take_phase_times(&mut self) -> PhaseTimes {
+        std::mem::take(&mut self.phase_times)
     }
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
@@ -207,10 +256,41 @@ mod tests {
             .all(|x| (-1.0..1.0).contains(x)));
     }
 
+    /// `SyntheticMlp::new` seeds libtorch's global generator: tests that build models in
+    /// parallel would draw each other's weights.
+    static MODEL_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn model(seed: i64, lr: f64) -> SyntheticMlp {
+        let _one_at_a_time = MODEL_INIT.lock().unwrap_or_else(|e| e.into_inner());
+        SyntheticMlp::new(seed, lr)
+    }
+
+    #[test]
+    fn an_update_reports_the_lr_and_the_norm_of_the_gradient_it_applied() {
+        let mut m = model(2, 0.05);
+        assert_eq!(m.last_update(), None);
+        m.zero_grads().expect("zero");
+        m.accumulate_grads(&[0, 1, 2], 3).expect("grads");
+        let expected = m
+            .gradients()
+            .iter()
+            .map(|g| g.square().sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt();
+        let times = m.take_phase_times();
+        assert!(times.forward > std::time::Duration::ZERO);
+        assert_eq!(m.take_phase_times(), PhaseTimes::default(), "taken once");
+        m.apply_step().expect("step");
+        let update = m.last_update().expect("an update happened");
+        assert_eq!(update.learning_rate, 0.05);
+        assert!(expected > 0.0 && (update.grad_norm - expected).abs() < 1e-9 * expected.max(1.0));
+        assert_eq!(update.ema_lag_steps, None);
+    }
+
     #[test]
     fn accumulation_over_micro_batches_equals_one_batch() {
-        let mut a = SyntheticMlp::new(1, 0.1);
-        let mut b = SyntheticMlp::new(1, 0.1);
+        let mut a = model(1, 0.1);
+        let mut b = model(1, 0.1);
         a.zero_grads().expect("zero");
         b.zero_grads().expect("zero");
         a.accumulate_grads(&[0, 1, 2, 3], 4).expect("a");

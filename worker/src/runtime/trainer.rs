@@ -113,6 +113,8 @@ pub struct Trainer<T: Trainable> {
     recorder: Option<crate::metrics::StepRecorder>,
     /// Compute time of the pending step, counted as useful once it is committed.
     pending_seconds: f64,
+    /// The data loader's process-wide count of unreadable files, as last exported.
+    data_errors_seen: u64,
     /// Background checkpoint writers still running.
     writers: Vec<std::thread::JoinHandle<()>>,
     /// Number of steps applied (the next step to run).
@@ -135,6 +137,7 @@ impl<T: Trainable> Trainer<T> {
             writers: Vec::new(),
             recorder,
             pending_seconds: 0.0,
+            data_errors_seen: crate::data::unreadable_files_skipped(),
             next_step: 0,
             events,
         })
@@ -187,12 +190,19 @@ impl<T: Trainable> Trainer<T> {
                     checkpoint,
                 } => match self.pending.take() {
                     Some(p) if p.generation == generation && p.step == step => {
+                        let applying = Instant::now();
                         self.model
                             .apply_step()
                             .context("applying a committed step")?;
+                        let optimizer_time = applying.elapsed();
                         self.next_step = step + 1;
                         if let Some(r) = &self.recorder {
-                            r.record_commit(Duration::from_secs_f64(self.pending_seconds));
+                            r.record_commit(&crate::metrics::CommitReport {
+                                step_time: Duration::from_secs_f64(self.pending_seconds),
+                                optimizer_time,
+                                updates_held: step + 1,
+                                update: self.model.last_update(),
+                            });
                         }
                         self.emit(Event::Applied { step });
                         let writer = self.group.as_ref().is_some_and(|g| {
@@ -261,6 +271,7 @@ impl<T: Trainable> Trainer<T> {
         );
         let dir = self.cfg.checkpoint_root.join(name);
         let events = self.events.clone();
+        let metrics = self.recorder.as_ref().map(|r| r.metrics().clone());
         self.writers.retain(|w| !w.is_finished());
         let writer = std::thread::Builder::new()
             .name("checkpoint-writer".into())
@@ -275,6 +286,10 @@ impl<T: Trainable> Trainer<T> {
                 match written {
                     Ok(file) => {
                         info!(dir = %dir.display(), bytes = file.bytes, "checkpoint state written");
+                        if let Some(m) = &metrics {
+                            // From the snapshot to the synced, renamed file.
+                            crate::metrics::record_checkpoint(m, started.elapsed(), file.bytes);
+                        }
                         let _ignored = events.send(Event::CheckpointWritten {
                             generation,
                             steps,
@@ -387,10 +402,9 @@ impl<T: Trainable> Trainer<T> {
                         } else {
                             0.0
                         },
-                        learning_rate: 0.0,
-                        grad_norm: 0.0,
-                        ema_lag_steps: 0,
                     });
+                    let unreadable = crate::data::unreadable_files_skipped();
+                    r.record_data_errors_total(unreadable, &mut self.data_errors_seen);
                 }
                 self.pending = Some(Pending {
                     generation: a.generation,
@@ -439,12 +453,19 @@ impl<T: Trainable> Trainer<T> {
         );
         self.model.begin_step(a.step, u64::from(a.epoch))?;
         self.model.zero_grads()?;
+        // Times left over from a step that failed half-way are not this step's.
+        let _stale = self.model.take_phase_times();
         let mut loss = 0.0;
         for micro_batch in &a.micro_batches {
             loss += self.model.accumulate_grads(micro_batch, a.step_samples)?;
         }
-        // Forward and backward run together per micro-batch; their time is reported as backward.
+        // Data, forward and backward interleave per micro-batch: what the model timed apart
+        // (data, and the forward where it can) moves out of backward.
         timer.end_phase(crate::metrics::StepPhase::Backward);
+        let parts = self.model.take_phase_times();
+        use crate::metrics::StepPhase;
+        timer.reattribute(StepPhase::Backward, StepPhase::DataWait, parts.data_wait);
+        timer.reattribute(StepPhase::Backward, StepPhase::Forward, parts.forward);
         let reduce_started = Instant::now();
         // Each rank's gradients are already divided by the step's sample count: sum them.
         let gradients = self.model.gradients();

@@ -70,6 +70,8 @@ pub struct GradAccumulator {
     pub loss: f64,
     /// Samples accumulated.
     pub rows: u64,
+    /// Time spent in the forward passes (up to the loss value being read), for the metrics.
+    pub forward_time: std::time::Duration,
 }
 
 impl GradAccumulator {
@@ -78,6 +80,7 @@ impl GradAccumulator {
             grads: (0..num_params).map(|_| None).collect(),
             loss: 0.0,
             rows: 0,
+            forward_time: std::time::Duration::ZERO,
         }
     }
 
@@ -148,8 +151,11 @@ impl<M: TrainModel> Trainer<M> {
         weight: f64,
     ) -> Result<f64> {
         let step = self.progress.step;
+        let forward_started = std::time::Instant::now();
         let loss = rng::seeded(self.cfg.seed, step, slot, || self.model.loss(batch))?;
+        // Reading the value waits for the device, so the forward time is complete.
         let value = loss.double_value(&[]);
+        acc.forward_time += forward_started.elapsed();
         if !value.is_finite() {
             return Err(TrainError::NonFiniteLoss { loss: value, step }.into());
         }
@@ -193,6 +199,7 @@ impl<M: TrainModel> Trainer<M> {
             mut grads,
             loss,
             rows,
+            ..
         } = acc;
         let lr = self.next_lr(steps_per_epoch);
         let grad_norm = match self.cfg.clip_grad {
