@@ -802,6 +802,7 @@ impl JobState {
         match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await {
             Ok((actor, _handle)) => {
                 info!(worker_id = %worker, remote = %c.remote, device = %c.hello.device, "eval worker admitted");
+                self.metrics.worker_joined();
                 self.session_owners
                     .insert(actor.get_id(), (worker.clone(), key));
                 self.sessions.insert(worker, SessionEntry { key, actor });
@@ -896,9 +897,14 @@ impl JobState {
         });
     }
 
+    /// Sends an evaluation step's messages and publishes the progress it made.
     fn send_all(&self, out: Vec<Outgoing>) {
         for (worker, msg) in out {
             self.send(&worker, msg);
+        }
+        if let Some(eval) = &self.eval {
+            let (done, total) = eval.progress();
+            self.metrics.set_eval_progress(done, total);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! undisturbed) and `recovery` (then one worker is killed and the job carries on). Most metrics
 //! must move during training; deaths and recoveries once the worker is lost; a few rightly stay
 //! at their starting value in such a job (no bad data); the GPU ones need an NVIDIA GPU; the
-//! evaluation ones belong to a later evaluation phase of the check. Every metric of the table has
+//! evaluation ones belong to the check's evaluation phase (an `eqim eval` run on the same ports). Every metric of the table has
 //! exactly one entry, so a new metric cannot be left out of the check silently (a test fails
 //! until it is classified here).
 
@@ -22,8 +22,8 @@ pub enum TrainingExpectation {
     /// Moves only on an NVIDIA GPU: required to move when `nvidia-smi` works, else skipped
     /// (and the check prints that it was).
     NeedsGpu,
-    /// Set by the evaluation phase, which the training phase does not run; the check prints it
-    /// as not yet covered.
+    /// Moves during an evaluation job: checked in the evaluation phase (`eqim eval`), which
+    /// follows the training job.
     EvalPhase,
 }
 

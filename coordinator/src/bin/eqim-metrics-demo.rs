@@ -42,6 +42,8 @@ enum Phase {
     Training,
     /// The same job after one worker was killed: deaths and recoveries moved.
     Recovery,
+    /// A real evaluation job (`eqim eval`): its progress metrics moved.
+    Evaluation,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -149,6 +151,7 @@ async fn main() -> Result<()> {
                     all
                 }
                 Phase::Recovery => recovery_probes(&job),
+                Phase::Evaluation => evaluation_probes(&job),
             };
             check(
                 &prometheus,
@@ -410,7 +413,7 @@ fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
         );
     }
     println!(
-        "  NOT YET COVERED (exist; the evaluation phase must check they move): {}",
+        "  exist; must move during an evaluation (evaluation phase): {}",
         eval.join(", ")
     );
     probes
@@ -442,6 +445,30 @@ fn recovery_probes(job: &str) -> Vec<Probe> {
         moving.join(", ")
     );
     probes
+}
+
+/// The evaluation phase's probes: every metric left to it by the training phase moved.
+fn evaluation_probes(job: &str) -> Vec<Probe> {
+    use eqim_coordinator::metrics_expectations::{
+        moved_query, training_expectation, TrainingExpectation as E,
+    };
+    let eval: Vec<_> = names::METRICS
+        .iter()
+        .filter(|d| training_expectation(d.name) == Some(E::EvalPhase))
+        .collect();
+    println!(
+        "evaluation phase: {} metrics must move during the evaluation: {}",
+        eval.len(),
+        eval.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")
+    );
+    eval.into_iter()
+        .map(|desc| Probe {
+            what: format!("{} moved during the evaluation", desc.name),
+            query: moved_query(desc, job, "10m"),
+            min_value: None,
+            kind: ProbeKind::Moved,
+        })
+        .collect()
 }
 
 async fn check(

@@ -165,6 +165,10 @@ pub struct EvalArgs {
     /// A worker silent this long is declared dead and its leases go to the others.
     #[arg(long, default_value_t = 3000)]
     pub heartbeat_timeout_ms: u64,
+    /// Serve the coordinator's `/metrics` on 127.0.0.1 at this port and worker i's at port + 1 + i
+    /// (the layout of `eqim launch` and configs/prometheus.yml).
+    #[arg(long)]
+    pub metrics_base_port: Option<u16>,
     /// Test hook: worker `W` kills itself (SIGKILL) after `N` images, mid-lease, given as `W:N`.
     #[arg(long, hide = true)]
     pub kill_worker_after: Option<String>,
@@ -634,8 +638,18 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     let port = crate::runtime::launch_cmd::free_udp_port()?;
     let fid_stats = args.fid_stats.as_deref().map(absolute).transpose()?;
     let interval_ms = (args.heartbeat_timeout_ms / 6).max(50);
+    let metrics_port = |offset: u32| -> Result<Option<String>> {
+        args.metrics_base_port
+            .map(|base| {
+                u16::try_from(u32::from(base) + offset)
+                    .map(|p| format!("127.0.0.1:{p}"))
+                    .context("--metrics-base-port + worker index exceeds 65535")
+            })
+            .transpose()
+    };
     let coordinator_cfg = serde_json::json!({
         "bind": format!("127.0.0.1:{port}"),
+        "metrics_addr": metrics_port(0)?,
         "job_dir": job_dir,
         "expected_workers": args.workers,
         "min_workers": 1,
@@ -695,6 +709,9 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
                     .max(1)
                     .to_string(),
             );
+        if let Some(addr) = metrics_port(1 + i)? {
+            worker.arg("--metrics-addr").arg(addr);
+        }
         if let Some((_, n)) = kill.filter(|(w, _)| *w == i) {
             worker.arg("--die-after-images").arg(n.to_string());
         }
