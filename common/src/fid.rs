@@ -212,15 +212,18 @@ pub fn frechet_distance(a: &FidStats, b: &FidStats) -> Result<f64, FidError> {
     Ok(mean_term + trace_term - 2.0 * trace_sqrt)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Cases with known distances for testing any implementation of the Frechet distance (this
+/// crate's and the worker's libtorch one): closed forms, and values computed offline with scipy
+/// (`scripts/fid-reference-values.py`, scipy 1.17.1 `sqrtm`) on matrices drawn from the same
+/// splitmix64 stream.
+pub mod reference_cases {
+    use super::FidStats;
 
-    /// The same splitmix64 stream as scripts/fid-reference-values.py.
-    struct SplitMix64(u64);
+    /// The splitmix64 generator of scripts/fid-reference-values.py.
+    pub struct SplitMix64(pub u64);
 
     impl SplitMix64 {
-        fn next_u64(&mut self) -> u64 {
+        pub fn next_u64(&mut self) -> u64 {
             self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let mut z = self.0;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -228,11 +231,21 @@ mod tests {
             z ^ (z >> 31)
         }
 
-        fn uniform(&mut self, n: usize) -> Vec<f64> {
+        /// `n` values uniform in [-1, 1).
+        pub fn uniform(&mut self, n: usize) -> Vec<f64> {
             (0..n)
                 .map(|_| (self.next_u64() >> 11) as f64 * 2f64.powi(-53) * 2.0 - 1.0)
                 .collect()
         }
+    }
+
+    /// Two statistics and the distance between them, to relative tolerance `rel_tol`.
+    pub struct Case {
+        pub name: &'static str,
+        pub a: FidStats,
+        pub b: FidStats,
+        pub distance: f64,
+        pub rel_tol: f64,
     }
 
     fn diag(values: &[f64]) -> Vec<f64> {
@@ -244,27 +257,71 @@ mod tests {
         m
     }
 
-    /// S = A A^T / (2d) + 0.1 I with mu1, A1, mu2, A2 drawn in that order (random_case in Python).
-    fn random_case(seed: u64, d: usize) -> f64 {
-        let mut rng = SplitMix64(seed);
-        let draw = |rng: &mut SplitMix64| {
-            let mu = rng.uniform(d);
-            let a = DMatrix::from_row_slice(d, 2 * d, &rng.uniform(d * 2 * d));
-            let sigma = &a * a.transpose() / (2 * d) as f64 + DMatrix::identity(d, d) * 0.1;
-            let rows: Vec<f64> = sigma.transpose().iter().copied().collect();
-            FidStats::new(mu, rows).expect("stats")
-        };
-        let a = draw(&mut rng);
-        let b = draw(&mut rng);
-        frechet_distance(&a, &b).expect("fid")
+    /// mu, then S = A A^T / (2d) + 0.1 I with A [d, 2d] (random_case in the Python script).
+    fn random_stats(rng: &mut SplitMix64, d: usize) -> FidStats {
+        let mu = rng.uniform(d);
+        let a = rng.uniform(d * 2 * d);
+        let mut sigma = vec![0.0; d * d];
+        for r in 0..d {
+            for c in 0..d {
+                let dot: f64 = (0..2 * d)
+                    .map(|k| a[r * 2 * d + k] * a[c * 2 * d + k])
+                    .sum();
+                sigma[r * d + c] = dot / (2 * d) as f64 + if r == c { 0.1 } else { 0.0 };
+            }
+        }
+        FidStats::new(mu, sigma).expect("square by construction")
     }
 
-    fn assert_close(got: f64, want: f64, rel: f64) {
-        assert!(
-            (got - want).abs() <= rel * want.abs().max(1.0),
-            "got {got}, want {want}"
-        );
+    pub fn all() -> Vec<Case> {
+        let stats = |mu: Vec<f64>, sigma: Vec<f64>| FidStats::new(mu, sigma).expect("square");
+        let mut cases = vec![
+            Case {
+                name: "identity covariances give |mu1 - mu2|^2",
+                a: stats(vec![0.0, 1.0, 2.0, 3.0, 4.0], diag(&[1.0; 5])),
+                b: stats(vec![1.0, 1.0, 0.0, 3.0, 4.5], diag(&[1.0; 5])),
+                distance: 1.0 + 4.0 + 0.25,
+                rel_tol: 1e-12,
+            },
+            {
+                let (va, vb) = ([1.0, 4.0, 9.0, 0.25], [4.0, 1.0, 9.0, 2.0]);
+                Case {
+                    name: "diagonal covariances give sum (sqrt a_i - sqrt b_i)^2 + |dmu|^2",
+                    a: stats(vec![0.5; 4], diag(&va)),
+                    b: stats(vec![0.0; 4], diag(&vb)),
+                    distance: 4.0 * 0.25
+                        + va.iter()
+                            .zip(&vb)
+                            .map(|(x, y): (&f64, &f64)| (x.sqrt() - y.sqrt()).powi(2))
+                            .sum::<f64>(),
+                    rel_tol: 1e-12,
+                }
+            },
+        ];
+        for (name, seed, d, distance) in [
+            ("scipy, random d=16", 1, 16, 9.954001075414515),
+            ("scipy, random d=32", 2, 32, 27.376305404206853),
+            ("scipy, random d=64", 3, 64, 45.106390097315774),
+        ] {
+            let mut rng = SplitMix64(seed);
+            let a = random_stats(&mut rng, d);
+            let b = random_stats(&mut rng, d);
+            cases.push(Case {
+                name,
+                a,
+                b,
+                distance,
+                rel_tol: 1e-9,
+            });
+        }
+        cases
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference_cases::SplitMix64;
+    use super::*;
 
     #[test]
     fn identical_sets_give_zero() {
@@ -280,36 +337,16 @@ mod tests {
     }
 
     #[test]
-    fn identity_covariances_give_the_squared_mean_distance() {
-        let eye = diag(&[1.0; 5]);
-        let a = FidStats::new(vec![0.0, 1.0, 2.0, 3.0, 4.0], eye.clone()).expect("a");
-        let b = FidStats::new(vec![1.0, 1.0, 0.0, 3.0, 4.5], eye).expect("b");
-        assert_close(
-            frechet_distance(&a, &b).expect("fid"),
-            1.0 + 4.0 + 0.25,
-            1e-12,
-        );
-    }
-
-    #[test]
-    fn diagonal_covariances_give_the_closed_form() {
-        let (va, vb) = ([1.0, 4.0, 9.0, 0.25], [4.0, 1.0, 9.0, 2.0]);
-        let a = FidStats::new(vec![0.5; 4], diag(&va)).expect("a");
-        let b = FidStats::new(vec![0.0; 4], diag(&vb)).expect("b");
-        let want: f64 = 4.0 * 0.25
-            + va.iter()
-                .zip(&vb)
-                .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
-                .sum::<f64>();
-        assert_close(frechet_distance(&a, &b).expect("fid"), want, 1e-12);
-    }
-
-    #[test]
-    fn random_cases_match_scipy() {
-        // Values from scripts/fid-reference-values.py (scipy 1.17.1 sqrtm).
-        assert_close(random_case(1, 16), 9.954001075414515, 1e-9);
-        assert_close(random_case(2, 32), 27.376305404206853, 1e-9);
-        assert_close(random_case(3, 64), 45.106390097315774, 1e-9);
+    fn reference_cases_hold() {
+        for case in reference_cases::all() {
+            let got = frechet_distance(&case.a, &case.b).expect(case.name);
+            assert!(
+                (got - case.distance).abs() <= case.rel_tol * case.distance.abs().max(1.0),
+                "{}: got {got}, want {}",
+                case.name,
+                case.distance
+            );
+        }
     }
 
     #[test]

@@ -333,6 +333,23 @@ impl JobState {
                 },
             );
         }
+        if self.start_session(myself, key, c).await {
+            self.metrics.worker_joined();
+        } else {
+            self.membership.remove(&worker, Some(key));
+        }
+        self.drive(now);
+    }
+
+    /// Spawns the session actor of an admitted connection (linked, so its end comes back as a
+    /// supervision event) and registers it; false if it did not start.
+    async fn start_session(
+        &mut self,
+        myself: &ActorRef<JobMsg>,
+        key: SessionKey,
+        c: AdmittedConnection,
+    ) -> bool {
+        let worker = c.hello.worker_id.clone();
         let args = SessionArgs {
             worker: worker.clone(),
             key,
@@ -350,13 +367,11 @@ impl JobState {
                 self.session_owners
                     .insert(actor.get_id(), (worker.clone(), key));
                 self.sessions.insert(worker, SessionEntry { key, actor });
-                self.metrics.worker_joined();
-                self.drive(now);
+                true
             }
             Err(e) => {
                 warn!(worker_id = %worker, cause = %e, "session did not start");
-                self.membership.remove(&worker, Some(key));
-                self.drive(now);
+                false
             }
         }
     }
@@ -788,26 +803,8 @@ impl JobState {
         }
         self.next_session += 1;
         let key = SessionKey(self.next_session);
-        let args = SessionArgs {
-            worker: worker.clone(),
-            key,
-            connection: c.connection,
-            control_send: c.control_send,
-            control_recv: c.control_recv,
-            job: myself.clone(),
-            admitted: CoordinatorToWorker::Admitted {
-                heartbeat_interval_ms: self.cfg.timeouts.heartbeat_interval.as_millis() as u64,
-            },
-        };
-        match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await {
-            Ok((actor, _handle)) => {
-                info!(worker_id = %worker, remote = %c.remote, device = %c.hello.device, "eval worker admitted");
-                self.metrics.worker_joined();
-                self.session_owners
-                    .insert(actor.get_id(), (worker.clone(), key));
-                self.sessions.insert(worker, SessionEntry { key, actor });
-            }
-            Err(e) => warn!(worker_id = %worker, cause = %e, "session did not start"),
+        if self.start_session(myself, key, c).await {
+            self.metrics.worker_joined();
         }
     }
 

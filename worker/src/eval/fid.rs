@@ -112,57 +112,10 @@ pub fn inception_score(logits: &Tensor, splits: usize) -> Result<(f64, f64), Fid
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The same splitmix64 stream as scripts/fid-reference-values.py.
-    struct SplitMix64(u64);
-
-    impl SplitMix64 {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        fn uniform(&mut self, n: usize) -> Vec<f64> {
-            (0..n)
-                .map(|_| (self.next_u64() >> 11) as f64 * 2f64.powi(-53) * 2.0 - 1.0)
-                .collect()
-        }
-    }
+    use eqim_common::fid::reference_cases::SplitMix64;
 
     fn matrix(rows: usize, cols: usize, data: Vec<f64>) -> Tensor {
         Tensor::from_slice(&data).view([rows as i64, cols as i64])
-    }
-
-    fn stats_from(mu: Vec<f64>, sigma: &Tensor) -> FidStats {
-        let sigma = Vec::<f64>::try_from(sigma.flatten(0, 1)).expect("sigma to vec");
-        FidStats::new(mu, sigma).expect("stats")
-    }
-
-    fn diag(values: &[f64]) -> Vec<f64> {
-        let d = values.len();
-        let mut m = vec![0.0; d * d];
-        for (i, v) in values.iter().enumerate() {
-            m[i * d + i] = *v;
-        }
-        m
-    }
-
-    /// S = A A^T / (2d) + 0.1 I with mu1, A1, mu2, A2 drawn in that order (random_case in Python).
-    fn random_case(seed: u64, d: usize) -> f64 {
-        let mut rng = SplitMix64(seed);
-        let draw = |rng: &mut SplitMix64| {
-            let mu = rng.uniform(d);
-            let a = matrix(d, 2 * d, rng.uniform(d * 2 * d));
-            let sigma = a.mm(&a.tr()) / (2 * d) as f64
-                + Tensor::eye(d as i64, (Kind::Double, Device::Cpu)) * 0.1;
-            stats_from(mu, &sigma)
-        };
-        let a = draw(&mut rng);
-        let b = draw(&mut rng);
-        frechet_distance(&a, &b).expect("fid")
     }
 
     fn assert_close(got: f64, want: f64, rel: f64) {
@@ -173,45 +126,17 @@ mod tests {
     }
 
     #[test]
-    fn identical_sets_give_zero() {
-        let mut rng = SplitMix64(9);
-        let a = matrix(8, 24, rng.uniform(8 * 24));
-        let stats = stats_from(rng.uniform(8), &(a.mm(&a.tr()) / 24.0));
-        assert!(frechet_distance(&stats, &stats).expect("fid").abs() < 1e-10);
-    }
-
-    #[test]
-    fn identity_covariances_give_the_squared_mean_distance() {
-        let eye = diag(&[1.0; 5]);
-        let a = FidStats::new(vec![0.0, 1.0, 2.0, 3.0, 4.0], eye.clone()).expect("a");
-        let b = FidStats::new(vec![1.0, 1.0, 0.0, 3.0, 4.5], eye).expect("b");
-        assert_close(
-            frechet_distance(&a, &b).expect("fid"),
-            1.0 + 4.0 + 0.25,
-            1e-12,
-        );
-    }
-
-    #[test]
-    fn diagonal_covariances_give_the_closed_form() {
-        // sum (sqrt(a_i) - sqrt(b_i))^2 plus the mean term
-        let (va, vb) = ([1.0, 4.0, 9.0, 0.25], [4.0, 1.0, 9.0, 2.0]);
-        let a = FidStats::new(vec![0.5; 4], diag(&va)).expect("a");
-        let b = FidStats::new(vec![0.0; 4], diag(&vb)).expect("b");
-        let want: f64 = 4.0 * 0.25
-            + va.iter()
-                .zip(&vb)
-                .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
-                .sum::<f64>();
-        assert_close(frechet_distance(&a, &b).expect("fid"), want, 1e-12);
-    }
-
-    #[test]
-    fn random_cases_match_scipy() {
-        // Values from scripts/fid-reference-values.py (scipy 1.17.1 sqrtm).
-        assert_close(random_case(1, 16), 9.954001075414515, 1e-9);
-        assert_close(random_case(2, 32), 27.376305404206853, 1e-9);
-        assert_close(random_case(3, 64), 45.106390097315774, 1e-9);
+    fn reference_cases_hold() {
+        for case in eqim_common::fid::reference_cases::all() {
+            let got = frechet_distance(&case.a, &case.b).expect(case.name);
+            assert!(
+                (got - case.distance).abs() <= case.rel_tol * case.distance.abs().max(1.0),
+                "{}: got {got}, want {}",
+                case.name,
+                case.distance
+            );
+            assert!(frechet_distance(&case.a, &case.a).expect("same").abs() < 1e-9);
+        }
     }
 
     #[test]
