@@ -19,11 +19,10 @@ fn fixtures() -> PathBuf {
 
 const IMAGES: u64 = 30;
 
-/// Runs `eqim eval` on the tiny fixtures and returns its stdout.
-fn eval(out: &Path, extra: &[&str]) -> String {
+/// The plan flags of the tiny fixture set, shared by `eqim eval` and `eqim eval-worker`.
+fn plan_flags(command: &mut Command, out: &Path) {
     let f = fixtures();
-    let output = Command::new(env!("CARGO_BIN_EXE_eqim"))
-        .arg("eval")
+    command
         .arg("--weights")
         .arg(f.join("generator_tiny.weights.safetensors"))
         .arg("--config")
@@ -36,7 +35,16 @@ fn eval(out: &Path, extra: &[&str]) -> String {
         .arg(out)
         .args(["--num-images", &IMAGES.to_string()])
         .args(["--length", "8", "--steps", "6", "--cfg", "3.0"])
-        .args(["--batch-size", "2", "--lease-images", "4"])
+        .args(["--batch-size", "2"]);
+}
+
+/// Runs `eqim eval` on the tiny fixtures and returns its stdout.
+fn eval(out: &Path, extra: &[&str]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_eqim"));
+    command.arg("eval");
+    plan_flags(&mut command, out);
+    let output = command
+        .args(["--lease-images", "4"])
         // A killed worker is noticed after 1 s (QUIC idle timeout).
         .args(["--heartbeat-timeout-ms", "1000"])
         .args(extra)
@@ -71,14 +79,41 @@ fn png_bytes_do_not_depend_on_the_worker_count_or_a_killed_worker() {
         &one,
         &["--workers", "1", "--npz", npz.to_str().expect("utf-8")],
     );
-    eval(&two, &["--workers", "2"]);
+    // Two workers through `eqim launch` and a coordinator config with an eval: section.
+    let config = dir.path().join("eval.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "bind: 127.0.0.1:0\njob_dir: {}\nexpected_workers: 2\nmin_workers: 1\nmax_workers: 2\n\
+             eval:\n  num_images: {IMAGES}\n  lease_images: 4\n  out: {}\n",
+            dir.path().join("job").display(),
+            two.display()
+        ),
+    )
+    .expect("config");
+    let mut launch = Command::new(env!("CARGO_BIN_EXE_eqim"));
+    launch
+        .args(["launch", "--workers", "2", "--config"])
+        .arg(&config)
+        .arg("--");
+    plan_flags(&mut launch, &two);
+    let launched = launch
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("eqim launch");
+    assert!(
+        launched.status.success(),
+        "eqim launch of an evaluation job failed:\n{}",
+        String::from_utf8_lossy(&launched.stderr)
+    );
+    assert!(two.join("manifest.json").is_file());
     let report = eval(&killed, &["--workers", "3", "--kill-worker-after", "1:1"]);
     assert!(
         report.contains("1 died"),
         "worker 1 was not killed:\n{report}"
     );
     let reference = png_bytes(&one);
-    assert_eq!(png_bytes(&two), reference, "1 vs 2 workers");
+    assert_eq!(png_bytes(&two), reference, "1 vs 2 workers (eqim launch)");
     assert_eq!(png_bytes(&killed), reference, "3 workers, one SIGKILLed");
     assert_ne!(
         reference[0], reference[1],

@@ -24,7 +24,6 @@ use tracing::{info, warn};
 
 use super::inception::{Inception, INCEPTION_DIM};
 use crate::imageio::tensor_to_rgb;
-use crate::launch::{run_cluster, stop_on_signals, ProcessSpec};
 use crate::model::generator::{EquivariantGenerativeModel, GeneratorConfig};
 use crate::model::tokenizer::Parts;
 use crate::model::weights;
@@ -635,21 +634,10 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     std::fs::create_dir_all(&plan_args.out)
         .with_context(|| format!("creating {}", plan_args.out.display()))?;
     let job_dir = plan_args.out.join(".eval-job");
-    let port = crate::runtime::launch_cmd::free_udp_port()?;
     let fid_stats = args.fid_stats.as_deref().map(absolute).transpose()?;
     let interval_ms = (args.heartbeat_timeout_ms / 6).max(50);
-    let metrics_port = |offset: u32| -> Result<Option<String>> {
-        args.metrics_base_port
-            .map(|base| {
-                u16::try_from(u32::from(base) + offset)
-                    .map(|p| format!("127.0.0.1:{p}"))
-                    .context("--metrics-base-port + worker index exceeds 65535")
-            })
-            .transpose()
-    };
     let coordinator_cfg = serde_json::json!({
-        "bind": format!("127.0.0.1:{port}"),
-        "metrics_addr": metrics_port(0)?,
+        "bind": "127.0.0.1:0",
         "job_dir": job_dir,
         "expected_workers": args.workers,
         "min_workers": 1,
@@ -677,69 +665,39 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
         std::fs::remove_file(&manifest)
             .with_context(|| format!("removing the old {}", manifest.display()))?;
     }
-    let exe = std::env::current_exe().context("locating the eqim executable")?;
-    let mut coordinator = std::process::Command::new(&exe);
-    coordinator
-        .arg("coordinator")
-        .arg("--config")
-        .arg(&config_path);
-    let mut specs = vec![ProcessSpec {
-        name: "coordinator".into(),
-        command: coordinator,
-        ends_job: true,
-        required: true,
-        worker: false,
-    }];
-    for i in 0..args.workers {
-        let mut worker = std::process::Command::new(&exe);
-        worker
-            .arg("eval-worker")
-            .args(plan_args.to_flags())
-            .arg("--coordinator")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--token")
-            .arg(job_dir.join("token"))
-            .arg("--worker-id")
-            .arg(format!("eval-{i}"))
-            .arg("--threads")
-            .arg(args.threads.to_string())
-            .arg("--batches-per-lease")
-            .arg(
-                (args.lease_images / plan.info.batch_size)
-                    .max(1)
-                    .to_string(),
-            );
-        if let Some(addr) = metrics_port(1 + i)? {
-            worker.arg("--metrics-addr").arg(addr);
-        }
-        if let Some((_, n)) = kill.filter(|(w, _)| *w == i) {
-            worker.arg("--die-after-images").arg(n.to_string());
-        }
-        specs.push(ProcessSpec {
-            name: format!("eval-{i}"),
-            command: worker,
-            ends_job: false,
-            // A lost worker's leases go to the others.
-            required: false,
-            worker: true,
-        });
-    }
+    // The same local cluster as `eqim launch --config <this config> -- <plan flags>`.
+    let mut eval_worker_args = plan_args.to_flags();
+    eval_worker_args.extend(
+        [
+            "--threads".to_string(),
+            args.threads.to_string(),
+            "--batches-per-lease".to_string(),
+            (args.lease_images / plan.info.batch_size)
+                .max(1)
+                .to_string(),
+        ]
+        .map(OsString::from),
+    );
+    let launch_args = crate::runtime::launch_cmd::LaunchArgs {
+        config: config_path,
+        workers: args.workers,
+        final_state_dir: None,
+        metrics_base_port: args.metrics_base_port,
+        train_config: None,
+        export_dir: None,
+        connect_timeout: 60.0,
+        eval_worker_args,
+    };
     info!(
         workers = args.workers,
         threads = args.threads,
-        port,
         images = plan.info.num_images,
         "launching a local evaluation"
     );
-    let stop = stop_on_signals()?;
-    let outcome = run_cluster(specs, stop, crate::launch::DEFAULT_SHUTDOWN_GRACE)?;
-    if outcome.interrupted {
-        bail!("interrupted; every process was stopped");
-    }
-    match outcome.status_of("coordinator") {
-        Some(s) if s.success() => {}
-        other => bail!("the evaluation did not finish (coordinator: {other:?}); see the log above"),
-    }
+    let outcome = crate::runtime::launch_cmd::launch(&launch_args, &|i| match kill {
+        Some((w, n)) if w == i => vec!["--die-after-images".into(), n.to_string().into()],
+        _ => Vec::new(),
+    })?;
     // Workers still running when the coordinator finished were stopped with SIGTERM: late
     // starters with nothing left to do, not deaths.
     let dead_workers: Vec<String> = outcome

@@ -35,6 +35,12 @@ pub struct LaunchArgs {
     /// Extra seconds each worker waits for the coordinator.
     #[arg(long, default_value_t = 60.0)]
     pub connect_timeout: f64,
+    /// With a coordinator config that has an `eval:` section, the workers are `eqim eval-worker`s
+    /// and these arguments (after `--`) are their plan flags, e.g.
+    /// `-- --weights G.safetensors --config generator.json --tokenizer-checkpoint T.safetensors
+    /// --num-images 3000 --cfg 7.0 --out DIR`.
+    #[arg(last = true, value_name = "EVAL_WORKER_ARGS")]
+    pub eval_worker_args: Vec<std::ffi::OsString>,
 }
 
 #[derive(Parser)]
@@ -103,6 +109,15 @@ pub fn check_train_config(
 }
 
 pub fn run(args: LaunchArgs) -> Result<()> {
+    launch(&args, &|_| Vec::new()).map(|_| ())
+}
+
+/// Runs the local cluster to its end; `extra_worker_args(i)` are appended to worker i's command
+/// line (test hooks). Fails unless the coordinator finished the job.
+pub fn launch(
+    args: &LaunchArgs,
+    extra_worker_args: &dyn Fn(u32) -> Vec<std::ffi::OsString>,
+) -> Result<crate::launch::ClusterOutcome> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -114,6 +129,19 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         .with_context(|| format!("loading the coordinator config {config}"))?;
     if let Some(path) = &args.train_config {
         check_train_config(path, &config, &cfg.schedule)?;
+    }
+    let eval_job = cfg.eval.is_some();
+    match (eval_job, args.eval_worker_args.is_empty()) {
+        (true, true) => bail!(
+            "{config} is an evaluation job (it has an eval: section): give the eval workers' plan flags after `--` (see `eqim eval-worker --help`), or use `eqim eval`"
+        ),
+        (false, false) => bail!(
+            "arguments after `--` are for eval workers, but {config} has no eval: section"
+        ),
+        _ => {}
+    }
+    if eval_job && args.train_config.is_some() {
+        bail!("--train-config is for training jobs; {config} is an evaluation job");
     }
     let port = match cfg.bind.port() {
         0 => free_udp_port()?,
@@ -148,17 +176,19 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     for i in 0..args.workers {
         let mut worker = Command::new(&exe);
         worker
-            .arg("worker")
+            .arg(if eval_job { "eval-worker" } else { "worker" })
             .arg("--coordinator")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--token")
             .arg(&token)
             .arg("--worker-id")
             .arg(format!("worker-{i}"))
-            .arg("--threads")
-            .arg(threads.to_string())
             .arg("--connect-timeout")
             .arg(args.connect_timeout.to_string());
+        if !eval_job {
+            // Eval workers keep their own default (1 thread: bytes independent of the count).
+            worker.arg("--threads").arg(threads.to_string());
+        }
         if let Some(base) = args.metrics_base_port {
             worker
                 .arg("--metrics-addr")
@@ -175,6 +205,9 @@ pub fn run(args: LaunchArgs) -> Result<()> {
                 .arg("--final-state")
                 .arg(dir.join(format!("worker-{i}.safetensors")));
         }
+        worker
+            .args(&args.eval_worker_args)
+            .args(extra_worker_args(i));
         specs.push(ProcessSpec {
             name: format!("worker-{i}"),
             command: worker,
@@ -196,14 +229,51 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         bail!("interrupted; every process was stopped");
     }
     match outcome.status_of("coordinator") {
-        Some(s) if s.success() => Ok(()),
+        Some(s) if s.success() => Ok(outcome),
         other => bail!("the coordinator did not finish the job: {other:?}"),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::metrics_port;
+    use super::{launch, metrics_port, LaunchArgs};
+
+    fn args(config: std::path::PathBuf, eval_worker_args: &[&str]) -> LaunchArgs {
+        LaunchArgs {
+            config,
+            workers: 1,
+            final_state_dir: None,
+            metrics_base_port: None,
+            train_config: None,
+            export_dir: None,
+            connect_timeout: 1.0,
+            eval_worker_args: eval_worker_args.iter().map(|a| a.into()).collect(),
+        }
+    }
+
+    #[test]
+    fn eval_worker_arguments_go_with_evaluation_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let eval = dir.path().join("eval.yaml");
+        std::fs::write(
+            &eval,
+            "bind: 127.0.0.1:0\njob_dir: job\nexpected_workers: 1\nmin_workers: 1\nmax_workers: 1\neval:\n  num_images: 10\n",
+        )
+        .unwrap();
+        let train = dir.path().join("train.yaml");
+        std::fs::write(
+            &train,
+            "bind: 127.0.0.1:0\njob_dir: job\nexpected_workers: 1\nmin_workers: 1\nmax_workers: 1\n\
+             schedule:\n  dataset_len: 8\n  global_batch: 4\n  micro_batch: 4\n  epochs: 1\n  seed: 0\n",
+        )
+        .unwrap();
+        let err = launch(&args(eval, &[]), &|_| Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("after `--`") && err.contains("eqim eval"), "{err}");
+        let err = launch(&args(train, &["--weights", "w"]), &|_| Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no eval: section"), "{err}");
+    }
 
     #[test]
     fn metrics_ports_put_the_coordinator_at_the_base_and_workers_after_it() {
