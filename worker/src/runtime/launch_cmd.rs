@@ -267,8 +267,13 @@ mod tests {
              schedule:\n  dataset_len: 8\n  global_batch: 4\n  micro_batch: 4\n  epochs: 1\n  seed: 0\n",
         )
         .unwrap();
-        let err = launch(&args(eval, &[]), &|_| Vec::new()).unwrap_err().to_string();
-        assert!(err.contains("after `--`") && err.contains("eqim eval"), "{err}");
+        let err = launch(&args(eval, &[]), &|_| Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("after `--`") && err.contains("eqim eval"),
+            "{err}"
+        );
         let err = launch(&args(train, &["--weights", "w"]), &|_| Vec::new())
             .unwrap_err()
             .to_string();
