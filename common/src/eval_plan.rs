@@ -207,6 +207,25 @@ impl LeaseTable {
         expired
     }
 
+    /// Marks `indices` done without a lease (restored from a saved completion); false, changing
+    /// nothing, unless they are all in range and still to do.
+    pub fn mark_done(&mut self, indices: Range<u64>) -> bool {
+        let (start, end) = (indices.start as usize, indices.end as usize);
+        if start >= end
+            || end > self.states.len()
+            || self.states[start..end]
+                .iter()
+                .any(|s| *s != IndexState::Todo)
+        {
+            return false;
+        }
+        for state in &mut self.states[start..end] {
+            *state = IndexState::Done;
+        }
+        self.done += (end - start) as u64;
+        true
+    }
+
     /// Returns one lease to the pool (e.g. it completed without the data it owed).
     pub fn abandon(&mut self, lease_id: u64) {
         self.release(lease_id);

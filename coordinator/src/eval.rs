@@ -8,6 +8,7 @@ use crate::config::EvalServing;
 use eqim_common::eval_plan::{Completion, EvalPlan, LeaseTable};
 use eqim_common::fid::{frechet_distance, FeatureMoments, FidStats, FID_MIN_UNBIASED_IMAGES};
 use eqim_common::proto::{CoordinatorToWorker, EvalPlanInfo, LeaseId, WorkerId, WrittenFile};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -41,6 +42,22 @@ pub enum EvalFinishError {
     },
 }
 
+/// Where the coordinator keeps a set's progress, inside its output folder, so that a restarted
+/// coordinator continues the set instead of starting again.
+const STATE_DIR: &str = ".eval-state";
+const PLAN_FILE: &str = "plan.json";
+
+/// A completed lease as saved on disk (bincode), written before the completion counts.
+#[derive(Debug, Serialize, Deserialize)]
+struct LeaseRecord {
+    start: u64,
+    end: u64,
+    files: Vec<WrittenFile>,
+    dim: u32,
+    /// Inception features of start..end, row-major (empty without FID).
+    rows: Vec<f32>,
+}
+
 /// Features received for a live lease, waiting for its completion.
 #[derive(Debug, Default)]
 struct PendingFeatures {
@@ -69,9 +86,11 @@ pub struct EvalState {
 }
 
 impl EvalState {
+    /// A new evaluation, or the continuation of the one whose progress is saved in the output
+    /// folder (the plan and every completed lease).
     pub fn new(cfg: EvalServing, job_dir: &Path) -> Self {
         let out_dir = cfg.out.clone().unwrap_or_else(|| job_dir.join("eval"));
-        Self {
+        let mut state = Self {
             cfg,
             out_dir,
             plan: None,
@@ -82,7 +101,116 @@ impl EvalState {
             files: BTreeMap::new(),
             waiting: BTreeMap::new(),
             started: None,
+        };
+        state.restore();
+        state
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.out_dir.join(STATE_DIR)
+    }
+
+    fn adopt(&mut self, plan: EvalPlanInfo) {
+        self.table = Some(LeaseTable::with_blocks(
+            plan.num_images,
+            plan.batch_size,
+            self.cfg.lease_timeout,
+        ));
+        self.plan = Some(plan);
+    }
+
+    /// Loads saved progress. A record that does not read back (a crash mid-write leaves only a
+    /// temp file, but a disk may still corrupt one) is skipped: its images are simply redone.
+    fn restore(&mut self) {
+        let dir = self.state_dir();
+        let plan_path = dir.join(PLAN_FILE);
+        let Ok(text) = std::fs::read_to_string(&plan_path) else {
+            return;
+        };
+        let plan: EvalPlanInfo = match serde_json::from_str(&text) {
+            Ok(plan) => plan,
+            Err(e) => {
+                warn!(path = %plan_path.display(), cause = %e, "saved evaluation plan unreadable; starting the set again");
+                return;
+            }
+        };
+        if plan.num_images != self.cfg.num_images {
+            warn!(path = %plan_path.display(), saved = plan.num_images, config = self.cfg.num_images, "saved evaluation is of another size; starting the set again");
+            return;
         }
+        self.adopt(plan);
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        let mut restored = 0u64;
+        for path in names {
+            let record = std::fs::read(&path).ok().and_then(|bytes| {
+                bincode::serde::decode_from_slice::<LeaseRecord, _>(
+                    &bytes,
+                    bincode::config::standard(),
+                )
+                .ok()
+                .map(|(r, _)| r)
+            });
+            match record.map(|r| self.apply_record(r)) {
+                Some(Ok(n)) => restored += n,
+                Some(Err(why)) => {
+                    warn!(path = %path.display(), %why, "saved lease not used; its images will be redone")
+                }
+                None => {
+                    warn!(path = %path.display(), "saved lease unreadable; its images will be redone")
+                }
+            }
+        }
+        let (done, total) = self.progress();
+        info!(dir = %dir.display(), restored, done, total, "evaluation progress restored");
+    }
+
+    fn apply_record(&mut self, r: LeaseRecord) -> Result<u64, String> {
+        let n = r.end.saturating_sub(r.start);
+        let dim = r.dim as usize;
+        let want_features = self.cfg.fid_stats.is_some();
+        if want_features && (dim == 0 || r.rows.len() != n as usize * dim) {
+            return Err(format!("{} feature values for {n} images", r.rows.len()));
+        }
+        if let Some(m) = &self.moments {
+            if want_features && m.dim != dim {
+                return Err(format!("feature dimension {dim}, the set's is {}", m.dim));
+            }
+        }
+        let table = self.table.as_mut().ok_or("no plan")?;
+        if !table.mark_done(r.start..r.end) {
+            return Err(format!(
+                "indices {}..{} overlap or exceed the set",
+                r.start, r.end
+            ));
+        }
+        if want_features {
+            self.moments
+                .get_or_insert_with(|| FeatureMoments::new(dim))
+                .add_rows(&r.rows)
+                .map_err(|e| e.to_string())?;
+        }
+        for file in r.files {
+            if let Some(i) = image_index(&file) {
+                self.files.insert(i, file);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Saves a completed lease before it counts (temp file, fsync, rename).
+    fn save_record(&self, record: &LeaseRecord) -> std::io::Result<()> {
+        let bytes = bincode::serde::encode_to_vec(record, bincode::config::standard())
+            .map_err(std::io::Error::other)?;
+        let name = format!("done-{:010}-{:010}.bin", record.start, record.end);
+        write_atomically(&self.state_dir().join(name), &bytes)
     }
 
     /// (images done, images in the set)
@@ -119,8 +247,9 @@ impl EvalState {
                 ));
             }
             return Some(format!(
-                "this worker's evaluation plan differs from the job's: {}; start every eval worker with the same arguments",
-                differences.join(", ")
+                "this worker's evaluation plan differs from the job's: {}; start every eval worker with the same arguments (the job's plan is saved in {}: delete that folder, or use another output folder, to sample a new set)",
+                differences.join(", "),
+                self.state_dir().display()
             ));
         }
         if plan.num_images != self.cfg.num_images {
@@ -152,14 +281,14 @@ impl EvalState {
         }
         if self.plan.is_none() {
             info!(num_images = plan.num_images, batch_size = plan.batch_size, settings = %plan.settings_json, "evaluation plan adopted");
-            self.table = Some(LeaseTable::with_blocks(
-                plan.num_images,
-                plan.batch_size,
-                self.cfg.lease_timeout,
-            ));
-            self.plan = Some(plan);
-            self.started = Some(now);
+            let path = self.state_dir().join(PLAN_FILE);
+            let json = serde_json::to_vec_pretty(&plan).expect("the plan serializes");
+            if let Err(e) = write_atomically(&path, &json) {
+                warn!(path = %path.display(), cause = %e, "cannot save the evaluation plan; a restarted coordinator would start the set again");
+            }
+            self.adopt(plan);
         }
+        self.started.get_or_insert(now);
         let max_images = max_images.min(self.cfg.lease_images);
         self.waiting.insert(worker.clone(), max_images);
         self.serve_waiting(now)
@@ -296,6 +425,25 @@ impl EvalState {
             table.abandon(lease.0);
             return self.serve_waiting(now);
         }
+        if let Some(range) = &indices {
+            let record = LeaseRecord {
+                start: range.start,
+                end: range.end,
+                files: files
+                    .iter()
+                    .filter(|f| image_index(f).is_some_and(|i| range.contains(&i)))
+                    .cloned()
+                    .collect(),
+                dim: self.moments.as_ref().map_or(0, |m| m.dim as u32),
+                rows: pending.pieces.values().flatten().copied().collect(),
+            };
+            if let Err(e) = self.save_record(&record) {
+                warn!(cause = %e, lease = lease.0, "cannot save the completed lease; a restarted coordinator would redo it");
+            }
+        }
+        let Some(table) = self.table.as_mut() else {
+            return Vec::new();
+        };
         match table.complete(now, lease.0) {
             Completion::Accepted { indices } => {
                 if let Some(m) = self.moments.as_mut() {
@@ -305,11 +453,7 @@ impl EvalState {
                     }
                 }
                 for file in files {
-                    let index = Path::new(&file.path)
-                        .file_stem()
-                        .and_then(|s| s.to_str())
-                        .and_then(|s| s.parse::<u64>().ok());
-                    match index {
+                    match image_index(&file) {
                         Some(i) if indices.contains(&i) => {
                             self.files.insert(i, file);
                         }
@@ -469,11 +613,21 @@ impl EvalResults {
     }
 }
 
+/// The index of an image file named `{i:05}.png`.
+fn image_index(file: &WrittenFile) -> Option<u64> {
+    Path::new(&file.path)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse::<u64>().ok())
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -496,6 +650,62 @@ mod tests {
             fid_stats,
             out: None,
         }
+    }
+
+    #[test]
+    fn a_restarted_coordinator_continues_the_set_from_its_saved_leases() {
+        let now = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let points: Vec<f32> = vec![0.0, 1.0, 2.0, 0.5, -1.0, 0.0, 1.0, 3.0];
+        let mut reference = FeatureMoments::new(2);
+        reference.add_rows(&points).unwrap();
+        let stats = dir.path().join("ref.npz");
+        reference.stats().unwrap().write(&stats).unwrap();
+        let mut first = EvalState::new(cfg(4, Some(stats.clone())), dir.path());
+        let (a, ia) = grant(&first.on_request(now, &w("a"), plan(4, 2), 2), "a");
+        first
+            .on_features(&w("a"), a, 0, 2, points[..4].to_vec())
+            .unwrap();
+        first.on_complete(now, &w("a"), a, files(ia));
+        // A lease granted but not completed before the "crash" is not saved.
+        grant(&first.on_request(now, &w("b"), plan(4, 2), 2), "b");
+        drop(first);
+
+        let mut second = EvalState::new(cfg(4, Some(stats.clone())), dir.path());
+        assert_eq!(second.progress(), (2, 4), "the completed lease is restored");
+        let mut other = plan(4, 2);
+        other.base_seed = 9;
+        match &second.on_request(now, &w("c"), other, 2)[..] {
+            [(_, CoordinatorToWorker::EvalRefused { reason })] => {
+                assert!(reason.contains(".eval-state"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let (b, ib) = grant(&second.on_request(now, &w("c"), plan(4, 2), 2), "c");
+        assert_eq!(ib, 2..4, "only the missing block is handed out");
+        second
+            .on_features(&w("c"), b, 2, 2, points[4..].to_vec())
+            .unwrap();
+        second.on_complete(now, &w("c"), b, files(ib));
+        let outcome = second.take_results(now).unwrap().finish().unwrap();
+        assert!(
+            outcome.fid.expect("fid").abs() < 1e-9,
+            "restored features count"
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&outcome.manifest).unwrap()).unwrap();
+        assert_eq!(manifest["images"][0]["sha256"], hex::encode([0u8; 32]));
+
+        // A damaged record is skipped (its images are redone), not trusted.
+        let state = dir.path().join("eval").join(STATE_DIR);
+        let record = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "bin"))
+            .expect("a record");
+        std::fs::write(&record, b"garbage").unwrap();
+        let third = EvalState::new(cfg(4, Some(stats)), dir.path());
+        assert_eq!(third.progress(), (2, 4));
     }
 
     fn plan(num_images: u64, batch_size: u64) -> EvalPlanInfo {

@@ -150,6 +150,99 @@ fn png_bytes_do_not_depend_on_the_worker_count_or_a_killed_worker() {
 }
 
 #[test]
+fn an_eval_worker_survives_a_coordinator_restart_and_the_set_is_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reference_dir = dir.path().join("reference");
+    eval(&reference_dir, &["--workers", "1"]);
+    let out = dir.path().join("restarted");
+    let job = dir.path().join("job");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let config = dir.path().join("eval.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "bind: 127.0.0.1:{port}\njob_dir: {}\nexpected_workers: 1\nmin_workers: 1\nmax_workers: 1\n\
+             timeouts:\n  heartbeat_interval: 0.2\n  heartbeat_timeout: 1.0\n  quic_idle_timeout: 1.0\n\
+             eval:\n  num_images: {IMAGES}\n  lease_images: 2\n  out: {}\n",
+            job.display(),
+            out.display()
+        ),
+    )
+    .expect("config");
+    let coordinator = || {
+        Command::new(env!("CARGO_BIN_EXE_eqim"))
+            .args(["coordinator", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("coordinator")
+    };
+    let mut first = coordinator();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_eqim"));
+    worker.arg("eval-worker");
+    plan_flags(&mut worker, &out);
+    let mut worker = worker
+        .arg("--coordinator")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--token")
+        .arg(job.join("token"))
+        .args(["--connect-timeout", "60", "--batches-per-lease", "1"])
+        .args(["--pause-after-each-image-ms", "100"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("eval worker");
+    // Kill the coordinator once a few leases are saved, then start it again.
+    let state = out.join(".eval-state");
+    let saved = || {
+        std::fs::read_dir(&state)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "bin"))
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while saved() < 3 {
+        assert!(std::time::Instant::now() < deadline, "no leases saved");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    first.kill().expect("SIGKILL the coordinator");
+    first.wait().expect("reap");
+    let before = saved();
+    assert!(
+        before < (IMAGES / 2) as usize,
+        "the set finished before the restart"
+    );
+    let mut second = coordinator();
+    let worker_status = worker.wait().expect("worker");
+    let coordinator_status = second.wait().expect("coordinator");
+    assert!(
+        worker_status.success(),
+        "the worker did not finish: {worker_status}"
+    );
+    assert!(coordinator_status.success(), "{coordinator_status}");
+    assert_eq!(
+        png_bytes(&out),
+        png_bytes(&reference_dir),
+        "same set after the restart"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).expect("manifest"))
+            .expect("json");
+    let hashes = manifest["images"].as_array().expect("images");
+    assert!(
+        hashes.iter().all(|e| e["sha256"].is_string()),
+        "restored leases keep their hashes"
+    );
+}
+
+#[test]
 fn the_coordinators_fid_equals_fid_of_the_written_folder() {
     let inception = std::env::var_os("EQIM_INCEPTION")
         .map(PathBuf::from)

@@ -206,6 +206,9 @@ pub struct EvalWorkerArgs {
     /// Test hook: SIGKILL this process after rendering this many images.
     #[arg(long, hide = true)]
     pub die_after_images: Option<u64>,
+    /// Test hook: sleep this long after each image (to stretch a tiny job over seconds).
+    #[arg(long, hide = true)]
+    pub pause_after_each_image_ms: Option<u64>,
 }
 
 /// The set's layout and sampler settings, resolved from the arguments and the model config.
@@ -414,7 +417,7 @@ fn send(
 ) -> Result<()> {
     let kind = msg.kind();
     rt.block_on(sender.send(&msg))
-        .with_context(|| format!("sending {kind} to the coordinator"))
+        .map_err(|e| CoordinatorLost(format!("sending {kind}: {e}")).into())
 }
 
 /// Reads the job's credentials, waiting up to `timeout` for a coordinator that is still
@@ -464,109 +467,167 @@ pub fn run_worker(args: EvalWorkerArgs) -> Result<()> {
         .context("starting the tokio runtime")?;
     let client_cfg = ClientConfig::new(args.coordinator.clone(), credentials, worker_id.clone())
         .with_device(args.plan.device.clone());
-    let Some(mut client) = rt.block_on(connect_with_retry(client_cfg, connect_timeout))? else {
-        info!(worker_id = %worker_id, "the evaluation is already complete; nothing to do");
-        return Ok(());
-    };
-    let sender = client.sender();
-    info!(worker_id = %worker_id, coordinator = %args.coordinator, "eval worker connected");
     let max_images = plan.info.batch_size * args.batches_per_lease.max(1);
-    let mut rendered = 0u64;
     let mut progress = Progress::new(Activity::Evaluation, None);
+    let mut rendered = 0u64;
+    let mut session = WorkerSession {
+        args: &args,
+        plan: &plan,
+        rt: &rt,
+        metrics: &metrics,
+        models: &mut models,
+        max_images,
+        rendered: &mut rendered,
+        progress: &mut progress,
+    };
+    // A lost coordinator (crash, restart, preempted head node) is reconnected to under
+    // --connect-timeout; a restarted one continues the set from its saved leases.
     loop {
-        send(
-            &rt,
-            &sender,
-            WorkerToCoordinator::EvalLeaseRequest {
-                plan: plan.info.clone(),
-                max_images,
-            },
-        )?;
-        let answer = rt
-            .block_on(async { tokio::time::timeout(LEASE_ANSWER_TIMEOUT, client.recv()).await })
-            .map_err(|_| {
-                anyhow::anyhow!("no answer to a lease request within {LEASE_ANSWER_TIMEOUT:?}")
-            })?;
-        let (lease, indices, deadline_ms, want_features) = match answer {
-            Some(CoordinatorToWorker::EvalLeaseGrant {
-                lease,
-                indices,
-                deadline_ms,
-                want_features,
-            }) => (lease, indices, deadline_ms, want_features),
-            Some(CoordinatorToWorker::EvalDone) | Some(CoordinatorToWorker::Finished { .. }) => {
-                break
-            }
-            Some(CoordinatorToWorker::EvalRefused { reason }) => {
-                bail!("the coordinator refused this eval worker: {reason}")
-            }
-            Some(other) => bail!(
-                "unexpected {} from the coordinator (is it running an evaluation job, with an eval: section?)",
-                other.kind()
-            ),
-            None => bail!("the coordinator closed the connection"),
+        let Some(mut client) =
+            rt.block_on(connect_with_retry(client_cfg.clone(), connect_timeout))?
+        else {
+            info!(worker_id = %worker_id, "the evaluation is already complete; nothing to do");
+            break;
         };
-        let renew_every = Duration::from_millis(deadline_ms) / RENEW_FRACTION;
-        let mut last_renewal = Instant::now();
-        let mut files = Vec::new();
-        let mut start = indices.start;
-        while start < indices.end {
-            let end = (start + plan.info.batch_size).min(indices.end);
-            let mut renew_error = None;
-            let images = render_batch(&plan, &models, start..end, &mut |_| {
-                if last_renewal.elapsed() >= renew_every && renew_error.is_none() {
-                    last_renewal = Instant::now();
-                    renew_error =
-                        send(&rt, &sender, WorkerToCoordinator::EvalLeaseRenew { lease }).err();
-                }
-            })?;
-            if let Some(e) = renew_error {
-                return Err(e);
+        info!(worker_id = %worker_id, coordinator = %args.coordinator, "eval worker connected");
+        match session.serve(&mut client) {
+            Ok(()) => {
+                rt.block_on(client.close());
+                break;
             }
-            for (k, image) in images.iter().enumerate() {
-                let index = start + k as u64;
-                if args.die_after_images == Some(rendered) {
-                    warn!(rendered, "test hook: killing this eval worker mid-lease");
-                    // SIGKILL: no goodbye on the connection, as when a machine is preempted.
-                    nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL)
-                        .context("raising SIGKILL")?;
-                }
-                files.push(write_png(image, &args.plan.out, index)?);
-                rendered += 1;
-                metrics.eval_images.inc();
-                progress.inc(1);
+            Err(e) if e.downcast_ref::<CoordinatorLost>().is_some() => {
+                warn!(worker_id = %worker_id, cause = %e, "lost the coordinator; reconnecting (the current lease is dropped)");
             }
-            if want_features {
-                let net = models.inception(&args.plan)?;
-                let rows = features_of(net, &images)?;
-                for (c, chunk) in rows
-                    .chunks(MAX_FEATURE_ROWS_PER_FRAME * INCEPTION_DIM)
-                    .enumerate()
-                {
-                    send(
-                        &rt,
-                        &sender,
-                        WorkerToCoordinator::EvalFeatures {
-                            lease,
-                            first_index: start + (c * MAX_FEATURE_ROWS_PER_FRAME) as u64,
-                            dim: INCEPTION_DIM as u32,
-                            rows: chunk.to_vec(),
-                        },
-                    )?;
-                }
-            }
-            start = end;
+            Err(e) => return Err(e),
         }
-        send(
-            &rt,
-            &sender,
-            WorkerToCoordinator::EvalLeaseComplete { lease, files },
-        )?;
     }
     progress.finish();
     info!(worker_id = %worker_id, images = rendered, "eval worker done");
-    rt.block_on(client.close());
     Ok(())
+}
+
+/// The control connection failed: reconnecting may help (unlike a refusal or a model error).
+#[derive(Debug, thiserror::Error)]
+#[error("lost the coordinator: {0}")]
+struct CoordinatorLost(String);
+
+/// One eval worker's lease loop over a connection.
+struct WorkerSession<'a> {
+    args: &'a EvalWorkerArgs,
+    plan: &'a Plan,
+    rt: &'a tokio::runtime::Runtime,
+    metrics: &'a eqim_coordinator::metrics_registry::WorkerMetrics,
+    models: &'a mut Models,
+    max_images: u64,
+    rendered: &'a mut u64,
+    progress: &'a mut Progress,
+}
+
+impl WorkerSession<'_> {
+    /// Leases, renders and completes until the coordinator says the set is done.
+    fn serve(&mut self, client: &mut Client) -> Result<()> {
+        let (plan, rt, args) = (self.plan, self.rt, self.args);
+        let sender = client.sender();
+        loop {
+            send(
+                rt,
+                &sender,
+                WorkerToCoordinator::EvalLeaseRequest {
+                    plan: plan.info.clone(),
+                    max_images: self.max_images,
+                },
+            )?;
+            let answer = rt
+                .block_on(async { tokio::time::timeout(LEASE_ANSWER_TIMEOUT, client.recv()).await })
+                .map_err(|_| {
+                    anyhow::anyhow!("no answer to a lease request within {LEASE_ANSWER_TIMEOUT:?}")
+                })?;
+            let (lease, indices, deadline_ms, want_features) = match answer {
+                Some(CoordinatorToWorker::EvalLeaseGrant {
+                    lease,
+                    indices,
+                    deadline_ms,
+                    want_features,
+                }) => (lease, indices, deadline_ms, want_features),
+                Some(CoordinatorToWorker::EvalDone) | Some(CoordinatorToWorker::Finished { .. }) => {
+                    return Ok(())
+                }
+                Some(CoordinatorToWorker::EvalRefused { reason }) => {
+                    bail!("the coordinator refused this eval worker: {reason}")
+                }
+                Some(other) => bail!(
+                    "unexpected {} from the coordinator (is it running an evaluation job, with an eval: section?)",
+                    other.kind()
+                ),
+                None => {
+                    return Err(CoordinatorLost("the connection closed".into()).into())
+                }
+            };
+            let models = &mut *self.models;
+            let renew_every = Duration::from_millis(deadline_ms) / RENEW_FRACTION;
+            let mut last_renewal = Instant::now();
+            let mut files = Vec::new();
+            let mut start = indices.start;
+            while start < indices.end {
+                let end = (start + plan.info.batch_size).min(indices.end);
+                let mut renew_error = None;
+                let images = render_batch(plan, models, start..end, &mut |_| {
+                    if last_renewal.elapsed() >= renew_every && renew_error.is_none() {
+                        last_renewal = Instant::now();
+                        renew_error =
+                            send(rt, &sender, WorkerToCoordinator::EvalLeaseRenew { lease }).err();
+                    }
+                })?;
+                if let Some(e) = renew_error {
+                    return Err(e);
+                }
+                for (k, image) in images.iter().enumerate() {
+                    let index = start + k as u64;
+                    if args.die_after_images == Some(*self.rendered) {
+                        warn!(
+                            rendered = *self.rendered,
+                            "test hook: killing this eval worker mid-lease"
+                        );
+                        // SIGKILL: no goodbye on the connection, as when a machine is preempted.
+                        nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL)
+                            .context("raising SIGKILL")?;
+                    }
+                    files.push(write_png(image, &args.plan.out, index)?);
+                    *self.rendered += 1;
+                    self.metrics.eval_images.inc();
+                    self.progress.inc(1);
+                    if let Some(ms) = args.pause_after_each_image_ms {
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                }
+                if want_features {
+                    let net = models.inception(&args.plan)?;
+                    let rows = features_of(net, &images)?;
+                    for (c, chunk) in rows
+                        .chunks(MAX_FEATURE_ROWS_PER_FRAME * INCEPTION_DIM)
+                        .enumerate()
+                    {
+                        send(
+                            rt,
+                            &sender,
+                            WorkerToCoordinator::EvalFeatures {
+                                lease,
+                                first_index: start + (c * MAX_FEATURE_ROWS_PER_FRAME) as u64,
+                                dim: INCEPTION_DIM as u32,
+                                rows: chunk.to_vec(),
+                            },
+                        )?;
+                    }
+                }
+                start = end;
+            }
+            send(
+                rt,
+                &sender,
+                WorkerToCoordinator::EvalLeaseComplete { lease, files },
+            )?;
+        }
+    }
 }
 
 /// Connects, retrying while the coordinator may still be starting; `None` when the job has
