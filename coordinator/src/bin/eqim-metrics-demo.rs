@@ -16,6 +16,7 @@ use eqim_coordinator::dashboards::{
     dashboard_files, load_dashboard, metrics_markdown_table, substitute_variables,
     variable_query_expr,
 };
+use eqim_coordinator::metrics_expectations::TrainingExpectation;
 use eqim_coordinator::metrics_http::MetricsServer;
 use eqim_coordinator::metrics_registry::{CoordinatorMetrics, WorkerMetrics};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -150,8 +151,18 @@ async fn main() -> Result<()> {
                     all.extend(training_probes(&job, no_gpu.as_deref()));
                     all
                 }
-                Phase::Recovery => recovery_probes(&job),
-                Phase::Evaluation => evaluation_probes(&job),
+                Phase::Recovery => moved_probes(
+                    &job,
+                    "recovery",
+                    TrainingExpectation::MovesAfterLoss,
+                    "after a worker was lost",
+                ),
+                Phase::Evaluation => moved_probes(
+                    &job,
+                    "evaluation",
+                    TrainingExpectation::EvalPhase,
+                    "during the evaluation",
+                ),
             };
             check(
                 &prometheus,
@@ -419,51 +430,32 @@ fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
     probes
 }
 
-/// The recovery phase's probes: every metric that must move once a worker is lost did.
-fn recovery_probes(job: &str) -> Vec<Probe> {
-    use eqim_coordinator::metrics_expectations::{
-        moved_query, training_expectation, TrainingExpectation as E,
-    };
-    let probes: Vec<Probe> = names::METRICS
+/// The probes of a phase after the training one: every metric with `expectation` moved `when`
+/// (printed with the phase's name).
+fn moved_probes(
+    job: &str,
+    phase: &str,
+    expectation: eqim_coordinator::metrics_expectations::TrainingExpectation,
+    when: &str,
+) -> Vec<Probe> {
+    use eqim_coordinator::metrics_expectations::{moved_query, training_expectation};
+    let metrics: Vec<_> = names::METRICS
         .iter()
-        .filter(|d| training_expectation(d.name) == Some(E::MovesAfterLoss))
-        .map(|desc| Probe {
-            what: format!("{} moved after a worker was lost", desc.name),
-            query: moved_query(desc, job, "10m"),
-            min_value: None,
-            kind: ProbeKind::Moved,
-        })
-        .collect();
-    let moving: Vec<_> = names::METRICS
-        .iter()
-        .filter(|d| training_expectation(d.name) == Some(E::MovesAfterLoss))
-        .map(|d| d.name)
+        .filter(|d| training_expectation(d.name) == Some(expectation))
         .collect();
     println!(
-        "recovery phase: {} metrics must move after the worker is lost: {}",
-        probes.len(),
-        moving.join(", ")
+        "{phase} phase: {} metrics must move {when}: {}",
+        metrics.len(),
+        metrics
+            .iter()
+            .map(|d| d.name)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    probes
-}
-
-/// The evaluation phase's probes: every metric left to it by the training phase moved.
-fn evaluation_probes(job: &str) -> Vec<Probe> {
-    use eqim_coordinator::metrics_expectations::{
-        moved_query, training_expectation, TrainingExpectation as E,
-    };
-    let eval: Vec<_> = names::METRICS
-        .iter()
-        .filter(|d| training_expectation(d.name) == Some(E::EvalPhase))
-        .collect();
-    println!(
-        "evaluation phase: {} metrics must move during the evaluation: {}",
-        eval.len(),
-        eval.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")
-    );
-    eval.into_iter()
+    metrics
+        .into_iter()
         .map(|desc| Probe {
-            what: format!("{} moved during the evaluation", desc.name),
+            what: format!("{} moved {when}", desc.name),
             query: moved_query(desc, job, "10m"),
             min_value: None,
             kind: ProbeKind::Moved,
