@@ -48,6 +48,9 @@ pub struct JobOutcome {
     pub aborted_steps: u64,
     /// What an evaluation job produced (absent for training jobs and unfinished evaluations).
     pub eval: Option<EvalOutcome>,
+    /// Failures training recovered from (a step committed after them) and their total time.
+    pub recoveries: u64,
+    pub recovery_seconds: f64,
 }
 
 /// A snapshot for tests and status pages.
@@ -264,6 +267,8 @@ impl Actor for JobActor {
             let outcome = JobOutcome {
                 finished: state.membership.phase.is_finished() || state.eval_outcome.is_some(),
                 eval: state.eval_outcome.take(),
+                recoveries: state.metrics.recoveries().0,
+                recovery_seconds: state.metrics.recoveries().1,
                 stop_reason: state.stop_reason.clone(),
                 cursor: state.steps.cursor(),
                 generation: state.membership.generation,

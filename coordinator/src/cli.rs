@@ -168,6 +168,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let started = std::time::Instant::now();
+    let global_batch = cfg.schedule.global_batch;
+    let checkpoint_root = cfg.checkpoint_root();
     let outcome = runtime.block_on(crate::run(cfg))?;
     if let Some(eval) = &outcome.eval {
         let fid = eval
@@ -186,6 +189,15 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     for coverage in outcome.ledger.summary() {
         println!("{coverage}");
     }
+    println!(
+        "{}",
+        job_summary(
+            &outcome,
+            global_batch,
+            started.elapsed().as_secs_f64(),
+            &checkpoint_root
+        )
+    );
     if !outcome.finished {
         bail!(
             "job stopped before the end of its schedule: {}",
@@ -193,6 +205,34 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One line for the end of a training job: steps, throughput, recoveries, the newest good
+/// checkpoint.
+fn job_summary(
+    outcome: &crate::actor::JobOutcome,
+    global_batch: u64,
+    seconds: f64,
+    checkpoint_root: &std::path::Path,
+) -> String {
+    let steps = outcome.cursor.step;
+    let samples = steps * global_batch;
+    let checkpoint = match eqim_common::checkpoint::latest_good(checkpoint_root).0 {
+        Some((dir, manifest)) => format!(
+            "newest checkpoint {} ({} steps, manifest verified)",
+            dir.display(),
+            manifest.step
+        ),
+        None => format!("no checkpoint in {}", checkpoint_root.display()),
+    };
+    format!(
+        "job summary: {steps} steps, {samples} samples in {seconds:.1} s ({:.1} samples/s, start-up included); generation {}; {} recoveries ({:.2} s in all); {} aborted steps; {checkpoint}",
+        samples as f64 / seconds.max(1e-9),
+        outcome.generation,
+        outcome.recoveries,
+        outcome.recovery_seconds,
+        outcome.aborted_steps,
+    )
 }
 
 #[cfg(test)]
@@ -211,6 +251,36 @@ mod tests {
             .unwrap()
             .args
             .into_config()
+    }
+
+    #[test]
+    fn the_job_summary_names_steps_throughput_recoveries_and_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let outcome = crate::actor::JobOutcome {
+            finished: true,
+            stop_reason: "schedule complete".into(),
+            cursor: eqim_common::proto::Cursor {
+                step: 40,
+                epoch: 1,
+                offset: 0,
+            },
+            generation: eqim_common::proto::Generation(3),
+            ledger: eqim_common::ledger::Ledger::new(8),
+            aborted_steps: 2,
+            eval: None,
+            recoveries: 2,
+            recovery_seconds: 1.5,
+        };
+        let line = job_summary(&outcome, 8, 4.0, dir.path());
+        assert!(
+            line.contains("40 steps, 320 samples in 4.0 s (80.0 samples/s"),
+            "{line}"
+        );
+        assert!(
+            line.contains("generation g3; 2 recoveries (1.50 s in all); 2 aborted steps"),
+            "{line}"
+        );
+        assert!(line.contains("no checkpoint in"), "{line}");
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub struct JobMetrics {
     metrics: Option<CoordinatorMetrics>,
     schedule: ScheduleConfig,
     recovery: RecoveryClock,
+    /// Recoveries so far and their total time, for the end-of-job summary (kept with or without
+    /// a registry).
+    recoveries: u64,
+    recovery_seconds: f64,
 }
 
 impl JobMetrics {
@@ -105,6 +109,8 @@ impl JobMetrics {
             metrics,
             schedule: cfg.schedule.clone(),
             recovery: RecoveryClock::default(),
+            recoveries: 0,
+            recovery_seconds: 0.0,
         };
         job.set_progress(Cursor::default());
         job
@@ -208,10 +214,19 @@ impl JobMetrics {
     pub fn step_committed(&mut self, now: Instant, steps: &StepState) {
         let recovered = self.recovery.committed(now);
         self.set_progress(steps.cursor());
+        if let Some(took) = recovered {
+            self.recoveries += 1;
+            self.recovery_seconds += took.as_secs_f64();
+        }
         if let (Some(m), Some(took)) = (&self.metrics, recovered) {
             m.recoveries.inc();
             m.recovery_duration.observe(took.as_secs_f64());
         }
+    }
+
+    /// Recoveries completed so far and their total time in seconds.
+    pub fn recoveries(&self) -> (u64, f64) {
+        (self.recoveries, self.recovery_seconds)
     }
 
     /// A checkpoint's manifest was written just now (the checkpoint is good).
