@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::ops::Range;
+use std::time::Duration;
 
 /// Bumped on any incompatible change of the messages below; checked in [`Hello`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN protocol id of the control plane, so a stray QUIC client of another protocol fails the
 /// TLS handshake instead of sending us garbage.
@@ -178,6 +179,11 @@ pub struct CheckpointOrder {
     pub name: String,
 }
 
+/// How long a leaving worker that was the last holder of the training state has to write its
+/// [`CoordinatorToWorker::CheckpointNow`]: the coordinator removes it after this even without
+/// the report, and the worker exits after this even if the coordinator keeps it.
+pub const JIT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Identifier of an evaluation lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LeaseId(pub u64);
@@ -266,7 +272,10 @@ pub enum WorkerToCoordinator {
     },
     /// Answer to [`CoordinatorToWorker::Probe`] (the client library sends it by itself).
     ProbeAck { nonce: u64 },
-    /// The worker is leaving (SIGTERM); the coordinator removes it at once.
+    /// The worker is leaving (SIGTERM). The coordinator removes it at once, unless it was the
+    /// last holder of the training state with steps committed since the newest checkpoint: then
+    /// it first orders [`CoordinatorToWorker::CheckpointNow`] and removes it on the report (or
+    /// after [`JIT_CHECKPOINT_TIMEOUT`]). The worker keeps its session open until removed.
     Leaving {
         generation: Generation,
         reason: String,
@@ -355,6 +364,14 @@ pub enum CoordinatorToWorker {
     EvalRefused { reason: String },
     /// No evaluation work is left.
     EvalDone,
+    /// Just-in-time checkpoint of a leaving worker that is the last holder of the state: write
+    /// the state after `steps` committed steps into the checkpoint directory `name` now, wait
+    /// until it is synced, report `CheckpointWritten`, then wait to be let go.
+    CheckpointNow {
+        generation: Generation,
+        steps: u64,
+        name: String,
+    },
     /// The job is over; disconnect and exit.
     Finished { reason: String },
 }
@@ -394,6 +411,7 @@ impl CoordinatorToWorker {
             Self::EvalLeaseGrant { .. } => "eval_lease_grant",
             Self::EvalRefused { .. } => "eval_refused",
             Self::EvalDone => "eval_done",
+            Self::CheckpointNow { .. } => "checkpoint_now",
             Self::Finished { .. } => "finished",
         }
     }

@@ -6,6 +6,7 @@
 
 use crate::config::CoordinatorConfig;
 use crate::eval::{EvalOutcome, EvalState, Outgoing};
+use crate::jit_checkpoint::{needs_jit_checkpoint, JitDecision};
 use crate::membership::{self, Action, MembershipConfig, MembershipState, Reason, SessionKey};
 use crate::net::listener::refuse;
 use crate::net::session::{CloseReason, SessionActor, SessionArgs, SessionMsg};
@@ -13,7 +14,7 @@ use crate::steps::{StepState, VoteResult};
 use eqim_common::ledger::{EpochCoverage, Ledger};
 use eqim_common::proto::{
     AbortReason, CheckpointOrder, CoordinatorToWorker, Cursor, Generation, Hello, Refusal,
-    Rendezvous, VoteOutcome, WorkerId, WorkerToCoordinator,
+    Rendezvous, VoteOutcome, WorkerId, WorkerToCoordinator, JIT_CHECKPOINT_TIMEOUT,
 };
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::BTreeMap;
@@ -92,6 +93,14 @@ pub enum JobMsg {
     },
 }
 
+/// A worker that announced it is leaving and is kept for a just-in-time checkpoint.
+struct JitLeaver {
+    worker: WorkerId,
+    /// The checkpoint awaited: after this many committed steps.
+    steps: u64,
+    since: Instant,
+}
+
 struct SessionEntry {
     key: SessionKey,
     actor: ActorRef<SessionMsg>,
@@ -113,6 +122,12 @@ pub struct JobState {
     finishing_since: Option<Instant>,
     /// Checkpoints ordered but not yet reported written: committed steps -> (directory, since).
     pending_checkpoints: BTreeMap<u64, (std::path::PathBuf, Instant)>,
+    /// Step count of the newest checkpoint ordered (or resumed from): a leaving last holder of
+    /// the state is checkpointed just in time only when steps were committed since.
+    newest_checkpoint: u64,
+    /// A leaving worker kept until its just-in-time checkpoint is reported; while it is here,
+    /// no step is opened and no generation formed.
+    jit_leaver: Option<JitLeaver>,
     /// Unique per coordinator start, so generation prefixes never reuse keys that workers' long-
     /// lived TCPStores still hold from before a coordinator restart.
     incarnation: u64,
@@ -143,12 +158,15 @@ impl Actor for JobActor {
             .eval
             .clone()
             .map(|e| EvalState::new(e, &args.cfg.job_dir));
+        let steps = crate::checkpoints::resume_steps(&args.cfg);
         Ok(JobState {
             membership_cfg: args.cfg.membership(),
             metrics: crate::job_metrics::JobMetrics::new(args.metrics, &args.cfg),
             membership: MembershipState::new(),
-            steps: crate::checkpoints::resume_steps(&args.cfg),
+            newest_checkpoint: steps.cursor().step,
+            steps,
             pending_checkpoints: BTreeMap::new(),
+            jit_leaver: None,
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -413,7 +431,7 @@ impl JobState {
             WorkerToCoordinator::Leaving { generation, reason } => {
                 info!(worker_id = %worker, %generation, %reason, "worker leaving");
                 self.metrics.worker_left(now, &self.membership);
-                self.remove_member(&worker, CloseReason::Left);
+                self.handle_leaving(now, &worker);
             }
             WorkerToCoordinator::Metrics {
                 generation,
@@ -437,6 +455,16 @@ impl JobState {
                         info!(dir = %dir.display(), ms = since.elapsed().as_millis() as u64, "checkpoint complete");
                     }
                     None => warn!(step, "report of a checkpoint that was not ordered; ignored"),
+                }
+                let released = self
+                    .jit_leaver
+                    .as_ref()
+                    .is_some_and(|l| l.worker == worker && l.steps == step);
+                if released {
+                    if let Some(leaver) = self.jit_leaver.take() {
+                        info!(worker_id = %worker, step, ms = leaver.since.elapsed().as_millis() as u64, "just-in-time checkpoint complete; the worker may leave");
+                    }
+                    self.remove_member(&worker, CloseReason::Left);
                 }
             }
             WorkerToCoordinator::EvalLeaseRequest { .. }
@@ -491,6 +519,7 @@ impl JobState {
                     .flatten()
                     .map(|(name, dir)| {
                         self.pending_checkpoints.insert(step + 1, (dir, now));
+                        self.newest_checkpoint = step + 1;
                         CheckpointOrder {
                             writer_rank: 0,
                             name,
@@ -524,6 +553,17 @@ impl JobState {
             }
             return;
         }
+        let jit_expired = self
+            .jit_leaver
+            .as_ref()
+            .is_some_and(|l| now.duration_since(l.since) >= JIT_CHECKPOINT_TIMEOUT);
+        if jit_expired {
+            if let Some(leaver) = self.jit_leaver.take() {
+                warn!(worker_id = %leaver.worker, step = leaver.steps, timeout = ?JIT_CHECKPOINT_TIMEOUT, "just-in-time checkpoint not reported within JIT_CHECKPOINT_TIMEOUT; the worker is removed without it");
+                self.pending_checkpoints.remove(&leaver.steps);
+                self.remove_member(&leaver.worker, CloseReason::Left);
+            }
+        }
         if self.steps.timed_out(now, self.cfg.timeouts.step_timeout) {
             if let Some(VoteResult::Abort {
                 generation,
@@ -546,6 +586,10 @@ impl JobState {
         }
         info!(worker_id = %worker, cause = %why, "session ended");
         self.sessions.remove(&worker);
+        if let Some(leaver) = self.jit_leaver.take_if(|l| l.worker == worker) {
+            warn!(worker_id = %worker, step = leaver.steps, "the leaving worker's session ended before its just-in-time checkpoint was reported");
+            self.pending_checkpoints.remove(&leaver.steps);
+        }
         if let Some(eval) = self.eval.as_mut() {
             let out = eval.on_worker_lost(Instant::now(), &worker);
             self.send_all(out);
@@ -562,6 +606,73 @@ impl JobState {
             );
         }
         self.drive(Instant::now());
+    }
+
+    /// A worker announced it is leaving: remove it now, or, when it is the last holder of the
+    /// training state and steps were committed since the newest checkpoint, abort the open step
+    /// and order a just-in-time checkpoint of the committed state first.
+    fn handle_leaving(&mut self, now: Instant, worker: &WorkerId) {
+        if self.jit_leaver.is_some() {
+            // Only the last holder is ever kept, and it is the only member left to leave.
+            self.remove_member(worker, CloseReason::Left);
+            return;
+        }
+        let committed = self.steps.cursor().step;
+        let pending = self
+            .pending_checkpoints
+            .contains_key(&self.newest_checkpoint);
+        let decision = needs_jit_checkpoint(
+            worker,
+            &self.membership,
+            committed,
+            self.newest_checkpoint,
+            pending,
+        );
+        let steps = match decision {
+            JitDecision::RemoveNow(why) => {
+                debug!(worker_id = %worker, %why, "no just-in-time checkpoint");
+                self.remove_member(worker, CloseReason::Left);
+                return;
+            }
+            JitDecision::AwaitPending { steps } => {
+                info!(worker_id = %worker, steps, "last holder of the state leaving; waiting for its checkpoint in progress");
+                steps
+            }
+            JitDecision::Order { steps } => {
+                // The checkpoint is of committed steps only: the open step is dropped everywhere.
+                self.abort_open_step_if_voter(
+                    worker,
+                    AbortReason::MemberLost {
+                        worker: worker.clone(),
+                    },
+                );
+                let generation = self.membership.generation;
+                let root = self.cfg.checkpoint_root();
+                let Some((name, dir)) =
+                    crate::checkpoints::order(&root, steps, generation, &self.steps)
+                else {
+                    self.remove_member(worker, CloseReason::Left);
+                    return;
+                };
+                info!(worker_id = %worker, steps, dir = %dir.display(), "last holder of the state leaving; just-in-time checkpoint ordered");
+                self.pending_checkpoints.insert(steps, (dir, now));
+                self.newest_checkpoint = steps;
+                self.send(
+                    worker,
+                    CoordinatorToWorker::CheckpointNow {
+                        generation,
+                        steps,
+                        name,
+                    },
+                );
+                steps
+            }
+        };
+        self.jit_leaver = Some(JitLeaver {
+            worker: worker.clone(),
+            steps,
+            since: now,
+        });
     }
 
     /// Removes a member (dead or leaving), closes its session and aborts its open step.
@@ -619,6 +730,10 @@ impl JobState {
     /// Runs membership decisions until there is nothing left to do, then opens the next step
     /// when the generation is training.
     fn drive(&mut self, now: Instant) {
+        if self.jit_leaver.is_some() {
+            // Newcomers and the next step wait for the leaving holder's checkpoint.
+            return;
+        }
         // Each action changes the state so that the next decision differs; the bound only
         // guards against a bug turning that into a busy loop.
         for _ in 0..16 {

@@ -21,6 +21,7 @@ pub mod metrics_registry;
 pub mod net;
 pub mod steps;
 
+pub mod jit_checkpoint;
 pub mod job_metrics;
 
 use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};

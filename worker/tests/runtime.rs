@@ -458,3 +458,65 @@ fn checkpoints_resume_bitwise_after_kills_a_corrupt_checkpoint_and_a_coordinator
         }
     });
 }
+
+#[test]
+fn sigterm_of_the_last_worker_takes_a_just_in_time_checkpoint_that_resumes_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // No periodic checkpoint: only the last commit (step 200) would order one.
+    let no_periodic = || ScheduleConfig {
+        checkpoint_every_steps: Some(1000),
+        ..schedule(1200, 6, 6)
+    };
+    let (clean, clean_paths) = run_job(&dir.join("clean"), 1, no_periodic());
+    assert_exact_ledger(&clean);
+    assert_eq!(clean.cursor.step, 200);
+
+    // The only worker gets SIGTERM mid-job: it must checkpoint the committed steps before going.
+    let preempted = dir.join("preempted");
+    let job = preempted.join("job");
+    let root = job.join("checkpoints");
+    let (committed, took) = runtime().block_on(async {
+        let c = Coordinator::start(config(&job, 1, no_periodic()))
+            .await
+            .unwrap();
+        let mut w = spawn_worker(&c, &preempted, "w0");
+        wait_for_step(&c, 20).await;
+        signal(&w, nix::sys::signal::Signal::SIGTERM);
+        let sent = Instant::now();
+        let status = wait_exit(&mut w, Duration::from_secs(10));
+        let took = sent.elapsed();
+        assert!(status.success(), "{status}\n{}", log_of(&preempted, "w0"));
+        let after = c.status().await.unwrap();
+        assert!(after.members.is_empty(), "{:?}", after.members);
+        c.shutdown("preempted").await.unwrap();
+        (after.cursor.step, took)
+    });
+    assert!((20..200).contains(&committed), "committed {committed}");
+    let log = log_of(&preempted, "w0");
+    assert!(log.contains("just-in-time checkpoint written"), "{log}");
+    let checkpoints: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let name = eqim_common::checkpoint::dir_name(committed);
+    assert_eq!(checkpoints, vec![name.clone()]);
+    let manifest = eqim_common::checkpoint::verify(&root.join(&name)).unwrap();
+    assert_eq!(manifest.step, committed);
+    eprintln!("SIGTERM of the last worker after {committed} committed steps: checkpoint {name} written, exit {took:?} after the signal");
+
+    // A fresh coordinator and worker resume from it and end where the clean run ended.
+    let (resumed, resumed_paths) = run_job(&preempted, 1, no_periodic());
+    assert_exact_ledger(&resumed);
+    assert_eq!(resumed.cursor.step, 200);
+    let log = log_of(&preempted, "w0");
+    assert!(
+        log.contains("state loaded from checkpoint") && log.contains(&name),
+        "{log}"
+    );
+    assert_eq!(
+        max_abs_diff(&clean_paths[0], &resumed_paths[0]),
+        0.0,
+        "resume from the just-in-time checkpoint is not bitwise"
+    );
+}

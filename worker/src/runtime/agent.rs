@@ -10,7 +10,7 @@ use super::trainer::{Command, Event, Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
 use eqim_common::proto::{
     CoordinatorToWorker, Generation, MetricsSummary, StoreEndpoint, WorkerId, WorkerPhase,
-    WorkerToCoordinator,
+    WorkerToCoordinator, JIT_CHECKPOINT_TIMEOUT,
 };
 use eqim_coordinator::client::{Client, ClientConfig, HeartbeatStatus};
 use eqim_coordinator::net::credentials::{parse_fingerprint, ClientCredentials};
@@ -354,9 +354,7 @@ async fn agent(
             }
             SessionEnd::Terminated => {
                 info!(generation = %status.generation, "SIGTERM: leaving the job");
-                if let Err(e) = client.leave(status.generation, "SIGTERM").await {
-                    warn!(cause = %e, "could not say goodbye to the coordinator");
-                }
+                leave(client, status.generation, &commands, &mut events).await;
                 return Ok(Ended::Terminated);
             }
             SessionEnd::Lost => {
@@ -365,6 +363,76 @@ async fn agent(
             }
         }
     }
+}
+
+/// Says `Leaving` and keeps the session until the coordinator lets go (closes it), for at most
+/// [`JIT_CHECKPOINT_TIMEOUT`]: when this worker was the last holder of the training state, the
+/// coordinator first orders a just-in-time checkpoint, which the training thread writes and
+/// syncs before it is reported. Commits and aborts still in flight go to the training thread so
+/// that its state is the committed one; votes of the abandoned step are not sent.
+async fn leave(
+    mut client: Client,
+    generation: Generation,
+    commands: &mpsc::Sender<Command>,
+    events: &mut UnboundedReceiver<Event>,
+) {
+    let leaving = WorkerToCoordinator::Leaving {
+        generation,
+        reason: "SIGTERM".into(),
+    };
+    if let Err(e) = client.send(&leaving).await {
+        warn!(cause = %e, "could not say goodbye to the coordinator");
+        client.close().await;
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + JIT_CHECKPOINT_TIMEOUT;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!(timeout = ?JIT_CHECKPOINT_TIMEOUT, "the coordinator did not let this worker go within JIT_CHECKPOINT_TIMEOUT; leaving anyway");
+                break;
+            }
+            msg = client.recv() => {
+                let command = match msg {
+                    None | Some(CoordinatorToWorker::Finished { .. }) => break,
+                    Some(CoordinatorToWorker::CheckpointNow { generation, steps, name }) => {
+                        info!(%generation, steps, %name, "just-in-time checkpoint ordered");
+                        Command::CheckpointNow { generation, steps, name }
+                    }
+                    Some(CoordinatorToWorker::Commit { generation, step, checkpoint }) => {
+                        Command::Commit { generation, step, checkpoint }
+                    }
+                    Some(CoordinatorToWorker::Abort { generation, step, .. }) => {
+                        Command::Abort { generation, step }
+                    }
+                    Some(other) => {
+                        tracing::debug!(kind = other.kind(), "ignored while leaving");
+                        continue;
+                    }
+                };
+                if forward(commands, command).is_err() {
+                    warn!("the training thread stopped while leaving");
+                    break;
+                }
+            }
+            event = events.recv() => match event {
+                None => break,
+                Some(Event::CheckpointWritten { generation, steps, files }) => {
+                    let written = WorkerToCoordinator::CheckpointWritten { generation, step: steps, files };
+                    if client.send(&written).await.is_err() {
+                        warn!(steps, "could not report the checkpoint; the coordinator is gone");
+                        break;
+                    }
+                }
+                Some(Event::CheckpointFailed { reason }) => {
+                    warn!(%reason, "just-in-time checkpoint not written");
+                    break;
+                }
+                Some(_) => {}
+            },
+        }
+    }
+    client.close().await;
 }
 
 fn forward(commands: &mpsc::Sender<Command>, command: Command) -> Result<()> {
@@ -452,6 +520,7 @@ async fn session(
                     Event::CheckpointWritten { generation, steps, files } => {
                         if client.send(&WorkerToCoordinator::CheckpointWritten { generation, step: steps, files }).await.is_err() { return Ok(SessionEnd::Lost); }
                     }
+                    Event::CheckpointFailed { reason } => warn!(%reason, "checkpoint not written"),
                     Event::Finished => return Ok(SessionEnd::Finished),
                 }
             }

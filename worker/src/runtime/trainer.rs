@@ -38,6 +38,13 @@ pub enum Command {
     },
     /// Drop the pending gradients of `step`.
     Abort { generation: Generation, step: u64 },
+    /// Just-in-time checkpoint before this worker exits: write the state after `steps`
+    /// committed steps into `name` synchronously, then report it.
+    CheckpointNow {
+        generation: Generation,
+        steps: u64,
+        name: String,
+    },
     /// The job is over: write the final state if asked, then stop.
     Finish,
 }
@@ -66,6 +73,10 @@ pub enum Event {
         generation: Generation,
         steps: u64,
         files: Vec<WrittenFile>,
+    },
+    /// A just-in-time checkpoint was not written (wrong step or generation, or a write error).
+    CheckpointFailed {
+        reason: String,
     },
     Finished,
 }
@@ -223,6 +234,23 @@ impl<T: Trainable> Trainer<T> {
                     debug!(%generation, step, "step aborted; gradients dropped");
                     self.pending = None;
                 }
+                Command::CheckpointNow {
+                    generation,
+                    steps,
+                    name,
+                } => {
+                    let event = match self.checkpoint_now(generation, steps, &name) {
+                        Ok(file) => Event::CheckpointWritten {
+                            generation,
+                            steps,
+                            files: vec![file],
+                        },
+                        Err(e) => Event::CheckpointFailed {
+                            reason: format!("{e:#}"),
+                        },
+                    };
+                    self.emit(event);
+                }
                 Command::Finish => {
                     for writer in self.writers.drain(..) {
                         if writer.join().is_err() {
@@ -254,16 +282,52 @@ impl<T: Trainable> Trainer<T> {
         Ok(())
     }
 
+    /// Copies the state to host memory, detached from the model's tensors.
+    fn snapshot(&self) -> Vec<(String, tch::Tensor)> {
+        self.model
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(tch::Device::Cpu).copy()))
+            .collect()
+    }
+
+    /// Writes the state after `steps` committed steps now, in this thread (the process is about
+    /// to exit, so the background writers are waited for too), and returns the synced file.
+    fn checkpoint_now(
+        &mut self,
+        generation: Generation,
+        steps: u64,
+        name: &str,
+    ) -> Result<WrittenFile> {
+        for writer in self.writers.drain(..) {
+            if writer.join().is_err() {
+                warn!("a checkpoint writer panicked");
+            }
+        }
+        anyhow::ensure!(
+            self.group
+                .as_ref()
+                .is_some_and(|g| g.generation == generation),
+            "just-in-time checkpoint of {generation}, but this worker is not synchronised in it"
+        );
+        anyhow::ensure!(
+            steps == self.next_step,
+            "just-in-time checkpoint after {steps} steps, but this worker has applied {}",
+            self.next_step
+        );
+        let started = Instant::now();
+        let dir = self.cfg.checkpoint_root.join(name);
+        let metrics = self.recorder.as_ref().map(|r| r.metrics().clone());
+        let file = persist_checkpoint(&self.snapshot(), &dir, started, metrics.as_ref())?;
+        info!(dir = %dir.display(), steps, ms = started.elapsed().as_millis() as u64, "just-in-time checkpoint written");
+        Ok(file)
+    }
+
     /// Copies the state to host memory (the only pause training sees) and writes it in the
     /// background; the coordinator writes the manifest when told.
     fn checkpoint(&mut self, generation: Generation, steps: u64, name: &str) -> Result<()> {
         let started = Instant::now();
-        let snapshot: Vec<(String, tch::Tensor)> = self
-            .model
-            .state_tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.to_device(tch::Device::Cpu).copy()))
-            .collect();
+        let snapshot = self.snapshot();
         debug!(
             steps,
             ms = started.elapsed().as_millis() as u64,
@@ -276,20 +340,8 @@ impl<T: Trainable> Trainer<T> {
         let writer = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
-                let written = crate::model::weights::write_safetensors_atomic(
-                    &snapshot,
-                    &dir.join(checkpoint::STATE_FILE),
-                )
-                .and_then(|()| {
-                    checkpoint::written_file(&dir, checkpoint::STATE_FILE).map_err(Into::into)
-                });
-                match written {
+                match persist_checkpoint(&snapshot, &dir, started, metrics.as_ref()) {
                     Ok(file) => {
-                        info!(dir = %dir.display(), bytes = file.bytes, "checkpoint state written");
-                        if let Some(m) = &metrics {
-                            // From the snapshot to the synced, renamed file.
-                            crate::metrics::record_checkpoint(m, started.elapsed(), file.bytes);
-                        }
                         let _ignored = events.send(Event::CheckpointWritten {
                             generation,
                             steps,
@@ -479,6 +531,23 @@ impl<T: Trainable> Trainer<T> {
         timer.end_phase(crate::metrics::StepPhase::AllReduce);
         Ok((loss, reduce_started.elapsed().as_secs_f64()))
     }
+}
+
+/// Writes a checkpoint's state file (temp file, fsync, rename) and returns it for the manifest.
+fn persist_checkpoint(
+    snapshot: &[(String, tch::Tensor)],
+    dir: &std::path::Path,
+    started: Instant,
+    metrics: Option<&eqim_coordinator::metrics_registry::WorkerMetrics>,
+) -> Result<WrittenFile> {
+    crate::model::weights::write_safetensors_atomic(snapshot, &dir.join(checkpoint::STATE_FILE))?;
+    let file = checkpoint::written_file(dir, checkpoint::STATE_FILE)?;
+    info!(dir = %dir.display(), bytes = file.bytes, "checkpoint state written");
+    if let Some(m) = metrics {
+        // From the snapshot to the synced, renamed file.
+        crate::metrics::record_checkpoint(m, started.elapsed(), file.bytes);
+    }
+    Ok(file)
 }
 
 fn drop_group(group: Group) {
