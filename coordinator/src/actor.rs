@@ -93,6 +93,14 @@ pub enum JobMsg {
     },
 }
 
+/// A checkpoint ordered and not yet reported written.
+struct PendingCheckpoint {
+    dir: std::path::PathBuf,
+    since: Instant,
+    /// The member ordered to write the state.
+    writer: Option<WorkerId>,
+}
+
 /// A worker that announced it is leaving and is kept for a just-in-time checkpoint.
 struct JitLeaver {
     worker: WorkerId,
@@ -121,10 +129,11 @@ pub struct JobState {
     aborted_steps: u64,
     finishing_since: Option<Instant>,
     /// Checkpoints ordered but not yet reported written: committed steps -> (directory, since).
-    pending_checkpoints: BTreeMap<u64, (std::path::PathBuf, Instant)>,
-    /// Step count of the newest checkpoint ordered (or resumed from): a leaving last holder of
-    /// the state is checkpointed just in time only when steps were committed since.
-    newest_checkpoint: u64,
+    pending_checkpoints: BTreeMap<u64, PendingCheckpoint>,
+    /// Step count of the newest complete checkpoint (or the one resumed from): a leaving last
+    /// holder of the state is checkpointed just in time when steps were committed since (and it
+    /// is not writing a checkpoint of them already).
+    newest_complete_checkpoint: u64,
     /// A leaving worker kept until its just-in-time checkpoint is reported; while it is here,
     /// no step is opened and no generation formed.
     jit_leaver: Option<JitLeaver>,
@@ -163,7 +172,7 @@ impl Actor for JobActor {
             membership_cfg: args.cfg.membership(),
             metrics: crate::job_metrics::JobMetrics::new(args.metrics, &args.cfg),
             membership: MembershipState::new(),
-            newest_checkpoint: steps.cursor().step,
+            newest_complete_checkpoint: steps.cursor().step,
             steps,
             pending_checkpoints: BTreeMap::new(),
             jit_leaver: None,
@@ -447,10 +456,12 @@ impl JobState {
             } => {
                 info!(worker_id = %worker, %generation, step, files = files.len(), "checkpoint written");
                 match self.pending_checkpoints.remove(&step) {
-                    Some((dir, since)) => {
+                    Some(PendingCheckpoint { dir, since, .. }) => {
                         let root = self.cfg.checkpoint_root();
                         if crate::checkpoints::complete(&dir, step, files, root) {
                             self.metrics.checkpoint_completed();
+                            self.newest_complete_checkpoint =
+                                self.newest_complete_checkpoint.max(step);
                         }
                         info!(dir = %dir.display(), ms = since.elapsed().as_millis() as u64, "checkpoint complete");
                     }
@@ -518,8 +529,12 @@ impl JobState {
                     })
                     .flatten()
                     .map(|(name, dir)| {
-                        self.pending_checkpoints.insert(step + 1, (dir, now));
-                        self.newest_checkpoint = step + 1;
+                        let pending = PendingCheckpoint {
+                            dir,
+                            since: now,
+                            writer: self.membership.roster.first().cloned(),
+                        };
+                        self.pending_checkpoints.insert(step + 1, pending);
                         CheckpointOrder {
                             writer_rank: 0,
                             name,
@@ -618,56 +633,66 @@ impl JobState {
             return;
         }
         let committed = self.steps.cursor().step;
-        let pending = self
+        // A checkpoint the leaver itself is writing will be finished (and reported) before it
+        // goes; one ordered from a member already gone never will.
+        let writing = self
             .pending_checkpoints
-            .contains_key(&self.newest_checkpoint);
+            .iter()
+            .filter(|(_, p)| p.writer.as_ref() == Some(worker))
+            .map(|(steps, _)| *steps)
+            .max();
+        let newest = self
+            .newest_complete_checkpoint
+            .max(writing.unwrap_or_default());
         let decision = needs_jit_checkpoint(
             worker,
             &self.membership,
             committed,
-            self.newest_checkpoint,
-            pending,
+            newest,
+            writing == Some(newest),
         );
-        let steps = match decision {
+        let (steps, order) = match decision {
             JitDecision::RemoveNow(why) => {
                 debug!(worker_id = %worker, %why, "no just-in-time checkpoint");
                 self.remove_member(worker, CloseReason::Left);
                 return;
             }
-            JitDecision::AwaitPending { steps } => {
-                info!(worker_id = %worker, steps, "last holder of the state leaving; waiting for its checkpoint in progress");
-                steps
-            }
-            JitDecision::Order { steps } => {
-                // The checkpoint is of committed steps only: the open step is dropped everywhere.
-                self.abort_open_step_if_voter(
-                    worker,
-                    AbortReason::MemberLost {
-                        worker: worker.clone(),
-                    },
-                );
-                let generation = self.membership.generation;
-                let root = self.cfg.checkpoint_root();
-                let Some((name, dir)) =
-                    crate::checkpoints::order(&root, steps, generation, &self.steps)
-                else {
-                    self.remove_member(worker, CloseReason::Left);
-                    return;
-                };
-                info!(worker_id = %worker, steps, dir = %dir.display(), "last holder of the state leaving; just-in-time checkpoint ordered");
-                self.pending_checkpoints.insert(steps, (dir, now));
-                self.newest_checkpoint = steps;
-                self.send(
-                    worker,
-                    CoordinatorToWorker::CheckpointNow {
-                        generation,
-                        steps,
-                        name,
-                    },
-                );
-                steps
-            }
+            JitDecision::AwaitPending { steps } => (steps, false),
+            JitDecision::Order { steps } => (steps, true),
         };
+        // The checkpoint is of committed steps only: the open step is dropped everywhere, so
+        // that no late vote commits a step the checkpoint would miss.
+        self.abort_open_step_if_voter(
+            worker,
+            AbortReason::MemberLost {
+                worker: worker.clone(),
+            },
+        );
+        if order {
+            let generation = self.membership.generation;
+            let root = self.cfg.checkpoint_root();
+            let Some((name, dir)) =
+                crate::checkpoints::order(&root, steps, generation, &self.steps)
+            else {
+                self.remove_member(worker, CloseReason::Left);
+                return;
+            };
+            info!(worker_id = %worker, steps, dir = %dir.display(), "last holder of the state leaving; just-in-time checkpoint ordered");
+            let pending = PendingCheckpoint {
+                dir,
+                since: now,
+                writer: Some(worker.clone()),
+            };
+            self.pending_checkpoints.insert(steps, pending);
+            let order = CoordinatorToWorker::CheckpointNow {
+                generation,
+                steps,
+                name,
+            };
+            self.send(worker, order);
+        } else {
+            info!(worker_id = %worker, steps, "last holder of the state leaving; waiting for its checkpoint in progress");
+        }
         self.jit_leaver = Some(JitLeaver {
             worker: worker.clone(),
             steps,
@@ -814,8 +839,8 @@ impl JobState {
         if self.steps.is_finished() {
             // The last checkpoint completes before the workers are let go.
             let timeout = self.cfg.timeouts.step_timeout;
-            self.pending_checkpoints.retain(|step, (_, since)| {
-                let waiting = since.elapsed() < timeout;
+            self.pending_checkpoints.retain(|step, pending| {
+                let waiting = pending.since.elapsed() < timeout;
                 if !waiting {
                     warn!(
                         step,

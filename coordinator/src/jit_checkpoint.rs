@@ -27,7 +27,7 @@ pub enum NoJitReason {
     NotARank,
     /// Another rank of the current generation is still a member and holds the state.
     OtherHolder,
-    /// No step was committed since the newest ordered checkpoint (or the job has none).
+    /// No step was committed since the newest checkpoint (or the job has none).
     NothingNew,
     /// The schedule is complete; the final checkpoint was ordered with the last commit.
     Finished,
@@ -45,8 +45,10 @@ impl fmt::Display for NoJitReason {
 }
 
 /// Decides about `leaver`, which announced it is leaving while `committed_steps` steps are
-/// committed. `newest_checkpoint` is the step count of the newest checkpoint ordered (or resumed
-/// from), and `pending` whether that one is still unreported.
+/// committed. `newest_checkpoint` is the step count of the newest checkpoint that is complete
+/// (or resumed from) or that the leaver itself is writing, and `pending` whether it is the
+/// latter (not reported yet). A checkpoint ordered from a member already gone does not count:
+/// it will never be written.
 ///
 /// A holder of the state is another rank of the current generation that is still a member and
 /// reported its group ready (it applied the state of the committed step). Newcomers still

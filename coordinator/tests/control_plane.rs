@@ -683,3 +683,150 @@ async fn a_restarted_worker_replaces_its_old_connection_and_gets_a_new_generatio
     }
     c.shutdown("test over").await.unwrap();
 }
+
+/// Plays the only worker of a job until `steps` steps are committed and the next one is
+/// assigned (left unanswered, so a step is open); returns the client, its generation and the
+/// checkpoint orders it saw with the commits.
+async fn single_worker_with_an_open_step(
+    c: &Coordinator,
+    steps: u64,
+) -> (Client, Generation, Vec<String>) {
+    let mut a = Client::connect(client_config(c, "a")).await.unwrap();
+    let mut orders = Vec::new();
+    let mut generation = Generation(0);
+    loop {
+        match next(&mut a).await {
+            CoordinatorToWorker::Welcome { generation: g, .. } => {
+                generation = g;
+                a.send(&WorkerToCoordinator::GroupReady { generation: g })
+                    .await
+                    .unwrap();
+            }
+            CoordinatorToWorker::Assign(x) if x.step == steps => return (a, generation, orders),
+            CoordinatorToWorker::Assign(x) => {
+                let vote = WorkerToCoordinator::Vote {
+                    generation: x.generation,
+                    step: x.step,
+                    outcome: VoteOutcome::Ok,
+                };
+                a.send(&vote).await.unwrap();
+            }
+            CoordinatorToWorker::Commit {
+                checkpoint: Some(order),
+                ..
+            } => orders.push(order.name),
+            _ => {}
+        }
+    }
+}
+
+/// Writes a stand-in state file into checkpoint `name` and reports it like a worker does.
+async fn report_checkpoint(client: &Client, job: &Path, generation: Generation, steps: u64) {
+    let dir = job
+        .join("checkpoints")
+        .join(eqim_common::checkpoint::dir_name(steps));
+    std::fs::write(dir.join(eqim_common::checkpoint::STATE_FILE), b"weights").unwrap();
+    let file =
+        eqim_common::checkpoint::written_file(&dir, eqim_common::checkpoint::STATE_FILE).unwrap();
+    client
+        .send(&WorkerToCoordinator::CheckpointWritten {
+            generation,
+            step: steps,
+            files: vec![file],
+        })
+        .await
+        .unwrap();
+}
+
+/// Every message until the coordinator closes the connection.
+async fn until_closed(client: &mut Client) -> Vec<CoordinatorToWorker> {
+    let mut seen = Vec::new();
+    while let Some(msg) = tokio::time::timeout(WAIT, client.recv())
+        .await
+        .expect("the coordinator closes the session in time")
+    {
+        seen.push(msg);
+    }
+    seen
+}
+
+#[tokio::test]
+async fn the_last_worker_leaving_is_kept_until_its_just_in_time_checkpoint_is_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), 1, 400).await;
+    let (mut a, generation, orders) = single_worker_with_an_open_step(&c, 5).await;
+    assert!(orders.is_empty(), "no periodic checkpoint: {orders:?}");
+    a.send(&WorkerToCoordinator::Leaving {
+        generation,
+        reason: "SIGTERM".into(),
+    })
+    .await
+    .unwrap();
+    // The open step is dropped first, then the committed state is ordered written.
+    let aborted = next_matching(&mut a, |m| match m {
+        CoordinatorToWorker::Abort { step, .. } => Some(*step),
+        _ => None,
+    })
+    .await;
+    assert_eq!(aborted, 5);
+    let order = next(&mut a).await;
+    assert_eq!(
+        order,
+        CoordinatorToWorker::CheckpointNow {
+            generation,
+            steps: 5,
+            name: "step-00000005".into(),
+        }
+    );
+    // Kept as a member (and nothing else happens) until the report.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = c.status().await.unwrap();
+    assert_eq!(status.members, vec![WorkerId::from("a")]);
+    assert_eq!(status.cursor.step, 5);
+    report_checkpoint(&a, dir.path(), generation, 5).await;
+    let rest = until_closed(&mut a).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let manifest =
+        eqim_common::checkpoint::verify(&dir.path().join("checkpoints/step-00000005")).unwrap();
+    assert_eq!(manifest.step, 5);
+    let status = c.status().await.unwrap();
+    assert!(status.members.is_empty(), "{:?}", status.members);
+    c.shutdown("test over").await.unwrap();
+}
+
+#[tokio::test]
+async fn the_last_worker_leaving_during_its_periodic_checkpoint_is_kept_until_that_one_is_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 1, 400);
+    cfg.schedule.checkpoint_every_steps = Some(5);
+    let c = Coordinator::start(cfg).await.unwrap();
+    // The step-5 checkpoint is ordered with the commit of step 4 and left unreported.
+    let (mut a, generation, orders) = single_worker_with_an_open_step(&c, 5).await;
+    assert_eq!(orders, vec!["step-00000005".to_string()]);
+    a.send(&WorkerToCoordinator::Leaving {
+        generation,
+        reason: "SIGTERM".into(),
+    })
+    .await
+    .unwrap();
+    // The open step is dropped so that no late vote commits past the checkpoint.
+    let aborted = next_matching(&mut a, |m| match m {
+        CoordinatorToWorker::Abort { step, .. } => Some(*step),
+        _ => None,
+    })
+    .await;
+    assert_eq!(aborted, 5);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(c.status().await.unwrap().members, vec![WorkerId::from("a")]);
+    report_checkpoint(&a, dir.path(), generation, 5).await;
+    let rest = until_closed(&mut a).await;
+    assert!(
+        !rest
+            .iter()
+            .any(|m| matches!(m, CoordinatorToWorker::CheckpointNow { .. })),
+        "nothing new to checkpoint: {rest:?}"
+    );
+    eqim_common::checkpoint::verify(&dir.path().join("checkpoints/step-00000005")).unwrap();
+    assert!(c.status().await.unwrap().members.is_empty());
+    c.shutdown("test over").await.unwrap();
+}
