@@ -53,6 +53,15 @@ pub enum CollectiveError {
 
 pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
 
+/// Ends the process at once with `code`, without running atexit handlers or C++ static
+/// destructors: for leaving while another thread may still be inside libtorch or gloo (a
+/// collective, an optimizer step), where destroying their globals under it crashes. Flush what
+/// must be seen first; nothing else is cleaned up.
+pub fn exit_without_destructors(code: i32) -> ! {
+    // SAFETY: _exit only ends the process; it touches no Rust or C++ state.
+    unsafe { libc::_exit(code) }
+}
+
 /// Takes ownership of a message the shim allocated and frees it.
 fn take_message(err: *mut c_char) -> String {
     if err.is_null() {

@@ -228,8 +228,16 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             Ok(result) => result,
             Err(_) => bail!("the training thread panicked"),
         },
-        // The training thread may be blocked in a collective; the process exit ends it.
-        Ended::Terminated => Ok(()),
+        // The training thread may still be inside libtorch or gloo (a collective, an optimizer
+        // step): a normal exit would run libtorch's static destructors under it (a SIGSEGV at
+        // exit was seen in CI). Everything that must survive is already written and synced (a
+        // just-in-time checkpoint is reported only once on disk), so leave without destructors.
+        Ended::Terminated => {
+            use std::io::Write;
+            let _ignored = std::io::stdout().flush();
+            let _ignored = std::io::stderr().flush();
+            crate::collective::exit_without_destructors(0)
+        }
     }
 }
 
