@@ -73,17 +73,13 @@ pub struct FidArgs {
     pub inception: InceptionArgs,
 }
 
+/// `--device` of the FID commands: absent means CUDA when available; otherwise the spellings of
+/// every other command (`train::cli::parse_device`).
 pub fn parse_device(spec: Option<&str>) -> Result<Device> {
-    match spec {
-        None => Ok(Device::cuda_if_available()),
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => Ok(Device::Cuda(0)),
-        Some(s) => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .with_context(|| format!("--device {s}: expected cpu, cuda or cuda:N")),
-    }
+    spec.map_or(
+        Ok(Device::cuda_if_available()),
+        crate::train::cli::parse_device,
+    )
 }
 
 /// The image files of a folder (png, jpg, jpeg; any case), sorted by name.

@@ -218,6 +218,7 @@ struct Plan {
     layout: EvalPlan,
     num_iter: i64,
     num_steps: i64,
+    device: tch::Device,
     info: EvalPlanInfo,
 }
 
@@ -267,6 +268,7 @@ impl Plan {
             layout,
             num_iter,
             num_steps,
+            device,
             info,
         })
     }
@@ -284,8 +286,7 @@ struct Models {
 impl Models {
     fn load(plan: &Plan) -> Result<Self> {
         let args = &plan.args;
-        let device = crate::sample_tokens::parse_device(&args.device)?;
-        let mut vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(plan.device);
         let generator = EquivariantGenerativeModel::new(vs.root(), &plan.generator_cfg)?;
         weights::load_file_strict(&vs, &args.weights)?;
         vs.freeze();
