@@ -1,14 +1,18 @@
-//! Checkpoint directories on disk: `step-NNNNNNNN/` under the job's checkpoint root holds the
-//! writer rank's `state.safetensors`, the coordinator's `job.json` (cursor, generation, ledger)
-//! and, written last, `manifest.json` with the size and SHA-256 of every file. A checkpoint
-//! counts only when its manifest exists and every checksum verifies; resume takes the newest
-//! such one and names every newer one it had to skip.
+//! Checkpoint directories on disk, the one format of every training run (a cluster job or
+//! `eqim train-generator`): `step-NNNNNNNN/` under the job's checkpoint root holds the writer
+//! rank's `state.safetensors`, the scheduler's `job.json` (cursor, generation, ledger) and,
+//! written last, `manifest.json` with the size and SHA-256 of every file. A checkpoint counts
+//! only when its manifest exists and every checksum verifies; resume takes the newest such one
+//! and names every newer one it had to skip.
+//!
+//! The book-keeping order is [`begin`] (job.json, when a step is committed and a checkpoint is
+//! due), the writer's state file, then [`complete`] (manifest last, then trimming).
 
+use crate::files::{hash_file, write_atomic, FileError};
 use crate::ledger::Ledger;
 use crate::proto::{Cursor, Generation, WrittenFile};
+use crate::schedule::ScheduleConfig;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -30,6 +34,8 @@ pub enum CheckpointError {
         what: &'static str,
         message: String,
     },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("checkpoint {dir} is corrupt: {file} {problem}")]
     Corrupt {
         dir: PathBuf,
@@ -52,6 +58,10 @@ pub struct JobState {
     pub cursor: Cursor,
     pub generation: Generation,
     pub ledger: Ledger,
+    /// The data schedule the cursor and ledger refer to; a run resumed under another seed or
+    /// dataset would take other samples (absent in checkpoints of eqim before it was recorded).
+    #[serde(default)]
+    pub schedule: Option<ScheduleConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,46 +84,6 @@ pub fn dir_name(steps: u64) -> String {
     format!("step-{steps:08}")
 }
 
-/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename, fsync of
-/// the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Persist the rename; a failure here only weakens durability, not correctness.
-        let _ignored = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Size and SHA-256 of a file.
-pub fn hash_file(path: &Path) -> Result<(u64, [u8; 32]), CheckpointError> {
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        bytes += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((bytes, h.finalize().into()))
-}
-
 /// A [`WrittenFile`] for `dir/name`.
 pub fn written_file(dir: &Path, name: &str) -> Result<WrittenFile, CheckpointError> {
     let (bytes, sha256) = hash_file(&dir.join(name))?;
@@ -132,7 +102,7 @@ pub fn write_job_state(dir: &Path, state: &JobState) -> Result<(), CheckpointErr
         what: "job state",
         message: e.to_string(),
     })?;
-    write_atomic(&path, &text)
+    Ok(write_atomic(&path, &text)?)
 }
 
 pub fn read_job_state(dir: &Path) -> Result<JobState, CheckpointError> {
@@ -208,6 +178,56 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
         }
     }
     Ok(manifest)
+}
+
+/// Writes the scheduler's part of the checkpoint after `steps` committed steps (`job.json`) and
+/// returns the directory's name (for the writer's order) and path.
+pub fn begin(
+    root: &Path,
+    steps: u64,
+    job: &JobState,
+) -> Result<(String, PathBuf), CheckpointError> {
+    let name = dir_name(steps);
+    let dir = root.join(&name);
+    write_job_state(&dir, job)?;
+    Ok((name, dir))
+}
+
+/// Completes the checkpoint in `dir` over the writer's `files` and the job state: writes the
+/// manifest (last), then deletes all but the newest `keep` complete checkpoints under `root`.
+/// The checkpoint is good once this returns `Ok`; the paths are the checkpoints trimmed.
+pub fn complete(
+    root: &Path,
+    dir: &Path,
+    steps: u64,
+    mut files: Vec<WrittenFile>,
+    keep: usize,
+) -> Result<Vec<PathBuf>, CheckpointError> {
+    files.push(written_file(dir, JOB_STATE_FILE)?);
+    write_manifest(dir, steps, &files)?;
+    trim(root, keep)
+}
+
+/// Where a job resumes: the newest verified checkpoint and its job state.
+#[derive(Debug, Clone)]
+pub struct ResumePoint {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub job: JobState,
+}
+
+/// The newest checkpoint under `root` that verifies and whose job state loads, and why every
+/// newer one was skipped (empty `Ok(None)`: a fresh job).
+pub fn resume_point(root: &Path) -> (Option<ResumePoint>, Vec<CheckpointError>) {
+    let mut rejected = Vec::new();
+    for dir in list(root) {
+        let loaded = verify(&dir).and_then(|manifest| Ok((manifest, read_job_state(&dir)?)));
+        match loaded {
+            Ok((manifest, job)) => return (Some(ResumePoint { dir, manifest, job }), rejected),
+            Err(e) => rejected.push(e),
+        }
+    }
+    (None, rejected)
 }
 
 /// Checkpoint directories under `root`, newest first.

@@ -47,7 +47,7 @@ impl EvalPlan {
     /// The seed of image `index`'s noise generator: a splitmix64 mix of (base seed, index), kept
     /// in 0..2^63 because libtorch seeds are signed.
     pub fn noise_seed(&self, index: u64) -> i64 {
-        let mixed = mix64(mix64(self.base_seed) ^ index);
+        let mixed = crate::seed::mix(crate::seed::mix(self.base_seed) ^ index);
         (mixed >> 1) as i64
     }
 
@@ -55,14 +55,6 @@ impl EvalPlan {
     pub fn file_name(index: u64) -> String {
         format!("{index:05}.png")
     }
-}
-
-/// The splitmix64 output function (Steele et al. 2014) applied to `x + golden gamma`.
-fn mix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A lease handed to a worker.

@@ -244,23 +244,17 @@ fn sum_sqrt_eigenvalues(m: DMatrix<f64>) -> f64 {
 pub mod reference_cases {
     use super::FidStats;
 
-    /// The splitmix64 generator of scripts/fid-reference-values.py.
+    /// The splitmix64 stream of scripts/fid-reference-values.py ([`crate::seed::SplitMix64`]
+    /// from state `.0`).
     pub struct SplitMix64(pub u64);
 
     impl SplitMix64 {
-        pub fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
         /// `n` values uniform in [-1, 1).
         pub fn uniform(&mut self, n: usize) -> Vec<f64> {
-            (0..n)
-                .map(|_| (self.next_u64() >> 11) as f64 * 2f64.powi(-53) * 2.0 - 1.0)
-                .collect()
+            let mut rng = crate::seed::SplitMix64::new(self.0);
+            let values = (0..n).map(|_| rng.unit_f64() * 2.0 - 1.0).collect();
+            self.0 = rng.state();
+            values
         }
     }
 

@@ -5,12 +5,15 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod eval_plan;
 pub mod fid;
+pub mod files;
 pub mod framing;
 pub mod ledger;
 pub mod metrics;
 pub mod npz;
 pub mod proto;
 pub mod schedule;
+pub mod seed;
 pub mod train_config;

@@ -234,16 +234,8 @@ impl Validate for GeneratorTrainConfig {
                 }
             }
         }
-        let device_ok = matches!(self.device.as_str(), "cpu" | "cuda" | "auto")
-            || self
-                .device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok());
-        if !device_ok {
-            return bad(
-                "device",
-                format!("{:?}: use cpu, cuda, cuda:N or auto", self.device),
-            );
+        if let Err(e) = self.device.parse::<crate::device::DeviceSpec>() {
+            return bad("device", e.to_string());
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
-//! The coordinator's side of checkpoints: at a committed step it writes its own part (`job.json`:
-//! cursor, generation, ledger) into the checkpoint directory and orders the writer rank to save
-//! the training state; when the rank reports its files it writes the manifest last and trims old
-//! checkpoints. At start it resumes from the newest checkpoint whose checksums verify.
+//! The coordinator's side of checkpoints, on the book-keeping of `eqim_common::checkpoint`: at a
+//! committed step it writes its own part (`job.json`: cursor, generation, ledger) and orders the
+//! writer rank to save the training state; when the rank reports its files it writes the manifest
+//! last and trims old checkpoints. At start it resumes from the newest checkpoint that verifies.
 
 use crate::config::CoordinatorConfig;
 use crate::steps::StepState;
@@ -20,23 +20,19 @@ impl CoordinatorConfig {
 /// The step state to start from: the newest good checkpoint's cursor and ledger, or a fresh job.
 pub fn resume_steps(cfg: &CoordinatorConfig) -> StepState {
     let root = cfg.checkpoint_root();
-    let (good, rejected) = checkpoint::latest_good(&root);
+    let (good, rejected) = checkpoint::resume_point(&root);
     for reason in &rejected {
         warn!("skipping checkpoint: {reason}");
     }
-    let Some((dir, manifest)) = good else {
-        if !rejected.is_empty() {
-            warn!(root = %root.display(), "no checkpoint verifies; starting the job from step 0");
+    match good {
+        Some(point) => {
+            info!(dir = %point.dir.display(), step = point.manifest.step, epoch = point.job.cursor.epoch, "resuming from checkpoint");
+            StepState::resume(cfg.schedule.clone(), point.job.cursor, point.job.ledger)
         }
-        return StepState::new(cfg.schedule.clone());
-    };
-    match checkpoint::read_job_state(&dir) {
-        Ok(state) => {
-            info!(dir = %dir.display(), step = manifest.step, epoch = state.cursor.epoch, "resuming from checkpoint");
-            StepState::resume(cfg.schedule.clone(), state.cursor, state.ledger)
-        }
-        Err(e) => {
-            error!(cause = %e, "the verified checkpoint's job state does not load; starting from step 0");
+        None => {
+            if !rejected.is_empty() {
+                warn!(root = %root.display(), "no checkpoint verifies; starting the job from step 0");
+            }
             StepState::new(cfg.schedule.clone())
         }
     }
@@ -50,15 +46,14 @@ pub fn order(
     generation: Generation,
     state: &StepState,
 ) -> Option<(String, PathBuf)> {
-    let name = checkpoint::dir_name(steps);
-    let dir = root.join(&name);
     let job = JobState {
         cursor: state.cursor(),
         generation,
         ledger: state.ledger().clone(),
+        schedule: Some(state.schedule_config().clone()),
     };
-    match checkpoint::write_job_state(&dir, &job) {
-        Ok(()) => Some((name, dir)),
+    match checkpoint::begin(root, steps, &job) {
+        Ok(ordered) => Some(ordered),
         Err(e) => {
             error!(cause = %e, "cannot write the checkpoint's job state; checkpoint skipped");
             None
@@ -68,23 +63,17 @@ pub fn order(
 
 /// Writes the manifest over the worker's files and the job state, then trims old checkpoints.
 /// Returns whether the manifest was written, i.e. the checkpoint is good (failures are logged).
-pub fn complete(dir: &Path, steps: u64, mut files: Vec<WrittenFile>, root: PathBuf) -> bool {
-    let written = checkpoint::written_file(dir, checkpoint::JOB_STATE_FILE).and_then(|job| {
-        files.push(job);
-        checkpoint::write_manifest(dir, steps, &files)
-    });
-    if let Err(e) = written {
-        error!(cause = %e, "cannot complete the checkpoint");
-        return false;
-    }
-    // The checkpoint is good once its manifest is written; trimming old ones is housekeeping.
-    match checkpoint::trim(&root, DEFAULT_KEEP) {
+pub fn complete(dir: &Path, steps: u64, files: Vec<WrittenFile>, root: PathBuf) -> bool {
+    match checkpoint::complete(&root, dir, steps, files, DEFAULT_KEEP) {
         Ok(removed) => {
             for old in removed {
                 info!(dir = %old.display(), "old checkpoint removed");
             }
+            true
         }
-        Err(e) => error!(cause = %e, "cannot remove old checkpoints"),
+        Err(e) => {
+            error!(cause = %e, "cannot complete the checkpoint");
+            dir.join(checkpoint::MANIFEST_FILE).exists()
+        }
     }
-    true
 }

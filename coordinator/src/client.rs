@@ -62,6 +62,10 @@ pub enum ClientError {
     ClosedDuringHandshake,
     #[error("expected admitted or refused, got {0}")]
     Unexpected(&'static str),
+    /// The job's token or certificate fingerprint could not be read (yet): a coordinator that is
+    /// still starting may not have written them.
+    #[error("job credentials: {0}")]
+    Credentials(String),
 }
 
 impl ClientError {
@@ -72,6 +76,7 @@ impl ClientError {
             | ClientError::Timeout(_)
             | ClientError::ClosedDuringHandshake
             | ClientError::Frame(_)
+            | ClientError::Credentials(_)
             | ClientError::Refused(Refusal::JobFull { .. }) => true,
             ClientError::Connection(e) => !matches!(
                 e,
@@ -291,10 +296,24 @@ impl Client {
         cfg: ClientConfig,
         patience: Duration,
     ) -> Result<Client, ClientError> {
+        Self::connect_with_retry_from(|| Ok(cfg.clone()), patience).await
+    }
+
+    /// [`Client::connect_with_retry`] with the configuration made anew before every attempt by
+    /// `config` (it re-reads credentials that may not exist yet; its errors are retried). The one
+    /// connector of every client: cancel it by dropping the future (e.g. on SIGTERM).
+    pub async fn connect_with_retry_from(
+        mut config: impl FnMut() -> Result<ClientConfig, ClientError>,
+        patience: Duration,
+    ) -> Result<Client, ClientError> {
         let started = tokio::time::Instant::now();
         let mut backoff = RETRY_BACKOFF_START;
         loop {
-            match Client::connect(cfg.clone()).await {
+            let attempt = match config() {
+                Ok(cfg) => Client::connect(cfg).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
                 Ok(client) => return Ok(client),
                 Err(e) if e.is_retryable() && started.elapsed() + backoff < patience => {
                     info!(cause = %e, retry_in = ?backoff, "coordinator not reachable yet");

@@ -38,7 +38,7 @@ pub enum EvalFinishError {
     #[error("writing {path}: {source}")]
     Write {
         path: String,
-        source: std::io::Error,
+        source: eqim_common::files::FileError,
     },
 }
 
@@ -210,7 +210,8 @@ impl EvalState {
         let bytes = bincode::serde::encode_to_vec(record, bincode::config::standard())
             .map_err(std::io::Error::other)?;
         let name = format!("done-{:010}-{:010}.bin", record.start, record.end);
-        write_atomically(&self.state_dir().join(name), &bytes)
+        eqim_common::files::write_atomic(&self.state_dir().join(name), &bytes)
+            .map_err(|e| std::io::Error::new(e.source.kind(), e.to_string()))
     }
 
     /// (images done, images in the set)
@@ -283,7 +284,7 @@ impl EvalState {
             info!(num_images = plan.num_images, batch_size = plan.batch_size, settings = %plan.settings_json, "evaluation plan adopted");
             let path = self.state_dir().join(PLAN_FILE);
             let json = serde_json::to_vec_pretty(&plan).expect("the plan serializes");
-            if let Err(e) = write_atomically(&path, &json) {
+            if let Err(e) = eqim_common::files::write_atomic(&path, &json) {
                 warn!(path = %path.display(), cause = %e, "cannot save the evaluation plan; a restarted coordinator would start the set again");
             }
             self.adopt(plan);
@@ -596,7 +597,7 @@ impl EvalResults {
             "images": images,
         });
         let path = self.out_dir.join("manifest.json");
-        write_atomically(
+        eqim_common::files::write_atomic(
             &path,
             &serde_json::to_vec_pretty(&manifest).expect("json values serialize"),
         )
@@ -619,20 +620,6 @@ fn image_index(file: &WrittenFile) -> Option<u64> {
         .file_stem()
         .and_then(|s| s.to_str())
         .and_then(|s| s.parse::<u64>().ok())
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The step scheduler: epochs, the data cursor, per-rank assignments with a fixed global batch,
-//! step votes and the ledger, as plain data with explicit transitions.
+//! The step scheduler: step votes over the data schedule of `eqim_common::schedule` (epochs, the
+//! data cursor, per-rank assignments with a fixed global batch, the ledger), as plain data with
+//! explicit transitions.
 //!
 //! A step is opened for the roster of one generation; it commits only when every rank voted ok,
 //! and aborts at the first failed vote, on a lost member or at the step timeout. Only a commit
@@ -7,63 +8,11 @@
 //! re-run at the same position (re-split over whoever is left) and every epoch covers each
 //! sample exactly once.
 
-use eqim_common::ledger::{Ledger, LedgerEntry};
+use eqim_common::ledger::Ledger;
 use eqim_common::proto::{AbortReason, Assignment, Cursor, Generation, VoteOutcome, WorkerId};
-use eqim_common::schedule::{
-    accumulation_steps, epoch_permutation, split_step, step_range, steps_per_epoch, SplitPlan,
-};
-use serde::{Deserialize, Serialize};
+pub use eqim_common::schedule::ScheduleConfig;
+use eqim_common::schedule::{DataSchedule, StepSamples};
 use std::time::{Duration, Instant};
-
-/// The data schedule of a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleConfig {
-    /// Number of training samples; indices are `0..dataset_len`.
-    pub dataset_len: u64,
-    /// Samples per optimizer step over all ranks, kept fixed when the world size changes.
-    pub global_batch: u64,
-    /// Most samples one rank computes in one forward/backward; more are accumulated.
-    pub micro_batch: u64,
-    pub epochs: u32,
-    /// Seed of the epoch permutations.
-    pub seed: u64,
-    /// Order a checkpoint after every this many committed steps (and after the last one).
-    #[serde(default)]
-    pub checkpoint_every_steps: Option<u64>,
-}
-
-impl ScheduleConfig {
-    /// Returns the offending key and what is accepted.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let positive = [
-            ("dataset_len", self.dataset_len),
-            ("global_batch", self.global_batch),
-            ("micro_batch", self.micro_batch),
-            ("epochs", u64::from(self.epochs)),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err((format!("schedule.{key}"), "must be at least 1".into()));
-            }
-        }
-        if self.checkpoint_every_steps == Some(0) {
-            return Err((
-                "schedule.checkpoint_every_steps".into(),
-                "must be at least 1, or left out for no periodic checkpoints".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    pub fn steps_per_epoch(&self) -> u64 {
-        steps_per_epoch(self.dataset_len, self.global_batch)
-    }
-
-    pub fn total_steps(&self) -> u64 {
-        self.steps_per_epoch() * u64::from(self.epochs)
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
@@ -89,9 +38,8 @@ pub struct OpenStep {
     pub step: u64,
     pub generation: Generation,
     pub epoch: u32,
-    /// The step's samples, in permutation order.
-    pub samples: Vec<u64>,
-    pub end_offset: u64,
+    /// The step's samples, committed as they are when every rank voted ok.
+    pub samples: StepSamples,
     /// `voters[r]` is rank r.
     pub voters: Vec<WorkerId>,
     pub votes_ok: Vec<WorkerId>,
@@ -116,39 +64,37 @@ pub enum VoteResult {
 /// The scheduler, owned by the job actor.
 #[derive(Debug, Clone)]
 pub struct StepState {
-    cfg: ScheduleConfig,
-    cursor: Cursor,
+    schedule: DataSchedule,
     open: Option<OpenStep>,
-    ledger: Ledger,
-    /// Permutation of `cursor.epoch`, cached (a pure function of the seed and the epoch).
-    permutation: Vec<u64>,
 }
 
 impl StepState {
     /// A fresh job at step 0.
     pub fn new(cfg: ScheduleConfig) -> Self {
-        let ledger = Ledger::new(cfg.dataset_len);
-        Self::resume(cfg, Cursor::default(), ledger)
+        Self {
+            schedule: DataSchedule::new(cfg),
+            open: None,
+        }
     }
 
     /// A job resumed at `cursor` with the ledger saved in its checkpoint.
     pub fn resume(cfg: ScheduleConfig, cursor: Cursor, ledger: Ledger) -> Self {
-        let permutation = epoch_permutation(cfg.seed, cursor.epoch, cfg.dataset_len);
         Self {
-            cfg,
-            cursor,
+            schedule: DataSchedule::resume(cfg, cursor, ledger),
             open: None,
-            ledger,
-            permutation,
         }
     }
 
     pub fn cursor(&self) -> Cursor {
-        self.cursor
+        self.schedule.cursor()
     }
 
     pub fn ledger(&self) -> &Ledger {
-        &self.ledger
+        self.schedule.ledger()
+    }
+
+    pub fn schedule_config(&self) -> &ScheduleConfig {
+        self.schedule.config()
     }
 
     pub fn open_step(&self) -> Option<&OpenStep> {
@@ -156,17 +102,12 @@ impl StepState {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.cursor.epoch >= self.cfg.epochs
+        self.schedule.is_finished()
     }
 
     /// Whether a checkpoint is due after committing `step`.
     pub fn checkpoint_due(&self, step: u64) -> bool {
-        let last = step + 1 == self.cfg.total_steps();
-        last || self
-            .cfg
-            .checkpoint_every_steps
-            .and_then(|every| (step + 1).checked_rem(every))
-            == Some(0)
+        self.schedule.checkpoint_due(step)
     }
 
     /// Opens the step at the cursor for the ranks `roster` of `generation`, and returns each
@@ -180,40 +121,19 @@ impl StepState {
         if let Some(open) = &self.open {
             return Err(StepError::AlreadyOpen { step: open.step });
         }
-        if self.is_finished() {
+        let Some(samples) = self.schedule.next_step() else {
             return Err(StepError::Finished);
-        }
+        };
         if roster.is_empty() {
             return Err(StepError::EmptyRoster);
         }
         let world_size = u32::try_from(roster.len()).expect("world size fits in u32");
-        let step_in_epoch = self.cursor.offset / self.cfg.global_batch;
-        let range = step_range(self.cfg.dataset_len, self.cfg.global_batch, step_in_epoch);
-        let samples = self.permutation[range.start as usize..range.end as usize].to_vec();
-        let accumulation =
-            accumulation_steps(self.cfg.global_batch, self.cfg.micro_batch, world_size);
-        let assignments = (0..world_size)
-            .map(|rank| Assignment {
-                generation,
-                step: self.cursor.step,
-                epoch: self.cursor.epoch,
-                micro_batches: split_step(
-                    &samples,
-                    SplitPlan {
-                        rank,
-                        world_size,
-                        accumulation,
-                    },
-                ),
-                step_samples: samples.len() as u64,
-            })
-            .collect();
+        let assignments = self.schedule.assignments(&samples, generation, world_size);
         self.open = Some(OpenStep {
-            step: self.cursor.step,
+            step: samples.step,
             generation,
-            epoch: self.cursor.epoch,
+            epoch: samples.epoch,
             samples,
-            end_offset: range.end,
             voters: roster.to_vec(),
             votes_ok: Vec::new(),
             opened_at: now,
@@ -270,22 +190,7 @@ impl StepState {
 
     fn commit(&mut self) -> VoteResult {
         let open = self.open.take().expect("commit needs an open step");
-        self.ledger.record(LedgerEntry {
-            step: open.step,
-            epoch: open.epoch,
-            generation: open.generation,
-            indices: open.samples,
-        });
-        self.cursor.step += 1;
-        self.cursor.offset = open.end_offset;
-        if self.cursor.offset >= self.cfg.dataset_len {
-            self.cursor.epoch += 1;
-            self.cursor.offset = 0;
-            if !self.is_finished() {
-                self.permutation =
-                    epoch_permutation(self.cfg.seed, self.cursor.epoch, self.cfg.dataset_len);
-            }
-        }
+        self.schedule.commit(open.samples, open.generation);
         VoteResult::Commit {
             generation: open.generation,
             step: open.step,

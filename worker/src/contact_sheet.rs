@@ -85,13 +85,8 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
         .to_rgb8())
 }
 
-/// Writes a PNG atomically (temp file then rename).
-pub fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
-}
+/// Writes a PNG atomically.
+pub use crate::imageio::write_png;
 
 #[cfg(test)]
 mod tests {

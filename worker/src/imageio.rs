@@ -101,25 +101,15 @@ pub fn tensor_to_rgb(xs: &Tensor) -> Result<image::RgbImage> {
 
 /// Writes [3, H, W] in [-1, 1] as a PNG, atomically (temp file, fsync, rename).
 pub fn save_png(xs: &Tensor, path: &Path) -> Result<()> {
-    let img = tensor_to_rgb(xs)?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    write_png(&tensor_to_rgb(xs)?, path)
+}
+
+/// Writes an RGB image as a PNG, atomically (temp file, fsync, rename).
+pub fn write_png(img: &image::RgbImage, path: &Path) -> Result<()> {
+    eqim_common::files::write_atomic_with(path, |tmp| {
+        img.save_with_format(tmp, image::ImageFormat::Png)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
 }
 
 #[cfg(test)]

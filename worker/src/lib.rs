@@ -7,6 +7,7 @@ pub mod contact_sheet;
 pub mod convert;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod doctor;
 pub mod eval;
 pub mod imageio;

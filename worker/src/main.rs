@@ -44,8 +44,8 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
-    /// Train the generator on one process by the reference recipe (AdamW, warm-up, clipping, EMA),
-    /// resuming from OUTPUT_DIR/checkpoint-last when present.
+    /// Train the generator on one process by the reference recipe (AdamW, warm-up, clipping, EMA)
+    /// as the only rank of the runtime, resuming from OUTPUT_DIR/checkpoints when present.
     TrainGenerator(eqim_worker::train::cli::TrainGeneratorArgs),
     /// Sample images: generator tokens, latent scaling, tokenizer decoder, PNGs.
     Sample(Box<eqim_worker::sample_images::SampleArgs>),

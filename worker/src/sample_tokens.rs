@@ -62,7 +62,7 @@ pub struct SampleTokensArgs {
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N` or `auto` (one parser for every command).
-pub use crate::train::cli::parse_device;
+pub use crate::device::parse_device;
 
 fn read_config(args: &SampleTokensArgs) -> Result<GeneratorConfig> {
     match (&args.config, &args.preset) {

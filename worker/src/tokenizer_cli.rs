@@ -82,7 +82,7 @@ pub struct VerifyTokenizerArgs {
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N` or `auto` (one parser for every command).
-pub use crate::train::cli::parse_device;
+pub use crate::device::parse_device;
 
 /// A tokenizer with its weights; the VarStore must outlive the model's use.
 pub struct LoadedTokenizer {

@@ -187,15 +187,9 @@ async fn start_server(
 ) -> Result<MetricsServer> {
     let server = MetricsServer::start(args.listen, metrics).await?;
     if let Some(path) = &args.addr_file {
-        write_atomically(path, &server.local_addr().to_string())?;
+        eqim_common::files::write_atomic(path, server.local_addr().to_string().as_bytes())?;
     }
     Ok(server)
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))
 }
 
 /// A deterministic wobble in [0, 1) so values change between scrapes without a random source.

@@ -4,7 +4,6 @@
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const TOKEN_FILE: &str = "token";
@@ -154,23 +153,13 @@ fn read_token(path: &Path) -> Result<String, CredentialsError> {
     Ok(token)
 }
 
-/// Writes `bytes` to `path` through a temp file, fsync and rename; `secret` files are 0600.
+/// Writes `bytes` to `path` atomically; `secret` files are readable by the owner only.
 fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CredentialsError> {
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    #[cfg(not(unix))]
-    let _ = secret; // permissions are left to the platform's defaults
-    let mut file = opts.open(&tmp).map_err(io_err(&tmp))?;
-    file.write_all(bytes).map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    let options = eqim_common::files::AtomicOptions { secret };
+    eqim_common::files::write_atomic_opts(path, bytes, options).map_err(|e| CredentialsError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]

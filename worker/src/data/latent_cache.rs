@@ -86,21 +86,12 @@ impl LatentCacheWriter {
     where
         F: Fn(&Tensor) -> Tensor,
     {
-        let tmp = path.with_extension("safetensors.tmp");
-        let summary = match self.write_temp(source, path, &tmp, encode) {
-            Ok(summary) => summary,
-            Err(err) => {
-                // Best effort: the error that matters is `err`; a leftover temp file is harmless.
-                let _ = std::fs::remove_file(&tmp);
-                return Err(err);
-            }
-        };
-        std::fs::rename(&tmp, path).map_err(io_err(path))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(dir))?;
-        }
+        let mut summary = None;
+        eqim_common::files::write_atomic_with(path, |tmp| -> Result<(), DataError> {
+            summary = Some(self.write_temp(source, path, tmp, encode)?);
+            Ok(())
+        })?;
+        let summary = summary.expect("write_atomic_with ran the writer successfully");
         Ok(summary)
     }
 

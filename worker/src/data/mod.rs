@@ -52,6 +52,15 @@ pub enum DataError {
     LatentCache { path: PathBuf, reason: String },
 }
 
+impl From<eqim_common::files::FileError> for DataError {
+    fn from(e: eqim_common::files::FileError) -> Self {
+        DataError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Unreadable or corrupt image files found so far in this process (each file counted once).
 /// The metrics code exports it as `eqim_common::metrics::DATA_UNREADABLE_FILES_TOTAL`; training
 /// goes on without those files.

@@ -5,58 +5,41 @@
 //! Reference: torchvision `Resize(256)`, `RandomCrop(256)`, `RandomHorizontalFlip()`,
 //! `ToTensor()`, `Normalize([0.5]*3, [0.5]*3)` in scripts/train_generator.py.
 
+use eqim_common::seed::{finalize, mix, SplitMix64, GOLDEN_GAMMA};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::resize::resize_fast;
 use super::DataError;
 
-/// A small counter-based generator (SplitMix64) seeded from (seed, sample index). Portable and
-/// stable across crate versions, unlike `rand::StdRng`, which matters because augmented samples
-/// must be reproducible across machines and releases.
+/// The SplitMix64 stream (`eqim_common::seed`) of one sample, seeded from (seed, sample index,
+/// stream). Portable and stable across crate versions, unlike `rand::StdRng`, which matters
+/// because augmented samples must be reproducible across machines and releases.
 #[derive(Clone, Debug)]
-pub struct SampleRng {
-    state: u64,
-}
-
-const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn splitmix64_mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub struct SampleRng(SplitMix64);
 
 impl SampleRng {
     /// The stream for one sample; `stream` separates independent uses of the same pair (crop and
     /// flip of the image pipeline, the flip choice of the latent cache, demo crops).
     pub fn new(seed: u64, index: u64, stream: u64) -> Self {
-        let key = splitmix64_mix(seed ^ splitmix64_mix(index.wrapping_add(GOLDEN_GAMMA)));
-        Self {
-            state: splitmix64_mix(key ^ stream.wrapping_mul(GOLDEN_GAMMA)),
-        }
+        let key = finalize(seed ^ mix(index));
+        Self(SplitMix64::new(finalize(
+            key ^ stream.wrapping_mul(GOLDEN_GAMMA),
+        )))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
-        splitmix64_mix(self.state)
+        self.0.next_u64()
     }
 
     /// Uniform integer in `0..n` (n > 0), by rejection so there is no modulo bias.
     pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "SampleRng::below needs n > 0");
-        let zone = u64::MAX - (u64::MAX % n);
-        loop {
-            let v = self.next_u64();
-            if v < zone {
-                return v % n;
-            }
-        }
+        self.0.below(n)
     }
 
     /// Uniform float in [0, 1) with 53 random bits.
     pub fn unit_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.0.unit_f64()
     }
 
     /// True with probability 1/2.
@@ -68,7 +51,7 @@ impl SampleRng {
 /// The seed of one epoch, derived from the run's base seed, so that epochs differ and any worker
 /// can recompute it.
 pub fn epoch_seed(base_seed: u64, epoch: u64) -> u64 {
-    splitmix64_mix(base_seed ^ splitmix64_mix(epoch ^ 0xE90C_E90C_E90C_E90C))
+    finalize(base_seed ^ finalize(epoch ^ 0xE90C_E90C_E90C_E90C))
 }
 
 /// Stream ids of [`SampleRng::new`]; fixed forever, since changing one changes every sample.

@@ -74,12 +74,9 @@ pub struct FidArgs {
 }
 
 /// `--device` of the FID commands: absent means CUDA when available; otherwise the spellings of
-/// every other command (`train::cli::parse_device`).
+/// every other command (`crate::device::parse_device`).
 pub fn parse_device(spec: Option<&str>) -> Result<Device> {
-    spec.map_or(
-        Ok(Device::cuda_if_available()),
-        crate::train::cli::parse_device,
-    )
+    spec.map_or(Ok(Device::cuda_if_available()), crate::device::parse_device)
 }
 
 /// The image files of a folder (png, jpg, jpeg; any case), sorted by name.

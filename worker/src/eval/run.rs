@@ -222,11 +222,6 @@ struct Plan {
     info: EvalPlanInfo,
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
 impl Plan {
     fn resolve(args: &EvalPlanArgs) -> Result<Self> {
         let text = std::fs::read_to_string(&args.config)
@@ -245,8 +240,8 @@ impl Plan {
         let device = crate::sample_tokens::parse_device(&args.device)?;
         // Everything that changes the pixels, by content (paths differ between machines).
         let settings = serde_json::json!({
-            "generator_weights_sha256": sha256_file(&args.weights)?,
-            "tokenizer_checkpoint_sha256": sha256_file(&args.tokenizer_checkpoint)?,
+            "generator_weights_sha256": eqim_common::files::sha256_hex(&args.weights)?,
+            "tokenizer_checkpoint_sha256": eqim_common::files::sha256_hex(&args.tokenizer_checkpoint)?,
             "generator_config": serde_json::from_str::<serde_json::Value>(&text)?,
             "cfg": args.cfg,
             "cfg_schedule": args.cfg_schedule,
@@ -376,12 +371,7 @@ fn write_png(image: &image::RgbImage, dir: &Path, index: u64) -> Result<WrittenF
             image::ImageFormat::Png,
         )
         .with_context(|| format!("encoding {}", path.display()))?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    eqim_common::files::write_atomic(&path, &bytes)?;
     Ok(WrittenFile {
         path: name,
         bytes: bytes.len() as u64,
@@ -634,26 +624,15 @@ impl WorkerSession<'_> {
 /// Connects, retrying while the coordinator may still be starting; `None` when the job has
 /// already finished (a late worker has nothing to do).
 async fn connect_with_retry(cfg: ClientConfig, timeout: Duration) -> Result<Option<Client>> {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(100);
-    loop {
-        match Client::connect(cfg.clone()).await {
-            Ok(client) => return Ok(Some(client)),
-            Err(ClientError::Refused(Refusal::JobFinished)) => return Ok(None),
-            Err(e) if e.is_retryable() && Instant::now() + pause < deadline => {
-                tracing::debug!(cause = %e, "coordinator not reachable yet; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "connecting to the coordinator at {} (waited up to {timeout:?})",
-                        cfg.coordinator
-                    )
-                })
-            }
-        }
+    match Client::connect_with_retry(cfg.clone(), timeout).await {
+        Ok(client) => Ok(Some(client)),
+        Err(ClientError::Refused(Refusal::JobFinished)) => Ok(None),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "connecting to the coordinator at {} (waited up to {timeout:?})",
+                cfg.coordinator
+            )
+        }),
     }
 }
 

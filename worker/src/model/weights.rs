@@ -142,27 +142,9 @@ pub fn save_file(vs: &nn::VarStore, path: &Path) -> Result<()> {
 
 /// Writes named tensors to `path` atomically: a crash leaves either the old file or the new one.
 pub fn write_safetensors_atomic(named: &[(String, Tensor)], path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    Tensor::write_safetensors(named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Best effort: persisting the rename needs the directory synced; not all filesystems allow it.
-        let _ignored = d.sync_all();
-    }
-    Ok(())
+    eqim_common::files::write_atomic_with(path, |tmp| {
+        Tensor::write_safetensors(named, tmp).with_context(|| format!("writing {}", tmp.display()))
+    })
 }
 
 #[cfg(test)]

@@ -12,17 +12,14 @@ use eqim_common::proto::{
     CoordinatorToWorker, Generation, MetricsSummary, StoreEndpoint, WorkerId, WorkerPhase,
     WorkerToCoordinator, JIT_CHECKPOINT_TIMEOUT,
 };
-use eqim_coordinator::client::{Client, ClientConfig, HeartbeatStatus};
+use eqim_coordinator::client::{Client, ClientConfig, ClientError, HeartbeatStatus};
 use eqim_coordinator::net::credentials::{parse_fingerprint, ClientCredentials};
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{info, warn};
 
-/// First and largest pause between connection attempts.
-const CONNECT_BACKOFF_START: Duration = Duration::from_millis(100);
-const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long the training thread gets to write its final state at the end of the job.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -80,6 +77,10 @@ pub struct WorkerArgs {
     /// plus generator.json); default: `generator` next to the token file (the job directory).
     #[arg(long, value_name = "DIR")]
     pub export_dir: Option<PathBuf>,
+    /// Append a JSON line per committed step (this rank's mean loss and sample count, lr, grad
+    /// norm) to this file, as `eqim train-generator` writes train_log.jsonl.
+    #[arg(long, value_name = "FILE")]
+    pub step_log: Option<PathBuf>,
 }
 
 fn secs(flag: &str, value: f64) -> Result<Duration> {
@@ -167,6 +168,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .checkpoint_dir
             .clone()
             .unwrap_or_else(|| job_dir.join("checkpoints")),
+        progress_total: None,
+        step_log: args
+            .step_log
+            .clone()
+            .map(|path| super::trainer::StepLogConfig { path, every: 1 }),
     };
     let gpu_metrics = trainer_cfg.metrics.clone();
     let seed = args.seed;
@@ -271,6 +277,8 @@ enum SessionEnd {
     Terminated,
 }
 
+/// Connects with the one retrying connector, re-reading the credentials on every attempt (the
+/// coordinator may not have written them yet); `None` on SIGTERM while connecting.
 async fn connect_with_retry(
     args: &WorkerArgs,
     worker_id: &WorkerId,
@@ -278,48 +286,30 @@ async fn connect_with_retry(
     timeout: Duration,
     sigterm: &mut tokio::signal::unix::Signal,
 ) -> Result<Option<Client>> {
-    let deadline = Instant::now() + timeout;
-    let mut backoff = CONNECT_BACKOFF_START;
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let attempt = async {
-            let credentials = load_credentials(args)?;
-            let cfg = ClientConfig::new(args.coordinator.clone(), credentials, worker_id.clone())
+    let config = || {
+        let credentials =
+            load_credentials(args).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
+        Ok(
+            ClientConfig::new(args.coordinator.clone(), credentials, worker_id.clone())
                 .with_store(store.clone())
-                .with_device(format!("cpu x{}", tch::get_num_threads()));
-            Client::connect(cfg).await.map_err(anyhow::Error::from)
-        };
-        let error = match attempt.await {
-            Ok(client) => return Ok(Some(client)),
-            Err(e) => e,
-        };
-        if let Some(eqim_coordinator::client::ClientError::Refused(reason)) =
-            error.downcast_ref::<eqim_coordinator::client::ClientError>()
-        {
-            bail!(
+                .with_device(format!("cpu x{}", tch::get_num_threads())),
+        )
+    };
+    tokio::select! {
+        connected = Client::connect_with_retry_from(config, timeout) => match connected {
+            Ok(client) => Ok(Some(client)),
+            Err(ClientError::Refused(reason)) => bail!(
                 "the coordinator at {} refused this worker: {reason}",
                 args.coordinator
-            );
-        }
-        if Instant::now() + backoff > deadline {
-            return Err(error).with_context(|| {
+            ),
+            Err(e) => Err(e).with_context(|| {
                 format!(
-                    "cannot reach the coordinator at {} after {attempts} attempts within --connect-timeout {timeout:?}",
+                    "cannot reach the coordinator at {} within --connect-timeout {timeout:?}",
                     args.coordinator
                 )
-            });
-        }
-        tracing::debug!(
-            attempts,
-            cause = format!("{error:#}"),
-            "coordinator not reachable yet"
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = sigterm.recv() => return Ok(None),
-        }
-        backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
+            }),
+        },
+        _ = sigterm.recv() => Ok(None),
     }
 }
 

@@ -10,14 +10,14 @@
 //! state, so nothing but tensors needs to travel.
 //!
 //! Randomness: each micro-batch is seeded with `derive_seed(seed, step, first sample index)`.
-//! The coordinator splits a step into the same contiguous micro-batches whatever the world size
-//! whenever `global_batch` is a multiple of `world_size * micro_batch`, and then the draws, and
-//! so the update, do not depend on which rank ran which micro-batch.
+//! The schedule splits a step into the same contiguous micro-batches whatever the world size
+//! whenever `global_batch` is a multiple of `world_size * micro_batch` (2 ranks x micro-batch 4
+//! and 1 rank accumulating 2 x 4 compute the same micro-batches), and then the draws, and so the
+//! update, do not depend on which rank ran which micro-batch, up to the order of float sums.
 
 use super::trainable::Trainable;
-use crate::train::cli::{
-    batch_source, parse_device, resolve_model, trainer_config, write_json_atomic, GENERATOR_JSON,
-};
+use crate::device::parse_device;
+use crate::train::cli::{batch_source, resolve_model, trainer_config, GENERATOR_JSON};
 use crate::train::generator::GeneratorTrainModel;
 use crate::train::source::BatchSource;
 use crate::train::{GradAccumulator, Progress, Trainer};
@@ -57,6 +57,11 @@ impl GeneratorTrainable {
     pub fn from_config_file(path: &Path, device_override: Option<&str>) -> Result<Self> {
         let cfg: GeneratorTrainConfig = load_config(path)
             .with_context(|| format!("reading the training config {}", path.display()))?;
+        // The config's thread count holds for every process that trains it, so a run is
+        // bitwise reproducible whichever entry point starts it.
+        if let Some(n) = cfg.threads {
+            tch::set_num_threads(n as i32);
+        }
         let model_cfg =
             resolve_model(&cfg.model).with_context(|| format!("config file {}", path.display()))?;
         let device = parse_device(device_override.unwrap_or(&cfg.device))?;
@@ -74,7 +79,7 @@ impl GeneratorTrainable {
         }
         let global_batch = cfg.optim.batch;
         ensure!(global_batch > 0, "optim.batch must be at least 1");
-        let steps_per_epoch = source.len().div_ceil(global_batch);
+        let steps_per_epoch = eqim_common::schedule::steps_per_epoch(source.len(), global_batch);
         let acc = trainer.accumulator();
         Ok(Self {
             trainer,
@@ -95,6 +100,11 @@ impl GeneratorTrainable {
     /// Samples the data source holds (the coordinator's `dataset_len` must equal it).
     pub fn dataset_len(&self) -> u64 {
         self.source.len()
+    }
+
+    /// Trainable parameters of the generator.
+    pub fn parameter_count(&self) -> usize {
+        self.trainer.params.numel()
     }
 
     /// The device the generator trains on.
@@ -252,7 +262,7 @@ impl Trainable for GeneratorTrainable {
         crate::model::weights::write_safetensors_atomic(&self.trainer.params.to_named_cpu(), &live)
             .with_context(|| format!("writing {}", live.display()))?;
         let json = dir.join(GENERATOR_JSON);
-        write_json_atomic(&json, &self.model_cfg)?;
+        eqim_common::files::write_json_atomic(&json, &self.model_cfg)?;
         Ok(vec![ema, live, json])
     }
 }

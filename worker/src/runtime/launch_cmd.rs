@@ -105,6 +105,19 @@ pub fn check_train_config(
             train.optim.batch
         );
     }
+    let single = crate::train::cli::schedule_of(&train, rows);
+    if (schedule.seed, schedule.micro_batch) != (single.seed, single.micro_batch) {
+        tracing::warn!(
+            "{coordinator_config} sets schedule.seed = {} and micro_batch = {}, {} sets seed = {} \
+             and optim.micro_batch = {}: this job takes other samples per step than \
+             `eqim train-generator` with that config (set them equal for the same run)",
+            schedule.seed,
+            schedule.micro_batch,
+            path.display(),
+            single.seed,
+            single.micro_batch
+        );
+    }
     Ok(())
 }
 

@@ -5,5 +5,6 @@ pub mod agent;
 pub mod generator_trainable;
 pub mod launch_cmd;
 pub mod ledger_cmd;
+pub mod local;
 pub mod trainable;
 pub mod trainer;

@@ -72,19 +72,11 @@ pub struct SyntheticMlp {
 pub const SYNTHETIC_FEATURES: i64 = 8;
 const HIDDEN: i64 = 32;
 
-/// splitmix64: a well-mixed, seedless hash so sample features depend only on the index.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Features of sample `index`, uniform in [-1, 1).
 pub fn synthetic_features(index: u64) -> Vec<f32> {
     (0..SYNTHETIC_FEATURES as u64)
         .map(|j| {
-            let bits = mix(index.wrapping_mul(1_000_003).wrapping_add(j)) >> 40;
+            let bits = eqim_common::seed::mix(index.wrapping_mul(1_000_003).wrapping_add(j)) >> 40;
             (bits as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()

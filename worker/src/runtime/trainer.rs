@@ -1,6 +1,8 @@
-//! The worker's training thread: owns the model, the c10d store and process group, and obeys
-//! the agent's commands one at a time. tch and c10d calls block, so they live here and never in
-//! an async task; results go back to the agent as events.
+//! The training thread of every training run: owns the model, the c10d store and process group,
+//! and obeys commands one at a time. In a cluster the commands come from the worker agent (the
+//! coordinator's orders); `eqim train-generator` drives the same thread from
+//! [`super::local`] as the only rank, with no store and no process group. tch and c10d calls
+//! block, so they live here and never in an async task; results go back as events.
 
 use super::trainable::Trainable;
 use crate::collective::ddp::{allreduce_sum_tensors, broadcast_tensors, DEFAULT_BUCKET_BYTES};
@@ -26,6 +28,13 @@ pub enum Command {
         rank: u32,
         world_size: u32,
         rendezvous: Rendezvous,
+        resume: Cursor,
+    },
+    /// Be the only rank of `generation` (no store, no process group: nothing to all-reduce),
+    /// resuming at `resume` from the checkpoint written after that many steps if this thread is
+    /// not there yet.
+    JoinAlone {
+        generation: Generation,
         resume: Cursor,
     },
     /// Compute a step's gradients and all-reduce them; answer with a vote.
@@ -84,7 +93,8 @@ pub enum Event {
 /// Settings of the training thread.
 #[derive(Clone)]
 pub struct TrainerConfig {
-    /// Address of this machine other workers reach our TCPStore and gloo sockets at.
+    /// Address of this machine other workers reach our TCPStore and gloo sockets at (unused by a
+    /// thread that only ever joins alone).
     pub host: String,
     /// Bound on every collective and store wait (a hung peer is detected after it).
     pub collective_timeout: Duration,
@@ -97,11 +107,28 @@ pub struct TrainerConfig {
     pub metrics: Option<eqim_coordinator::metrics_registry::WorkerMetrics>,
     /// Where rank 0 exports the trained model ([`Trainable::export`]) at the end of the job.
     pub export_dir: Option<PathBuf>,
+    /// Steps of the whole run for the progress display, when known.
+    pub progress_total: Option<u64>,
+    /// Append one JSON line per `every` committed steps here (step, epoch, loss, lr, grad norm,
+    /// samples/s), if set.
+    pub step_log: Option<StepLogConfig>,
+}
+
+/// Where and how often committed steps are logged as JSON lines.
+#[derive(Debug, Clone)]
+pub struct StepLogConfig {
+    pub path: PathBuf,
+    pub every: u64,
 }
 
 struct Group {
     generation: Generation,
     rank: u32,
+    /// `None` for a rank alone in its generation.
+    collective: Option<Collective>,
+}
+
+struct Collective {
     process_group: ProcessGroup,
     // Kept alive for the group's lifetime: the group's store view and, on non-zero ranks, the
     // connection to rank 0's TCPStore.
@@ -118,7 +145,9 @@ struct Pending {
 pub struct Trainer<T: Trainable> {
     cfg: TrainerConfig,
     model: T,
-    own_store: Store,
+    /// The TCPStore this worker hosts for generations where it is rank 0 (`None` when it only
+    /// ever trains alone).
+    own_store: Option<Store>,
     group: Option<Group>,
     pending: Option<Pending>,
     recorder: Option<crate::metrics::StepRecorder>,
@@ -131,6 +160,10 @@ pub struct Trainer<T: Trainable> {
     /// Number of steps applied (the next step to run).
     next_step: u64,
     events: UnboundedSender<Event>,
+    /// Mean loss of the pending step over this rank's samples, and their number.
+    pending_loss: f64,
+    pending_samples: u64,
+    display: StepDisplay,
 }
 
 impl<T: Trainable> Trainer<T> {
@@ -138,7 +171,22 @@ impl<T: Trainable> Trainer<T> {
     pub fn new(cfg: TrainerConfig, model: T, events: UnboundedSender<Event>) -> Result<Self> {
         let own_store = Store::host(&cfg.host, 0, cfg.collective_timeout)
             .with_context(|| format!("hosting this worker's TCPStore on {}", cfg.host))?;
+        Self::build(cfg, model, events, Some(own_store))
+    }
+
+    /// A training thread that only ever joins alone ([`Command::JoinAlone`]): no TCPStore.
+    pub fn alone(cfg: TrainerConfig, model: T, events: UnboundedSender<Event>) -> Result<Self> {
+        Self::build(cfg, model, events, None)
+    }
+
+    fn build(
+        cfg: TrainerConfig,
+        model: T,
+        events: UnboundedSender<Event>,
+        own_store: Option<Store>,
+    ) -> Result<Self> {
         let recorder = cfg.metrics.clone().map(crate::metrics::StepRecorder::new);
+        let display = StepDisplay::new(cfg.progress_total, cfg.step_log.clone())?;
         Ok(Self {
             cfg,
             model,
@@ -151,12 +199,15 @@ impl<T: Trainable> Trainer<T> {
             data_errors_seen: crate::data::unreadable_files_skipped(),
             next_step: 0,
             events,
+            pending_loss: 0.0,
+            pending_samples: 0,
+            display,
         })
     }
 
-    /// Port of the TCPStore this worker hosts.
+    /// Port of the TCPStore this worker hosts (0 for a thread that only trains alone).
     pub fn store_port(&self) -> u16 {
-        self.own_store.port()
+        self.own_store.as_ref().map_or(0, Store::port)
     }
 
     fn emit(&self, event: Event) {
@@ -168,117 +219,148 @@ impl<T: Trainable> Trainer<T> {
     /// Obeys commands until `Finish` or the channel closes.
     pub fn run(mut self, commands: mpsc::Receiver<Command>) -> Result<()> {
         while let Ok(command) = commands.recv() {
-            match command {
-                Command::Join {
-                    generation,
-                    rank,
-                    world_size,
-                    rendezvous,
-                    resume,
-                } => {
-                    self.pending = None;
-                    if let Some(old) = self.group.take() {
-                        drop_group(old);
-                    }
-                    let started = Instant::now();
-                    match self.join(generation, rank, world_size, &rendezvous, resume) {
-                        Ok(group) => {
-                            info!(%generation, rank, world_size, step = resume.step, ms = started.elapsed().as_millis() as u64, "group ready");
-                            self.group = Some(group);
-                            self.next_step = resume.step;
-                            self.emit(Event::GroupReady { generation });
-                        }
-                        // The coordinator's rendezvous timeout forms the next generation.
-                        Err(e) => {
-                            warn!(%generation, cause = format!("{e:#}"), "cannot build the group")
-                        }
-                    }
-                }
-                Command::Step(assignment) => self.step(assignment),
-                Command::Commit {
-                    generation,
-                    step,
-                    checkpoint,
-                } => match self.pending.take() {
-                    Some(p) if p.generation == generation && p.step == step => {
-                        let applying = Instant::now();
-                        self.model
-                            .apply_step()
-                            .context("applying a committed step")?;
-                        let optimizer_time = applying.elapsed();
-                        self.next_step = step + 1;
-                        if let Some(r) = &self.recorder {
-                            r.record_commit(&crate::metrics::CommitReport {
-                                step_time: Duration::from_secs_f64(self.pending_seconds),
-                                optimizer_time,
-                                updates_held: step + 1,
-                                update: self.model.last_update(),
-                            });
-                        }
-                        self.emit(Event::Applied { step });
-                        let writer = self.group.as_ref().is_some_and(|g| {
-                            checkpoint.as_ref().is_some_and(|c| c.writer_rank == g.rank)
-                        });
-                        if let (true, Some(order)) = (writer, checkpoint) {
-                            self.checkpoint(generation, step + 1, &order.name)?;
-                        }
-                    }
-                    other => {
-                        anyhow::bail!(
-                            "commit of step {step} ({generation}) but the pending step is {:?}: this worker's state no longer matches the job",
-                            other.map(|p| (p.generation, p.step))
-                        );
-                    }
-                },
-                Command::Abort { generation, step } => {
-                    debug!(%generation, step, "step aborted; gradients dropped");
-                    self.pending = None;
-                }
-                Command::CheckpointNow {
-                    generation,
-                    steps,
-                    name,
-                } => {
-                    let event = match self.checkpoint_now(generation, steps, &name) {
-                        Ok(file) => Event::CheckpointWritten {
-                            generation,
-                            steps,
-                            files: vec![file],
-                        },
-                        Err(e) => Event::CheckpointFailed {
-                            reason: format!("{e:#}"),
-                        },
-                    };
-                    self.emit(event);
-                }
-                Command::Finish => {
-                    for writer in self.writers.drain(..) {
-                        if writer.join().is_err() {
-                            warn!("a checkpoint writer panicked");
-                        }
-                    }
-                    if let Some(path) = &self.cfg.final_state {
-                        save_state(&self.model, path)?;
-                        info!(path = %path.display(), "final state written");
-                    }
-                    let writer = self.group.as_ref().is_some_and(|g| g.rank == 0);
-                    if let (true, Some(dir)) = (writer, &self.cfg.export_dir) {
-                        let files = self.model.export(dir).with_context(|| {
-                            format!("exporting the trained model to {}", dir.display())
-                        })?;
-                        for file in &files {
-                            info!(path = %file.display(), "exported");
-                            println!("exported {}", file.display());
-                        }
-                    }
-                    if let Some(old) = self.group.take() {
-                        drop_group(old);
-                    }
-                    self.emit(Event::Finished);
-                    return Ok(());
-                }
+            if self.handle(command)? == Flow::Finished {
+                return Ok(());
             }
         }
+        Ok(())
+    }
+
+    /// Carries out one command; `Flow::Finished` after `Finish`.
+    pub fn handle(&mut self, command: Command) -> Result<Flow> {
+        match command {
+            Command::Join {
+                generation,
+                rank,
+                world_size,
+                rendezvous,
+                resume,
+            } => {
+                let joined = self.join(generation, rank, world_size, &rendezvous, resume);
+                self.enter(generation, resume, joined);
+            }
+            Command::JoinAlone { generation, resume } => {
+                let joined = self.join_alone(generation, resume);
+                self.enter(generation, resume, joined);
+            }
+            Command::Step(assignment) => self.step(assignment),
+            Command::Commit {
+                generation,
+                step,
+                checkpoint,
+            } => self.commit(generation, step, checkpoint)?,
+            Command::Abort { generation, step } => {
+                debug!(%generation, step, "step aborted; gradients dropped");
+                self.pending = None;
+            }
+            Command::CheckpointNow {
+                generation,
+                steps,
+                name,
+            } => {
+                let event = match self.checkpoint_now(generation, steps, &name) {
+                    Ok(file) => Event::CheckpointWritten {
+                        generation,
+                        steps,
+                        files: vec![file],
+                    },
+                    Err(e) => Event::CheckpointFailed {
+                        reason: format!("{e:#}"),
+                    },
+                };
+                self.emit(event);
+            }
+            Command::Finish => {
+                self.finish()?;
+                return Ok(Flow::Finished);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Makes the group of a join current (or logs why there is none).
+    fn enter(&mut self, generation: Generation, resume: Cursor, joined: Result<Group>) {
+        match joined {
+            Ok(group) => {
+                info!(%generation, rank = group.rank, step = resume.step, "group ready");
+                self.group = Some(group);
+                self.next_step = resume.step;
+                self.emit(Event::GroupReady { generation });
+            }
+            // The coordinator's rendezvous timeout forms the next generation.
+            Err(e) => warn!(%generation, cause = format!("{e:#}"), "cannot build the group"),
+        }
+    }
+
+    fn commit(
+        &mut self,
+        generation: Generation,
+        step: u64,
+        checkpoint: Option<CheckpointOrder>,
+    ) -> Result<()> {
+        match self.pending.take() {
+            Some(p) if p.generation == generation && p.step == step => {}
+            other => anyhow::bail!(
+                "commit of step {step} ({generation}) but the pending step is {:?}: this worker's state no longer matches the job",
+                other.map(|p| (p.generation, p.step))
+            ),
+        }
+        let applying = Instant::now();
+        self.model
+            .apply_step()
+            .context("applying a committed step")?;
+        let optimizer_time = applying.elapsed();
+        self.next_step = step + 1;
+        let update = self.model.last_update();
+        if let Some(r) = &self.recorder {
+            r.record_commit(&crate::metrics::CommitReport {
+                step_time: Duration::from_secs_f64(self.pending_seconds),
+                optimizer_time,
+                updates_held: step + 1,
+                update,
+            });
+        }
+        self.display
+            .committed(step, self.pending_loss, self.pending_samples, update)?;
+        self.emit(Event::Applied { step });
+        let writer = self
+            .group
+            .as_ref()
+            .is_some_and(|g| checkpoint.as_ref().is_some_and(|c| c.writer_rank == g.rank));
+        if let (true, Some(order)) = (writer, checkpoint) {
+            self.checkpoint(generation, step + 1, &order.name)?;
+        }
+        Ok(())
+    }
+
+    /// The end of the job: waits for the checkpoint writers, writes the final state and exports
+    /// the model if asked, and leaves the group.
+    fn finish(&mut self) -> Result<()> {
+        for writer in self.writers.drain(..) {
+            if writer.join().is_err() {
+                warn!("a checkpoint writer panicked");
+            }
+        }
+        self.display.finish();
+        if let Some(path) = &self.cfg.final_state {
+            save_state(&self.model, path)?;
+            info!(path = %path.display(), "final state written");
+        }
+        let writer = self.group.as_ref().is_some_and(|g| g.rank == 0);
+        if let (true, Some(dir)) = (writer, &self.cfg.export_dir) {
+            let files = self
+                .model
+                .export(dir)
+                .with_context(|| format!("exporting the trained model to {}", dir.display()))?;
+            for file in &files {
+                info!(path = %file.display(), "exported");
+                println!("exported {}", file.display());
+            }
+        }
+        if let Some(old) = self.group.take() {
+            drop_group(old);
+        }
+        self.emit(Event::Finished);
         Ok(())
     }
 
@@ -378,6 +460,31 @@ impl<T: Trainable> Trainer<T> {
         Ok(true)
     }
 
+    /// Leaves the current group (if any) and drops a pending step: a new generation starts.
+    fn leave_group(&mut self) {
+        self.pending = None;
+        if let Some(old) = self.group.take() {
+            drop_group(old);
+        }
+    }
+
+    fn join_alone(&mut self, generation: Generation, resume: Cursor) -> Result<Group> {
+        self.leave_group();
+        if resume.step != self.next_step && !self.load_checkpoint(resume.step)? {
+            anyhow::bail!(
+                "resuming at step {} needs the checkpoint {} under {}, which does not exist",
+                resume.step,
+                checkpoint::dir_name(resume.step),
+                self.cfg.checkpoint_root.display()
+            );
+        }
+        Ok(Group {
+            generation,
+            rank: 0,
+            collective: None,
+        })
+    }
+
     fn join(
         &mut self,
         generation: Generation,
@@ -386,14 +493,19 @@ impl<T: Trainable> Trainer<T> {
         rendezvous: &Rendezvous,
         resume: Cursor,
     ) -> Result<Group> {
+        self.leave_group();
         if resume.step != self.next_step && !self.load_checkpoint(resume.step)? {
             debug!(
                 step = resume.step,
                 "no checkpoint at the resume step; the state comes from rank 0"
             );
         }
+        let own_store = self
+            .own_store
+            .as_ref()
+            .context("this training thread hosts no TCPStore: it can only train alone")?;
         let timeout = self.cfg.collective_timeout;
-        let is_own = rendezvous.store_port == self.own_store.port()
+        let is_own = rendezvous.store_port == own_store.port()
             && (rendezvous.store_host == self.cfg.host || rank == 0);
         let remote = if is_own {
             None
@@ -408,7 +520,7 @@ impl<T: Trainable> Trainer<T> {
                     })?,
             )
         };
-        let base = remote.as_ref().unwrap_or(&self.own_store);
+        let base = remote.as_ref().unwrap_or(own_store);
         let view = base
             .prefixed(&rendezvous.prefix)
             .context("creating the generation's store view")?;
@@ -430,9 +542,11 @@ impl<T: Trainable> Trainer<T> {
         Ok(Group {
             generation,
             rank,
-            process_group,
-            _view: view,
-            _remote: remote,
+            collective: Some(Collective {
+                process_group,
+                _view: view,
+                _remote: remote,
+            }),
         })
     }
 
@@ -462,6 +576,12 @@ impl<T: Trainable> Trainer<T> {
                     generation: a.generation,
                     step: a.step,
                 });
+                self.pending_samples = samples;
+                self.pending_loss = if samples > 0 {
+                    loss / samples as f64
+                } else {
+                    0.0
+                };
                 (VoteOutcome::Ok, loss, allreduce_seconds)
             }
             Err(e) => {
@@ -519,15 +639,23 @@ impl<T: Trainable> Trainer<T> {
         timer.reattribute(StepPhase::Backward, StepPhase::DataWait, parts.data_wait);
         timer.reattribute(StepPhase::Backward, StepPhase::Forward, parts.forward);
         let reduce_started = Instant::now();
-        // Each rank's gradients are already divided by the step's sample count: sum them.
-        let gradients = self.model.gradients();
-        anyhow::ensure!(
-            gradients.iter().all(Tensor::defined),
-            "a gradient is undefined after the backward pass of step {}",
-            a.step
-        );
-        allreduce_sum_tensors(&group.process_group, &gradients, 1.0, DEFAULT_BUCKET_BYTES)
+        // Each rank's gradients are already divided by the step's sample count: sum them. A rank
+        // alone in its generation holds the sum already.
+        if let Some(collective) = &group.collective {
+            let gradients = self.model.gradients();
+            anyhow::ensure!(
+                gradients.iter().all(Tensor::defined),
+                "a gradient is undefined after the backward pass of step {}",
+                a.step
+            );
+            allreduce_sum_tensors(
+                &collective.process_group,
+                &gradients,
+                1.0,
+                DEFAULT_BUCKET_BYTES,
+            )
             .with_context(|| format!("all-reduce of step {} (rank {})", a.step, group.rank))?;
+        }
         timer.end_phase(crate::metrics::StepPhase::AllReduce);
         Ok((loss, reduce_started.elapsed().as_secs_f64()))
     }
@@ -551,8 +679,93 @@ fn persist_checkpoint(
 }
 
 fn drop_group(group: Group) {
-    if let Err(e) = group.process_group.destroy() {
-        debug!(cause = %e, "destroying the old process group");
+    if let Some(collective) = group.collective {
+        if let Err(e) = collective.process_group.destroy() {
+            debug!(cause = %e, "destroying the old process group");
+        }
+    }
+}
+
+/// What [`Trainer::handle`] leaves the loop to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Finished,
+}
+
+/// What a person sees of committed steps: the progress display (a bar on a terminal, periodic
+/// log lines otherwise) and, if configured, a JSON line per `every` steps.
+struct StepDisplay {
+    total: Option<u64>,
+    progress: Option<crate::progress::Progress>,
+    log: Option<(std::fs::File, u64)>,
+    /// Start and samples of the window since the last JSON line (for samples/s).
+    window: (Instant, u64),
+}
+
+impl StepDisplay {
+    fn new(total: Option<u64>, log: Option<StepLogConfig>) -> Result<Self> {
+        let log = match log {
+            Some(StepLogConfig { path, every }) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening the step log {}", path.display()))?;
+                Some((file, every.max(1)))
+            }
+            None => None,
+        };
+        Ok(Self {
+            total,
+            progress: None,
+            log,
+            window: (Instant::now(), 0),
+        })
+    }
+
+    fn committed(
+        &mut self,
+        step: u64,
+        loss: f64,
+        samples: u64,
+        update: Option<crate::metrics::UpdateReport>,
+    ) -> Result<()> {
+        let total = self.total;
+        let progress = self.progress.get_or_insert_with(|| {
+            crate::progress::Progress::new(crate::progress::Activity::Training, total)
+        });
+        progress.set_message(match update {
+            Some(u) => format!(
+                "loss {loss:.4} lr {:.2e} gnorm {:.3}",
+                u.learning_rate, u.grad_norm
+            ),
+            None => format!("loss {loss:.4}"),
+        });
+        progress.set_position(step + 1);
+        self.window.1 += samples;
+        let Some((file, every)) = &mut self.log else {
+            return Ok(());
+        };
+        if (step + 1) % *every != 0 && Some(step + 1) != total {
+            return Ok(());
+        }
+        let samples_per_sec = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64();
+        self.window = (Instant::now(), 0);
+        // `loss` is the mean over this rank's `samples` of the step (all of it on one rank).
+        let line = serde_json::json!({
+            "step": step + 1, "loss": loss, "samples": samples,
+            "lr": update.map(|u| u.learning_rate), "grad_norm": update.map(|u| u.grad_norm),
+            "samples_per_sec": samples_per_sec,
+        });
+        use std::io::Write;
+        writeln!(file, "{line}").context("writing the step log")
+    }
+
+    fn finish(&mut self) {
+        if let Some(progress) = self.progress.take() {
+            progress.finish();
+        }
     }
 }
 

@@ -173,7 +173,7 @@ pub struct TrainLoopConfig {
     /// Images in the before/after reconstruction sheet.
     #[serde(default = "default_sheet_images")]
     pub sheet_images: i64,
-    /// Resume from `out_dir/last.safetensors` when it exists.
+    /// Resume from the newest verified checkpoint in `out_dir/checkpoints` when there is one.
     #[serde(default = "default_true")]
     pub resume: bool,
 }

@@ -1,11 +1,13 @@
-//! A small image-folder source for tokenizer training: every PNG/JPEG under a directory, resized
-//! so it covers `height × width` (bilinear), random-cropped and flipped with p = 0.5, as the
-//! reference's `SmallestMaxSize → RandomCrop → HorizontalFlip` (spec §2.12), in [-1, 1] NCHW.
-//! Stand-in until the shared data pipeline (`worker/src/data/`) is merged.
+//! The image folder of tokenizer training: every PNG/JPEG under a directory, addressed by index
+//! (the files sorted by path), resized so it covers `height × width` (bilinear), random-cropped
+//! and flipped with p = 0.5, as the reference's `SmallestMaxSize → RandomCrop → HorizontalFlip`
+//! (spec §2.12), in [-1, 1] NCHW. Which indices a step takes is the shared data schedule's
+//! (`eqim_common::schedule`); the crop and flip of an image are drawn from the shared per-sample
+//! seed streams (`crate::data::transform`), so a resumed run sees the same batches.
 
+use crate::data::transform::{epoch_seed, SampleRng, STREAM_IMAGE_AUGMENT};
 use anyhow::{bail, Context, Result};
 use image::{imageops::FilterType, RgbImage};
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -76,26 +78,22 @@ pub fn to_image(t: &Tensor) -> Result<RgbImage> {
     RgbImage::from_raw(*w as u32, *h as u32, raw).context("image buffer size")
 }
 
-/// Random crops of shuffled images, one epoch after another.
+/// The images of a folder, cropped and flipped per (seed, epoch, index).
 pub struct ImageBatches {
     paths: Vec<PathBuf>,
     height: u32,
     width: u32,
-    order: Vec<usize>,
-    cursor: usize,
-    rng: StdRng,
+    seed: u64,
 }
 
 impl ImageBatches {
     pub fn new(root: &Path, height: i64, width: i64, seed: u64) -> Result<Self> {
         let paths = list_images(root)?;
         Ok(Self {
-            order: (0..paths.len()).collect(),
-            cursor: paths.len(),
             paths,
             height: height as u32,
             width: width as u32,
-            rng: StdRng::seed_from_u64(seed),
+            seed,
         })
     }
 
@@ -107,50 +105,49 @@ impl ImageBatches {
         self.paths.is_empty()
     }
 
-    fn load(&mut self, index: usize, augment: bool) -> Result<Tensor> {
+    /// Image `index`, random-cropped and flipped with the draws of `rng`, or centre-cropped.
+    fn load(&self, index: usize, rng: Option<&mut SampleRng>) -> Result<Tensor> {
         let path = &self.paths[index];
         let img = image::open(path)
             .with_context(|| format!("decoding training image {}", path.display()))?
             .to_rgb8();
         let img = cover(&img, self.height, self.width);
         let (w, h) = img.dimensions();
-        let (x0, y0) = if augment {
-            (
-                self.rng.gen_range(0..=w - self.width),
-                self.rng.gen_range(0..=h - self.height),
-            )
-        } else {
-            ((w - self.width) / 2, (h - self.height) / 2)
+        let (x0, y0, flip) = match rng {
+            Some(rng) => (
+                rng.below(u64::from(w - self.width + 1)) as u32,
+                rng.below(u64::from(h - self.height + 1)) as u32,
+                rng.coin(),
+            ),
+            None => ((w - self.width) / 2, (h - self.height) / 2, false),
         };
         let mut crop = image::imageops::crop_imm(&img, x0, y0, self.width, self.height).to_image();
-        if augment && self.rng.gen_bool(0.5) {
+        if flip {
             image::imageops::flip_horizontal_in_place(&mut crop);
         }
         Ok(to_tensor(&crop))
     }
 
-    /// The next training batch [B, 3, height, width] (reshuffled at each epoch).
-    pub fn next_batch(&mut self, batch_size: usize) -> Result<Tensor> {
-        let mut items = Vec::with_capacity(batch_size);
-        for _ in 0..batch_size {
-            if self.cursor >= self.order.len() {
-                self.order.shuffle(&mut self.rng);
-                self.cursor = 0;
-            }
-            let index = self.order[self.cursor];
-            self.cursor += 1;
-            items.push(self.load(index, true)?);
-        }
+    /// The training batch [B, 3, height, width] of the images `indices` in epoch `epoch`.
+    pub fn batch(&self, epoch: u64, indices: &[u64]) -> Result<Tensor> {
+        let seed = epoch_seed(self.seed, epoch);
+        let items = indices
+            .iter()
+            .map(|&i| {
+                let mut rng = SampleRng::new(seed, i, STREAM_IMAGE_AUGMENT);
+                self.load(i as usize, Some(&mut rng))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&items, 0))
     }
 
     /// `n` images spread evenly over the sorted file list (so over the class folders),
     /// centre-cropped and unflipped (for the reconstruction sheet).
-    pub fn fixed_batch(&mut self, n: usize) -> Result<Tensor> {
+    pub fn fixed_batch(&self, n: usize) -> Result<Tensor> {
         let total = self.paths.len();
         let n = n.min(total);
         let items = (0..n)
-            .map(|i| self.load(i * total / n, false))
+            .map(|i| self.load(i * total / n, None))
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&items, 0))
     }
@@ -183,11 +180,7 @@ pub fn write_sheet(rows: &[&Tensor], path: &Path) -> Result<()> {
             );
         }
     }
-    let tmp = path.with_extension("png.tmp");
-    sheet
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    crate::imageio::write_png(&sheet, path)?;
     Ok(())
 }
 
@@ -207,11 +200,20 @@ mod tests {
             img.save(sub.join(format!("{i}.png"))).expect("save");
         }
         std::fs::write(dir.path().join("notes.txt"), "not an image").expect("write");
-        let mut b = ImageBatches::new(dir.path(), 16, 24, 0).expect("open");
+        let b = ImageBatches::new(dir.path(), 16, 24, 0).expect("open");
         assert_eq!(b.len(), 3);
-        let x = b.next_batch(5).expect("batch");
+        let x = b.batch(0, &[2, 0, 1, 2, 2]).expect("batch");
         assert_eq!(x.size(), vec![5, 3, 16, 24]);
         assert!(x.min().double_value(&[]) >= -1.0 && x.max().double_value(&[]) <= 1.0);
+        // Crops and flips are functions of (seed, epoch, index): repeatable, and they vary.
+        assert!(x.get(0).equal(&b.batch(0, &[2]).expect("again").get(0)));
+        let epochs: Vec<Tensor> = (0..8)
+            .map(|e| b.batch(e, &[2]).expect("epoch").get(0))
+            .collect();
+        assert!(
+            epochs.iter().any(|t| !t.equal(&epochs[0])),
+            "no augmentation across epochs"
+        );
         let fixed = b.fixed_batch(2).expect("fixed");
         assert_eq!(fixed.size(), vec![2, 3, 16, 24]);
         // pixel round trip

@@ -22,6 +22,9 @@ use crate::model::dinov2::{Dinov2Config, Dinov2Teacher};
 use crate::model::lpips::Lpips;
 use crate::model::tokenizer::config::TokenizerConfig;
 use config::{expand_home, TrainTokenizerConfig};
+use eqim_common::checkpoint::{self, JobState};
+use eqim_common::proto::Generation;
+use eqim_common::schedule::{DataSchedule, ScheduleConfig};
 use images::ImageBatches;
 use trainer::{Teachers, TokenizerTrainer};
 
@@ -51,16 +54,99 @@ fn check_supported(cfg: &TrainTokenizerConfig, tok_cfg: &TokenizerConfig) -> Res
     Ok(())
 }
 
+/// The generation recorded in a tokenizer run's checkpoints (one process, one generation).
+const TOKENIZER_GENERATION: Generation = Generation(1);
+
+/// The shared data schedule over the training images: epochs of the seeded permutation in steps
+/// of `batch` images (the last step of an epoch is short), enough epochs for `max_steps`.
+fn tokenizer_schedule(images: u64, batch: u64, max_steps: i64, seed: i64) -> ScheduleConfig {
+    let per_epoch = eqim_common::schedule::steps_per_epoch(images, batch.max(1)).max(1);
+    let epochs = (max_steps.max(1) as u64).div_ceil(per_epoch);
+    ScheduleConfig {
+        dataset_len: images,
+        global_batch: batch,
+        micro_batch: batch,
+        epochs: u32::try_from(epochs).unwrap_or(u32::MAX),
+        seed: seed as u64,
+        checkpoint_every_steps: None,
+    }
+}
+
+/// Resumes the newest verified checkpoint under `root` (weights, optimizers, EMA, step and the
+/// data cursor), or starts at step 0. A `last.safetensors` of eqim's earlier tokenizer trainer
+/// (no data cursor) is refused by name.
+fn resume_tokenizer(
+    trainer: &mut TokenizerTrainer,
+    out_dir: &std::path::Path,
+    root: &std::path::Path,
+    cfg: ScheduleConfig,
+) -> Result<DataSchedule> {
+    let (point, rejected) = checkpoint::resume_point(root);
+    for reason in &rejected {
+        tracing::warn!("skipping checkpoint: {reason}");
+    }
+    let Some(point) = point else {
+        let old = out_dir.join("last.safetensors");
+        if old.is_file() {
+            bail!(
+                "{} is a training state of an older eqim train-tokenizer, which this version \
+                 cannot resume (it has no data cursor); set eqim.train.resume: false to start \
+                 over, or move it away",
+                old.display()
+            );
+        }
+        return Ok(DataSchedule::new(cfg));
+    };
+    if point.job.schedule.as_ref().map(|s| (s.dataset_len, s.seed))
+        != Some((cfg.dataset_len, cfg.seed))
+    {
+        bail!(
+            "checkpoint {} was written for another image folder or seed (its schedule: {:?}); \
+             resuming would change the data order: give this run its own eqim.train.out_dir",
+            point.dir.display(),
+            point.job.schedule
+        );
+    }
+    trainer.resume(&point.dir.join(checkpoint::STATE_FILE))?;
+    if trainer.global_step as u64 != point.job.cursor.step {
+        bail!(
+            "checkpoint {} holds step {} but its cursor says {}: the checkpoint is inconsistent",
+            point.dir.display(),
+            trainer.global_step,
+            point.job.cursor.step
+        );
+    }
+    tracing::info!(step = trainer.global_step, dir = %point.dir.display(), "resumed");
+    Ok(DataSchedule::resume(
+        cfg,
+        point.job.cursor,
+        point.job.ledger,
+    ))
+}
+
+/// Writes the checkpoint after the committed steps of `schedule`: job state, the training state,
+/// then the manifest (the shared layout of `eqim_common::checkpoint`). Returns its directory.
+fn save_tokenizer_checkpoint(
+    trainer: &TokenizerTrainer,
+    root: &std::path::Path,
+    schedule: &DataSchedule,
+) -> Result<std::path::PathBuf> {
+    let steps = schedule.cursor().step;
+    let job = JobState {
+        cursor: schedule.cursor(),
+        generation: TOKENIZER_GENERATION,
+        ledger: schedule.ledger().clone(),
+        schedule: Some(schedule.config().clone()),
+    };
+    let (_, dir) = checkpoint::begin(root, steps, &job)?;
+    trainer.save_checkpoint(&dir.join(checkpoint::STATE_FILE))?;
+    let state = checkpoint::written_file(&dir, checkpoint::STATE_FILE)?;
+    checkpoint::complete(root, &dir, steps, vec![state], checkpoint::DEFAULT_KEEP)?;
+    Ok(dir)
+}
+
 fn pick_device(name: Option<&str>) -> Result<Device> {
-    Ok(match name {
-        None => Device::cuda_if_available(),
-        Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::Cuda(0),
-        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::Cuda(i),
-            _ => bail!("eqim.train.device is {other:?}: use cpu, cuda or cuda:N"),
-        },
-    })
+    crate::device::parse_device(name.unwrap_or("auto")).context("eqim.train.device")
 }
 
 /// Builds the trainer for a parsed config: teacher weights checked and loaded, stage-2 init.
@@ -102,7 +188,7 @@ pub fn build_trainer(
         if !cfg.model.params.stage2 {
             bail!(
                 "model.params.ckpt_path is set but stage2 is false: eqim starts stage 1 from \
-                 scratch (resume uses eqim.train.out_dir/last.safetensors); remove ckpt_path or \
+                 scratch (resume uses the newest checkpoint in eqim.train.out_dir/checkpoints); remove ckpt_path or \
                  set stage2: true"
             );
         }
@@ -133,13 +219,15 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
 
     let out_dir = expand_home(&t.out_dir);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let last = out_dir.join("last.safetensors");
-    if t.resume && last.is_file() {
-        trainer.resume(&last)?;
-        tracing::info!(step = trainer.global_step, path = %last.display(), "resumed");
-    }
-    let mut batches =
-        ImageBatches::new(&expand_home(&d.train_dir), d.height, d.width, t.seed as u64)?;
+    let batches = ImageBatches::new(&expand_home(&d.train_dir), d.height, d.width, t.seed as u64)?;
+    let batch_size = cfg.data.params.batch_size as u64;
+    let schedule_cfg = tokenizer_schedule(batches.len() as u64, batch_size, t.max_steps, t.seed);
+    let root = out_dir.join("checkpoints");
+    let mut schedule = if t.resume {
+        resume_tokenizer(&mut trainer, &out_dir, &root, schedule_cfg)?
+    } else {
+        DataSchedule::new(schedule_cfg)
+    };
     tracing::info!(
         images = batches.len(),
         device = ?device,
@@ -159,11 +247,14 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
     };
     let (before, l1_before) = l1(&trainer)?;
     let started = Instant::now();
-    let batch_size = cfg.data.params.batch_size as usize;
     let first_step = trainer.global_step;
     while trainer.global_step < t.max_steps {
-        let x = batches.next_batch(batch_size)?;
+        let samples = schedule
+            .next_step()
+            .context("the data schedule ended before eqim.train.max_steps")?;
+        let x = batches.batch(u64::from(samples.epoch), &samples.samples)?;
         let log = trainer.train_step(&x)?;
+        schedule.commit(samples, TOKENIZER_GENERATION);
         let step = trainer.global_step;
         if t.log_every > 0 && (step % t.log_every == 0 || step == t.max_steps) {
             tracing::info!(
@@ -179,11 +270,11 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
             );
         }
         if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < t.max_steps {
-            trainer.save_checkpoint(&last)?;
+            save_tokenizer_checkpoint(&trainer, &root, &schedule)?;
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    trainer.save_checkpoint(&last)?;
+    let last = save_tokenizer_checkpoint(&trainer, &root, &schedule)?;
     let model_path = out_dir.join("tokenizer.safetensors");
     trainer.save_model(&model_path)?;
     let (after, l1_after) = l1(&trainer)?;
@@ -203,7 +294,7 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
         sheet_inputs.size()[0],
     );
     println!(
-        "wrote {} (training state), {} (model + EMA), {} (rows: input, before, after, after with EMA weights)",
+        "wrote {} (training checkpoint), {} (model + EMA), {} (rows: input, before, after, after with EMA weights)",
         last.display(),
         model_path.display(),
         sheet.display()

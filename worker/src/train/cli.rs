@@ -1,28 +1,33 @@
-//! `eqim train-generator --config FILE`: trains the generator on one process by the reference
-//! recipe, with a progress bar, a log line every `run.log_every` steps (loss, lr, grad norm,
-//! images/s, also appended to `OUTPUT_DIR/train_log.jsonl`) and `OUTPUT_DIR/checkpoint-last/`
-//! written every `run.checkpoint_every` steps and at the end; `OUTPUT_DIR/generator.json` is the
-//! resolved model config (for `eqim sample-tokens --config`). A run whose output directory holds
-//! a checkpoint resumes from it exactly (same weights as an uninterrupted run on the CPU).
+//! `eqim train-generator --config FILE`: trains the generator on one process, as the only rank of
+//! the runtime's training path ([`crate::runtime::local`]): the coordinator's data schedule (one
+//! epoch order, a short last step), the worker's step, accumulation, clipping, EMA, checkpoints
+//! (`OUTPUT_DIR/checkpoints/step-NNNNNNNN/` with `job.json` and the sha256 manifest), resume,
+//! ledger, metrics (`--metrics-addr`) and progress display, plus a JSON line every
+//! `run.log_every` steps in `OUTPUT_DIR/train_log.jsonl`. At the end `OUTPUT_DIR` holds the
+//! exported `generator-ema.safetensors`, `generator.safetensors` and `generator.json` (for
+//! `eqim sample-tokens --weights W --config generator.json`). A run whose output directory holds
+//! a verified checkpoint resumes from the newest one exactly.
 
-use super::generator::{GeneratorTrainModel, LatentPrep};
-use super::source::{steps_per_epoch, BatchSource, CachedLatents, EpochOrder, SyntheticLatents};
-use super::trainer::{BatchPlan, StepReport, Trainer, TrainerConfig};
-use super::{AdamWConfig, LrSchedule, ScheduleKind, TrainState};
+use super::generator::LatentPrep;
+use super::source::{BatchSource, CachedLatents, SyntheticLatents};
+use super::trainer::TrainerConfig;
+use super::{AdamWConfig, LrSchedule, ScheduleKind};
 use crate::data::LatentCache;
 use crate::model::generator::GeneratorConfig;
+use crate::runtime::generator_trainable::GeneratorTrainable;
+use crate::runtime::local::{self, LocalRun};
 use anyhow::{bail, Context, Result};
 use eqim_common::config::load_config;
+use eqim_common::schedule::ScheduleConfig;
 use eqim_common::train_config::{DataConfig, GeneratorTrainConfig, LrScheduleName};
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
-use tch::Device;
-use tracing::info;
+use std::time::Duration;
+use tracing::{info, warn};
 
-/// Name of the resumable state directory inside `output_dir`.
-pub const CHECKPOINT_DIR: &str = "checkpoint-last";
+/// Where a run's checkpoints go inside `output_dir`.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// The single-process state directory of eqim before the one training path; refused by name.
+pub const OLD_CHECKPOINT_DIR: &str = "checkpoint-last";
 
 /// Command-line options of `eqim train-generator`.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,7 +35,8 @@ pub struct TrainGeneratorArgs {
     /// Training config (TOML or YAML), e.g. configs/generator-tiny.toml.
     #[arg(long)]
     pub config: PathBuf,
-    /// Start from scratch even if OUTPUT_DIR/checkpoint-last exists (it is overwritten).
+    /// Start from scratch: delete OUTPUT_DIR/checkpoints first (otherwise the newest verified
+    /// checkpoint there is resumed).
     #[arg(long)]
     pub fresh: bool,
     /// Stop after this many steps in total (overrides run.max_steps).
@@ -39,6 +45,9 @@ pub struct TrainGeneratorArgs {
     /// Hide the progress bar (log lines only).
     #[arg(long)]
     pub no_progress: bool,
+    /// Serve Prometheus `/metrics` here (e.g. `127.0.0.1:9101`), as `eqim worker` does.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The `[model]` table as a generator config: a `preset` (or the constructor defaults) with the
@@ -70,18 +79,6 @@ pub fn resolve_model(
         .context("reading the [model] table")?;
     cfg.validate().context("the [model] table")?;
     Ok(cfg)
-}
-
-pub fn parse_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "auto" => Device::cuda_if_available(),
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!("device {other:?}: use cpu, cuda, cuda:N or auto"),
-        },
-    })
 }
 
 pub fn trainer_config(cfg: &GeneratorTrainConfig) -> TrainerConfig {
@@ -177,207 +174,114 @@ pub fn batch_source(
 /// `ema.safetensors` or `model.safetensors`.
 pub const GENERATOR_JSON: &str = "generator.json";
 
-pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).context("serialising JSON")?;
-    let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Appends one JSON line per logged step.
-struct StepLog {
-    file: std::fs::File,
-}
-
-impl StepLog {
-    fn open(dir: &Path) -> Result<Self> {
-        let path = dir.join("train_log.jsonl");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { file })
-    }
-
-    fn write(&mut self, r: &StepReport, images_per_sec: f64) -> Result<()> {
-        let line = serde_json::json!({
-            "step": r.step + 1, "epoch": r.epoch, "loss": r.loss, "lr": r.lr,
-            "grad_norm": r.grad_norm, "images_per_sec": images_per_sec,
-        });
-        writeln!(self.file, "{line}").context("writing train_log.jsonl")
-    }
-}
-
-fn save(trainer: &Trainer<GeneratorTrainModel>, cfg: &GeneratorTrainConfig) -> Result<PathBuf> {
-    let dir = cfg.output_dir.join(CHECKPOINT_DIR);
-    let extra = serde_json::json!({
-        "config": cfg,
-        "generator": trainer.model.model.cfg,
-    });
-    TrainState::capture(trainer, extra)
-        .write(&dir)
-        .with_context(|| format!("saving the training state to {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// Everything a run needs, resumed from `checkpoint-last/` when present.
-struct Job {
-    cfg: GeneratorTrainConfig,
-    trainer: Trainer<GeneratorTrainModel>,
-    source: Box<dyn BatchSource>,
-    order: EpochOrder,
-    plan: BatchPlan,
-    /// Steps to reach (in total, counting those of earlier runs).
-    total: u64,
-}
-
-fn prepare(args: &TrainGeneratorArgs) -> Result<Job> {
-    let cfg: GeneratorTrainConfig = load_config(&args.config)?;
-    let model_cfg = resolve_model(&cfg.model)
-        .with_context(|| format!("config file {}", args.config.display()))?;
-    if let Some(n) = cfg.threads {
-        tch::set_num_threads(n as i32);
-    }
-    let device = parse_device(&cfg.device)?;
-    std::fs::create_dir_all(&cfg.output_dir)
-        .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
-    write_json_atomic(&cfg.output_dir.join(GENERATOR_JSON), &model_cfg)?;
-    let (source, prep) = batch_source(&cfg, &model_cfg)?;
-    let model = GeneratorTrainModel::new(&model_cfg, device, cfg.seed)?.with_prep(prep);
-    let mut trainer = Trainer::new(model, trainer_config(&cfg))?;
-    let state_dir = cfg.output_dir.join(CHECKPOINT_DIR);
-    if state_dir.exists() && !args.fresh {
-        TrainState::read(&state_dir)
-            .and_then(|s| {
-                check_resumable(&s.extra, &cfg)?;
-                s.restore_into(&mut trainer)
-            })
-            .with_context(|| {
-                format!(
-                    "resuming from {} (pass --fresh to start over)",
-                    state_dir.display()
-                )
-            })?;
-        info!(step = trainer.progress.step, epoch = trainer.progress.epoch, dir = %state_dir.display(), "resumed");
-    }
-    let plan = BatchPlan {
+/// The data schedule of a training config: the same one a coordinator gets from
+/// `schedule:` when `dataset_len`, `global_batch`, `micro_batch`, `epochs` and `seed` are set to
+/// these values.
+pub fn schedule_of(cfg: &GeneratorTrainConfig, dataset_len: u64) -> ScheduleConfig {
+    ScheduleConfig {
+        dataset_len,
         global_batch: cfg.optim.batch,
         micro_batch: cfg.optim.micro_batch(),
-        device,
-    };
-    let per_epoch = steps_per_epoch(source.len(), plan.global_batch);
-    let total = args
-        .max_steps
-        .or(cfg.run.max_steps)
-        .unwrap_or(u64::MAX)
-        .min(cfg.run.epochs.saturating_mul(per_epoch));
-    let order = EpochOrder::new(cfg.seed, source.len());
-    Ok(Job {
-        cfg,
-        trainer,
-        source,
-        order,
-        plan,
-        total,
-    })
-}
-
-/// A run resumes where it stopped only if the data order is the same: the seed, the global
-/// batch and the data must be those the checkpoint was trained with.
-fn check_resumable(extra: &serde_json::Value, cfg: &GeneratorTrainConfig) -> Result<()> {
-    let now = serde_json::to_value(cfg).context("serialising the config")?;
-    for key in ["/seed", "/optim/batch", "/data"] {
-        let saved = extra.pointer(&format!("/config{key}"));
-        let wanted = now.pointer(key);
-        if saved != wanted {
-            bail!(
-                "the checkpoint was trained with {} = {}, the config says {}: the data order would change",
-                key.trim_start_matches('/').replace('/', "."),
-                saved.map_or("(absent)".into(), |v| v.to_string()),
-                wanted.map_or("(absent)".into(), |v| v.to_string()),
-            );
-        }
+        epochs: cfg.run.epochs as u32,
+        seed: cfg.seed,
+        checkpoint_every_steps: (cfg.run.checkpoint_every > 0).then_some(cfg.run.checkpoint_every),
     }
-    Ok(())
 }
 
-fn progress_bar(total: u64, hidden: bool, position: u64) -> ProgressBar {
-    let bar = if hidden {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
-        )
-        .expect("valid progress template")
-        .progress_chars("=> "),
-    );
-    bar.set_position(position.min(total));
-    bar
+/// A directory from before the one training path is never silently ignored: refused with what
+/// to do, or (with `--fresh`) named in a warning.
+fn check_old_state(output_dir: &Path, fresh: bool) -> Result<()> {
+    let old = output_dir.join(OLD_CHECKPOINT_DIR);
+    if !old.exists() {
+        return Ok(());
+    }
+    if fresh {
+        warn!(dir = %old.display(), "ignoring a checkpoint of an older eqim train-generator (--fresh)");
+        return Ok(());
+    }
+    bail!(
+        "{} is a checkpoint of an older eqim train-generator, which this version cannot resume: \
+         it trained on another data order and has no job state or manifest. Start over with \
+         --fresh (it is left in place, unused), or move it away; its EMA weights \
+         (ema.safetensors in it) still load in eqim sample-tokens",
+        old.display()
+    )
 }
 
 /// Runs `eqim train-generator`.
 pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
-    let Job {
-        cfg,
-        mut trainer,
-        mut source,
-        mut order,
-        plan,
-        total,
-    } = prepare(args)?;
+    let cfg: GeneratorTrainConfig = load_config(&args.config)?;
+    if args.no_progress {
+        std::env::set_var(crate::progress::NO_PROGRESS_ENV, "1");
+    }
+    std::fs::create_dir_all(&cfg.output_dir)
+        .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
+    check_old_state(&cfg.output_dir, args.fresh)?;
+    let checkpoint_root = cfg.output_dir.join(CHECKPOINTS_DIR);
+    if args.fresh && checkpoint_root.exists() {
+        std::fs::remove_dir_all(&checkpoint_root)
+            .with_context(|| format!("removing {} (--fresh)", checkpoint_root.display()))?;
+    }
+    let model = GeneratorTrainable::from_config_file(&args.config, None)?;
+    let schedule = schedule_of(&cfg, model.dataset_len());
+    schedule
+        .validate()
+        .map_err(|(key, what)| anyhow::anyhow!("{}: {key} {what}", args.config.display()))?;
+    let max_steps = args.max_steps.or(cfg.run.max_steps);
+    let total = max_steps.map_or(schedule.total_steps(), |m| m.min(schedule.total_steps()));
     info!(
-        params = trainer.params.numel(),
-        device = ?plan.device,
-        steps_per_epoch = steps_per_epoch(source.len(), plan.global_batch),
+        params = model.parameter_count(),
+        device = ?model.device(),
+        samples = model.dataset_len(),
+        steps_per_epoch = schedule.steps_per_epoch(),
         total_steps = total,
-        batch = plan.global_batch,
-        micro_batch = plan.micro_batch,
+        batch = schedule.global_batch,
+        micro_batch = schedule.micro_batch,
         peak_lr = cfg.optim.peak_lr(),
         "training the generator"
     );
-    let bar = progress_bar(total, args.no_progress, trainer.progress.step);
-    let mut log = StepLog::open(&cfg.output_dir)?;
-    let mut window = (Instant::now(), 0u64);
-    while trainer.progress.step < total {
-        let report = trainer.step_from_source(source.as_mut(), &mut order, &plan)?;
-        window.1 += report.rows;
-        let done = report.step + 1;
-        bar.set_position(done);
-        bar.set_message(format!(
-            "loss {:.4} lr {:.2e} gnorm {:.3}",
-            report.loss, report.lr, report.grad_norm
-        ));
-        if done % cfg.run.log_every == 0 || done == total {
-            let images_per_sec = window.1 as f64 / window.0.elapsed().as_secs_f64();
-            window = (Instant::now(), 0);
-            log.write(&report, images_per_sec)?;
-            bar.suspend(|| {
-                info!(
-                    step = done,
-                    epoch = report.epoch,
-                    loss = format!("{:.5}", report.loss),
-                    lr = format!("{:.3e}", report.lr),
-                    grad_norm = format!("{:.4}", report.grad_norm),
-                    images_per_sec = format!("{images_per_sec:.1}"),
-                    "step"
-                )
-            });
-        }
-        let every = cfg.run.checkpoint_every;
-        if every > 0 && done % every == 0 && done < total {
-            let dir = save(&trainer, &cfg)?;
-            bar.suspend(|| info!(step = done, dir = %dir.display(), "checkpoint written"));
-        }
+    let metrics = eqim_common::metrics::DEFAULT_JOB_LABEL;
+    let metrics =
+        eqim_coordinator::metrics_registry::WorkerMetrics::new(metrics, "train-generator")
+            .context("creating the metrics")?;
+    let _metrics_server = match args.metrics_addr {
+        Some(addr) => Some(
+            crate::metrics::MetricsThread::start(addr, &metrics)
+                .with_context(|| format!("serving /metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let trainer = crate::runtime::trainer::TrainerConfig {
+        host: "127.0.0.1".into(),
+        collective_timeout: Duration::from_secs(10),
+        final_state: None,
+        checkpoint_root,
+        metrics: Some(metrics),
+        export_dir: Some(cfg.output_dir.clone()),
+        progress_total: Some(total),
+        step_log: Some(crate::runtime::trainer::StepLogConfig {
+            path: cfg.output_dir.join("train_log.jsonl"),
+            every: cfg.run.log_every,
+        }),
+    };
+    let summary = local::run(
+        model,
+        LocalRun {
+            schedule,
+            max_steps,
+            trainer,
+        },
+    )?;
+    for coverage in summary.ledger.summary() {
+        info!("ledger {coverage}");
     }
-    bar.finish_and_clear();
-    let dir = save(&trainer, &cfg)?;
-    info!(step = trainer.progress.step, dir = %dir.display(), "training finished; state saved");
+    info!(
+        steps = summary.steps,
+        run_now = summary.steps_run,
+        resumed_from = ?summary.resumed_from,
+        checkpoint = ?summary.last_checkpoint,
+        "training finished"
+    );
     Ok(())
 }
 

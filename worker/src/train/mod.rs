@@ -1,8 +1,9 @@
-//! Generator training on one worker, by the reference recipe
+//! The training step of the generator, by the reference recipe
 //! (<https://github.com/drx-code/EquivariantModeling/blob/main/generator/engine_generator.py>):
 //! AdamW with the reference's two parameter groups, total grad norm and clipping, EMA of the
-//! weights, the per-iteration warm-up schedule, gradient accumulation, and a training state that
-//! saves and resumes bitwise exactly.
+//! weights, the per-iteration warm-up schedule and gradient accumulation. Every run drives it
+//! through the runtime (`crate::runtime`: one rank for `eqim train-generator`, many in a
+//! cluster), which owns the data order, checkpoints and resume.
 //!
 //! The step is split in two halves so that data-parallel training and step commits fit between
 //! them: [`Trainer::accumulate`] runs forward and backward on micro-batches into a
@@ -21,19 +22,19 @@ pub mod ema;
 pub mod generator;
 pub mod optim;
 pub mod params;
+pub mod progress;
 pub mod rng;
 pub mod schedule;
 pub mod source;
-pub mod state;
 pub mod trainer;
 
 pub use clip::{clip_grad_norm, total_grad_norm};
 pub use ema::Ema;
 pub use optim::{AdamW, AdamWConfig};
 pub use params::NamedParams;
+pub use progress::Progress;
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use source::{Batch, BatchSource};
-pub use state::{Progress, TrainState};
 pub use trainer::{GradAccumulator, StepReport, TrainModel, Trainer, TrainerConfig};
 
 /// Errors of the training core.

@@ -1,7 +1,6 @@
-//! Where training batches come from: a [`BatchSource`] serves samples by index, and the order of
-//! an epoch is a seeded permutation ([`epoch_order`]), so "batch i of epoch e" is a pure function
-//! of (seed, e, i) and resuming at a position in an epoch needs no loader state. The coordinator
-//! can compute the same order to hand out sample indices.
+//! Where training batches come from: a [`BatchSource`] serves samples by index; which indices a
+//! step takes is the data schedule's business (`eqim_common::schedule`, the same for one process
+//! and for a cluster), so a source needs no loader state to resume.
 //!
 //! [`SyntheticLatents`] generates smooth per-class token patterns for tests and demos without a
 //! tokenizer or a dataset; [`CachedLatents`] serves a latent cache written by
@@ -9,6 +8,7 @@
 
 use crate::data::LatentCache;
 use anyhow::{ensure, Result};
+use eqim_common::seed::{derive_seed, stream, SplitMix64};
 use tch::{Device, Kind, Tensor};
 
 /// One (micro-)batch: latents `[B, L, C]` (already scaled by `vae_norm`) and labels `[B]` (i64).
@@ -53,62 +53,6 @@ pub trait BatchSource {
     fn fetch(&mut self, epoch: u64, indices: &[u64]) -> Result<Batch>;
 }
 
-/// splitmix64 step: returns the next value and advances the state.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The sample order of `epoch`: a Fisher-Yates shuffle of `0..len` driven by splitmix64 seeded
-/// from (seed, epoch). Stable across platforms and crate versions.
-pub fn epoch_order(seed: u64, epoch: u64, len: u64) -> Vec<u64> {
-    let mut state = super::rng::derive_seed(seed, epoch, u64::MAX);
-    let mut order: Vec<u64> = (0..len).collect();
-    for i in (1..order.len()).rev() {
-        // Multiply-shift maps a 64-bit value to 0..=i without modulo bias worth caring about.
-        let j = ((splitmix(&mut state) as u128 * (i as u128 + 1)) >> 64) as usize;
-        order.swap(i, j);
-    }
-    order
-}
-
-/// Optimizer steps per epoch with `global_batch` samples each (the last partial batch is
-/// dropped, as `drop_last=True`).
-pub fn steps_per_epoch(len: u64, global_batch: u64) -> u64 {
-    len / global_batch
-}
-
-/// The sample order of the current epoch, computed once per epoch.
-#[derive(Debug, Clone)]
-pub struct EpochOrder {
-    pub seed: u64,
-    pub len: u64,
-    cached: Option<(u64, Vec<u64>)>,
-}
-
-impl EpochOrder {
-    pub fn new(seed: u64, len: u64) -> Self {
-        Self {
-            seed,
-            len,
-            cached: None,
-        }
-    }
-
-    /// Sample indices of step `batch_in_epoch` of `epoch`.
-    pub fn step_indices(&mut self, epoch: u64, batch_in_epoch: u64, global_batch: u64) -> &[u64] {
-        if self.cached.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            self.cached = Some((epoch, epoch_order(self.seed, epoch, self.len)));
-        }
-        let (_, order) = self.cached.as_ref().expect("filled above");
-        let start = (batch_in_epoch * global_batch) as usize;
-        &order[start..start + global_batch as usize]
-    }
-}
-
 /// A latent cache (both flips of every image) as a batch source: each epoch draws every row's
 /// flip with p = 0.5, the cached counterpart of the reference's `RandomHorizontalFlip`.
 #[derive(Debug)]
@@ -117,9 +61,6 @@ pub struct CachedLatents {
     pub seed: u64,
 }
 
-/// Stream of [`super::rng::derive_seed`] used for the flips of an epoch.
-const FLIP_STREAM: u64 = u64::MAX - 1;
-
 impl BatchSource for CachedLatents {
     fn len(&self) -> u64 {
         self.cache.len() as u64
@@ -127,7 +68,7 @@ impl BatchSource for CachedLatents {
 
     fn fetch(&mut self, epoch: u64, indices: &[u64]) -> Result<Batch> {
         let rows: Vec<usize> = indices.iter().map(|&i| i as usize).collect();
-        let flip_seed = super::rng::derive_seed(self.seed, epoch, FLIP_STREAM);
+        let flip_seed = derive_seed(self.seed, stream::LATENT_FLIPS, epoch);
         let (latents, labels) = self.cache.batch_for_seed(&rows, flip_seed)?;
         Ok(Batch { latents, labels })
     }
@@ -149,14 +90,14 @@ pub struct SyntheticLatents {
 impl SyntheticLatents {
     fn sample(&self, index: u64, out: &mut Vec<f32>) {
         let class = (index % self.classes as u64) as f64;
-        let mut state = super::rng::derive_seed(self.seed, index, 0);
+        let mut rng = SplitMix64::new(derive_seed(self.seed, index, 0));
         for j in 0..self.tokens {
             let pos = j as f64 / self.tokens as f64;
             for k in 0..self.channels {
                 let freq = 1.0 + (class + k as f64) % 3.0;
                 let phase = 0.7 * class + 0.3 * k as f64;
                 let pattern = (std::f64::consts::TAU * freq * pos + phase).sin();
-                let u = (splitmix(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+                let u = rng.unit_f64();
                 out.push((pattern + self.noise * (2.0 * u - 1.0)) as f32);
             }
         }
@@ -192,18 +133,6 @@ impl BatchSource for SyntheticLatents {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn epoch_order_is_a_seeded_permutation() {
-        let a = epoch_order(7, 0, 100);
-        let mut sorted = a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
-        assert_eq!(a, epoch_order(7, 0, 100));
-        assert_ne!(a, epoch_order(7, 1, 100));
-        assert_ne!(a, epoch_order(8, 0, 100));
-        assert!(epoch_order(1, 0, 0).is_empty());
-    }
 
     #[test]
     fn synthetic_samples_are_deterministic_and_class_shaped() {

@@ -15,29 +15,13 @@ use super::clip::{clip_grad_norm, total_grad_norm};
 use super::ema::Ema;
 use super::optim::{AdamW, AdamWConfig};
 use super::params::NamedParams;
+use super::progress::Progress;
 use super::rng;
 use super::schedule::LrSchedule;
-use super::source::{steps_per_epoch, Batch, BatchSource, EpochOrder};
-use super::state::Progress;
+use super::source::Batch;
 use super::TrainError;
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use tch::{nn, Tensor};
-
-/// How a step's global batch is split and where it runs.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchPlan {
-    /// Samples per optimizer step.
-    pub global_batch: u64,
-    /// Samples per forward/backward; `global_batch` must be a multiple of it.
-    pub micro_batch: u64,
-    pub device: tch::Device,
-}
-
-impl BatchPlan {
-    pub fn micro_batches(&self) -> u64 {
-        self.global_batch / self.micro_batch
-    }
-}
 
 /// A model the trainer can optimise.
 pub trait TrainModel {
@@ -233,41 +217,5 @@ impl<M: TrainModel> Trainer<M> {
             self.accumulate(&mut acc, batch, slot as u64, weight)?;
         }
         self.apply(acc, steps_per_epoch)
-    }
-
-    /// One step on one process with the next batch of `source` in the seeded epoch order.
-    pub fn step_from_source(
-        &mut self,
-        source: &mut dyn BatchSource,
-        order: &mut EpochOrder,
-        plan: &BatchPlan,
-    ) -> Result<StepReport> {
-        ensure!(
-            plan.micro_batch > 0 && plan.global_batch.is_multiple_of(plan.micro_batch),
-            "batch {} is not a multiple of micro_batch {}",
-            plan.global_batch,
-            plan.micro_batch
-        );
-        let per_epoch = steps_per_epoch(source.len(), plan.global_batch);
-        ensure!(
-            per_epoch > 0,
-            "the data source has {} samples, fewer than one batch of {}",
-            source.len(),
-            plan.global_batch
-        );
-        let indices = order
-            .step_indices(
-                self.progress.epoch,
-                self.progress.batch_in_epoch,
-                plan.global_batch,
-            )
-            .to_vec();
-        let batch = source
-            .fetch(self.progress.epoch, &indices)?
-            .to_device(plan.device);
-        let micro: Vec<Batch> = (0..plan.micro_batches())
-            .map(|k| batch.narrow((k * plan.micro_batch) as i64, plan.micro_batch as i64))
-            .collect();
-        self.train_step(&micro, per_epoch)
     }
 }
