@@ -253,6 +253,26 @@ pub fn record_checkpoint(metrics: &WorkerMetrics, write_time: Duration, size_byt
     metrics.checkpoint_size.set(size_bytes as f64);
 }
 
+/// The metrics of a worker process named `worker_id`, served on `/metrics` at `addr` when given
+/// (the server stops when the returned handle is dropped).
+pub fn worker_metrics(
+    worker_id: &str,
+    addr: Option<SocketAddr>,
+) -> Result<(WorkerMetrics, Option<MetricsThread>)> {
+    let metrics = WorkerMetrics::new(eqim_common::metrics::DEFAULT_JOB_LABEL, worker_id)
+        .context("creating the worker's metrics")?;
+    let server = match addr {
+        Some(addr) => {
+            let server = MetricsThread::start(addr, &metrics)
+                .with_context(|| format!("serving /metrics on {addr}"))?;
+            tracing::info!(addr = %server.local_addr(), "serving /metrics");
+            Some(server)
+        }
+        None => None,
+    };
+    Ok((metrics, server))
+}
+
 /// A `/metrics` server on its own thread and single-threaded tokio runtime, for code paths that
 /// are not async (a single-process `eqim train`). Stops when dropped.
 pub struct MetricsThread {

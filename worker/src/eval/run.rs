@@ -438,15 +438,8 @@ pub fn run_worker(args: EvalWorkerArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| format!("eval-{}", std::process::id())),
     );
-    let metrics = eqim_coordinator::metrics_registry::WorkerMetrics::new("eqim", &worker_id.0)
-        .context("creating the worker's metrics")?;
-    let _metrics_server = match args.metrics_addr {
-        Some(addr) => Some(
-            crate::metrics::MetricsThread::start(addr, &metrics)
-                .with_context(|| format!("serving /metrics on {addr}"))?,
-        ),
-        None => None,
-    };
+    let (metrics, _metrics_server) =
+        crate::metrics::worker_metrics(&worker_id.0, args.metrics_addr)?;
     let mut models = Models::load(&plan)?;
     let connect_timeout = Duration::try_from_secs_f64(args.connect_timeout)
         .with_context(|| format!("--connect-timeout {}", args.connect_timeout))?;

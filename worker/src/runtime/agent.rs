@@ -132,20 +132,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| format!("worker-{}", std::process::id())),
     );
-    let metrics = eqim_coordinator::metrics_registry::WorkerMetrics::new(
-        eqim_common::metrics::DEFAULT_JOB_LABEL,
-        &worker_id.0,
-    )
-    .context("creating the worker's metrics")?;
-    let _metrics_server = match args.metrics_addr {
-        Some(addr) => {
-            let server = crate::metrics::MetricsThread::start(addr, &metrics)
-                .with_context(|| format!("serving /metrics on {addr}"))?;
-            info!(addr = %server.local_addr(), "serving /metrics");
-            Some(server)
-        }
-        None => None,
-    };
+    let (metrics, _metrics_server) =
+        crate::metrics::worker_metrics(&worker_id.0, args.metrics_addr)?;
     let (event_tx, event_rx) = tokio::sync::mpsc::unbounded_channel();
     let (command_tx, command_rx) = mpsc::channel::<Command>();
     let (port_tx, port_rx) = mpsc::channel::<Result<u16>>();

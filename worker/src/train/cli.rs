@@ -240,17 +240,8 @@ pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
         peak_lr = cfg.optim.peak_lr(),
         "training the generator"
     );
-    let metrics = eqim_common::metrics::DEFAULT_JOB_LABEL;
-    let metrics =
-        eqim_coordinator::metrics_registry::WorkerMetrics::new(metrics, "train-generator")
-            .context("creating the metrics")?;
-    let _metrics_server = match args.metrics_addr {
-        Some(addr) => Some(
-            crate::metrics::MetricsThread::start(addr, &metrics)
-                .with_context(|| format!("serving /metrics on {addr}"))?,
-        ),
-        None => None,
-    };
+    let (metrics, _metrics_server) =
+        crate::metrics::worker_metrics("train-generator", args.metrics_addr)?;
     let trainer = crate::runtime::trainer::TrainerConfig {
         host: "127.0.0.1".into(),
         collective_timeout: Duration::from_secs(10),
