@@ -747,7 +747,7 @@ impl StepDisplay {
         let Some((file, every)) = &mut self.log else {
             return Ok(());
         };
-        if (step + 1) % *every != 0 && Some(step + 1) != total {
+        if !(step + 1).is_multiple_of(*every) && Some(step + 1) != total {
             return Ok(());
         }
         let samples_per_sec = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64();
