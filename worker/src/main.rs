@@ -219,8 +219,26 @@ fn load_model_config(path: &Path) -> Result<(String, GeneratorConfig, Option<u64
     Ok((name, cfg, Some(train.optim.micro_batch())))
 }
 
+/// glibc keeps freed heap memory below its (growing) mmap threshold, so without this the peak RSS
+/// also counts the allocator's retention (+50 % for the tiny model at micro-batch 256, measured);
+/// with it, allocations of 64 KiB and more go to mmap and are returned when freed.
+const MEASURE_MALLOC_ENV: (&str, &str) = ("MALLOC_MMAP_THRESHOLD_", "65536");
+
 fn plan_memory(args: &PlanMemoryArgs) -> Result<()> {
     use eqim_worker::plan_memory::{plan, render, PlanRequest};
+    if args.measure.is_some() && std::env::var_os(MEASURE_MALLOC_ENV.0).is_none() {
+        // glibc reads the setting at start-up: run the measurement in a fresh process.
+        let exe = std::env::current_exe().context("finding the eqim binary to re-run")?;
+        let status = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(MEASURE_MALLOC_ENV.0, MEASURE_MALLOC_ENV.1)
+            .status()
+            .context("re-running eqim plan-memory for the measurement")?;
+        if !status.success() {
+            bail!("the measuring eqim plan-memory failed ({status})");
+        }
+        return Ok(());
+    }
     let (name, mut model, config_batch) = plan_model(args)?;
     if let Some(p) = args.precision {
         model.precision = p;
@@ -257,7 +275,9 @@ fn plan_memory(args: &PlanMemoryArgs) -> Result<()> {
         print!("{}", render(&name, &p));
         if let Some(m) = measured {
             println!(
-                "  measured on the CPU: peak RSS above the pre-model RSS {:.1} MiB ({:+.1} % of the plan)",
+                "  measured on the CPU ({}={}): peak RSS above the pre-model RSS {:.1} MiB ({:+.1} % of the plan)",
+                MEASURE_MALLOC_ENV.0,
+                MEASURE_MALLOC_ENV.1,
                 m as f64 / (1u64 << 20) as f64,
                 (m as f64 / p.peak_bytes as f64 - 1.0) * 100.0
             );
