@@ -133,6 +133,9 @@ pub fn run(prefix: &Path, opts: &VerifyOptions) -> Result<Vec<CaseReport>> {
 
 /// `eqim verify-reference`: prints one line per case and fails if any case fails.
 pub fn run_cli(prefix: &Path, tol: f64, device: tch::Device) -> Result<()> {
+    if device != tch::Device::Cpu && !tch::Cuda::is_available() {
+        bail!("--device {device:?}: no CUDA device is available to this libtorch (eqim doctor says why)");
+    }
     let reports = run(prefix, &VerifyOptions::new(tol).with_device(device))?;
     if reports.is_empty() {
         bail!("{}: the io file holds no cases", prefix.display());
