@@ -8,6 +8,11 @@ with torch.nn.functional ops on a flat dict of parameters named as the reference
     bench_generator_baseline.py check PREFIX            # proves equality with a parity fixture
     bench_generator_baseline.py train  --model tiny --batch 8
     bench_generator_baseline.py sample --model small --tokens 16 --batch 4 --steps 100 --cfg 4
+    bench_generator_baseline.py train  --model base --batch 64 --device cuda --precision bf16
+
+--device cuda puts every tensor on the GPU (torch.set_default_device) and adds the median time,
+images/s and the peak of torch.cuda.max_memory_allocated() to the JSON line; --precision bf16 runs
+the forward under torch.autocast (float32 weights), as eqim's bf16.
 
 Prints one JSON line per run, like eqim's `bench_generator` example.
 """
@@ -246,9 +251,23 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     a = ap.parse_args()
     if a.what == "check":
         return check(a.prefix)
+    cuda = a.device.startswith("cuda")
+    if cuda:
+        torch.set_default_device(a.device)
+        # eqim's libtorch keeps cuBLAS out of TF32 by default (as torch does); say so explicitly.
+        torch.backends.cuda.matmul.allow_tf32 = False
+    dev_type = "cuda" if cuda else "cpu"
+    autocast = torch.autocast(dev_type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     torch.manual_seed(0)
     c = config_for(a.model)
     m = Baseline(c, random_params(c))
@@ -259,20 +278,35 @@ def main():
         for t in params:
             t.requires_grad_(True)
         x0 = torch.randn(a.batch, a.tokens, c["C"])
-        for _ in range(a.iters + 1):
+        for i in range(a.iters + 1):
+            if i == 1 and cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
             start = time.perf_counter()
-            loss = m.loss(x0, labels)
-            loss.backward()  # forward + backward only, as eqim's side (grads accumulate on both)
+            with autocast:
+                loss = m.loss(x0, labels)
+            loss.float().backward()  # forward + backward only, as eqim's side
+            sync()
             times.append(time.perf_counter() - start)
         times = times[1:]
     else:
         for _ in range(a.iters):
             noises = torch.randn(a.tokens, a.batch, c["C"])
+            sync()
             start = time.perf_counter()
-            m.sample(labels, a.tokens, a.cfg, a.steps, noises)
+            with autocast:
+                m.sample(labels, a.tokens, a.cfg, a.steps, noises)
+            sync()
             times.append((time.perf_counter() - start) / a.batch)
-    print(json.dumps({"impl": "torch", "what": a.what, "model": a.model, "batch": a.batch, "tokens": a.tokens,
-                      "seconds": round(min(times), 4), "threads": torch.get_num_threads()}))
+    out = {"impl": "torch", "what": a.what, "model": a.model, "batch": a.batch, "tokens": a.tokens,
+           "seconds": round(min(times), 4), "threads": torch.get_num_threads()}
+    if cuda or a.precision != "fp32":
+        median = sorted(times)[len(times) // 2]
+        out.update(device=a.device, precision=a.precision, median_seconds=median,
+                   images_per_second=(a.batch / median if a.what == "train" else 1.0 / median))
+        if cuda:
+            out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

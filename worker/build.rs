@@ -34,6 +34,7 @@ fn compile_c10d_shim(lib_dir: &Path, cuda: bool) {
         .to_path_buf();
     let gloo_include = gloo_include_dir(&torch_dir);
     println!("cargo:rerun-if-changed=cpp/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=cpp/precision_shim.cpp");
     println!("cargo:rerun-if-env-changed=EQIM_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
@@ -50,7 +51,8 @@ fn compile_c10d_shim(lib_dir: &Path, cuda: bool) {
         .flag("-std=c++20")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .define("USE_C10D_GLOO", None)
-        .file("cpp/c10d_shim.cpp");
+        .file("cpp/c10d_shim.cpp")
+        .file("cpp/precision_shim.cpp");
     if cuda {
         // CUDA and NCCL headers come from the pip wheels next to torch/ (scripts/setup --gpu
         // installs nvidia-cuda-crt and nvidia-cuda-cccl; nvidia-nccl comes with torch).

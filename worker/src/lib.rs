@@ -2,6 +2,7 @@
 //! collectives and the QUIC client. tch calls block, so they run on dedicated threads, never inside
 //! async tasks.
 
+pub mod bench_step;
 pub mod collective;
 pub mod contact_sheet;
 pub mod convert;
@@ -14,6 +15,8 @@ pub mod imageio;
 pub mod launch;
 pub mod metrics;
 pub mod model;
+pub mod plan_memory;
+pub mod precision;
 pub mod progress;
 pub mod runtime;
 pub mod sample_images;

@@ -41,6 +41,9 @@ pub struct SampleArgs {
     /// Output folder: `tokens.safetensors` and `{i:05}.png`.
     #[arg(long)]
     pub out: PathBuf,
+    /// fp32 or bf16 for the generator (default: its config's `precision`, else fp32).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::precision::Precision>,
     #[command(flatten)]
     pub tokenizer: TokenizerArgs,
 }
@@ -65,6 +68,7 @@ pub fn run(args: SampleArgs) -> Result<Vec<PathBuf>> {
         exact: false,
         prefix: None,
         device: args.tokenizer.device.clone(),
+        precision: args.precision,
         output: tokens_path.clone(),
     })?;
     let tokens = read_tokens(&tokens_path)?;

@@ -56,6 +56,9 @@ pub struct SampleTokensArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// fp32 or bf16 (autocast; default: the config's `precision`, else fp32).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::precision::Precision>,
     /// Output safetensors file.
     #[arg(long, short)]
     pub output: PathBuf,
@@ -89,7 +92,10 @@ fn read_prefix(path: &Path) -> Result<Tensor> {
 }
 
 pub fn run(args: &SampleTokensArgs) -> Result<()> {
-    let cfg = read_config(args)?;
+    let mut cfg = read_config(args)?;
+    if let Some(p) = args.precision {
+        cfg.precision = p;
+    }
     let device = parse_device(&args.device)?;
     let mut vs = nn::VarStore::new(device);
     let model = EquivariantGenerativeModel::new(vs.root(), &cfg)?;

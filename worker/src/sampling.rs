@@ -235,6 +235,8 @@ fn initial_tokens(
 
 /// The reference's sampler: the full sequence is recomputed for every token. Returns `[B, L, C]`.
 /// `on_token` is called after each generated token (for progress bars).
+/// In bf16 ([`GeneratorConfig::precision`](crate::model::generator::GeneratorConfig)) the
+/// forwards run under autocast; the Euler state and the returned tokens stay float32.
 pub fn sample_exact(
     model: &EquivariantGenerativeModel,
     spec: &SampleSpec,
@@ -242,6 +244,17 @@ pub fn sample_exact(
     on_token: &mut dyn FnMut(i64),
 ) -> anyhow::Result<Tensor> {
     let _guard = tch::no_grad_guard();
+    crate::precision::autocast(model.cfg.precision, model.device(), || {
+        sample_exact_autocast(model, spec, noise, on_token)
+    })
+}
+
+fn sample_exact_autocast(
+    model: &EquivariantGenerativeModel,
+    spec: &SampleSpec,
+    noise: &mut dyn NoiseSource,
+    on_token: &mut dyn FnMut(i64),
+) -> anyhow::Result<Tensor> {
     let (mut tokens, start) = initial_tokens(model, spec)?;
     let ce = class_rows(model, spec)?;
     let c = model.cfg.vae_embed_dim;
@@ -433,7 +446,8 @@ impl HeadPlan {
 }
 
 /// The KV-cached sampler: the same tokens as [`sample_exact`] (to float tolerance), at a cost per
-/// token that does not grow with the sequence length. Returns `[B, L, C]`.
+/// token that does not grow with the sequence length. Returns `[B, L, C]` (float32; bf16 as in
+/// [`sample_exact`]).
 pub fn sample_cached(
     model: &EquivariantGenerativeModel,
     spec: &SampleSpec,
@@ -441,6 +455,17 @@ pub fn sample_cached(
     on_token: &mut dyn FnMut(i64),
 ) -> anyhow::Result<Tensor> {
     let _guard = tch::no_grad_guard();
+    crate::precision::autocast(model.cfg.precision, model.device(), || {
+        sample_cached_autocast(model, spec, noise, on_token)
+    })
+}
+
+fn sample_cached_autocast(
+    model: &EquivariantGenerativeModel,
+    spec: &SampleSpec,
+    noise: &mut dyn NoiseSource,
+    on_token: &mut dyn FnMut(i64),
+) -> anyhow::Result<Tensor> {
     let (tokens, start) = initial_tokens(model, spec)?;
     let ce = class_rows(model, spec)?;
     let c = model.cfg.vae_embed_dim;

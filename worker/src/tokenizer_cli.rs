@@ -244,7 +244,7 @@ pub fn decode_to_pngs(
 pub fn verify_tokenizer(args: &VerifyTokenizerArgs) -> Result<()> {
     let files = FixtureFiles::from_prefix(&args.prefix)?;
     let json = files.read_json()?;
-    let reports = verify::tokenizer::run_cases(&files, &json, &VerifyOptions { tol: args.tol })?;
+    let reports = verify::tokenizer::run_cases(&files, &json, &VerifyOptions::new(args.tol))?;
     let mut failed = 0;
     for r in &reports {
         let verdict = if r.passed() { "ok" } else { "FAIL" };

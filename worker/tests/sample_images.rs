@@ -45,6 +45,7 @@ fn sample_writes_decoded_pngs_equal_to_decoding_its_tokens() {
         sample_seed: 3,
         vae_norm: 0.5,
         out: out.path().to_owned(),
+        precision: None,
         tokenizer: tokenizer.clone(),
     })
     .unwrap();

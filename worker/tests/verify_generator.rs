@@ -21,7 +21,7 @@ fn fixtures() -> PathBuf {
 #[test]
 fn generator_tiny_matches_the_reference_at_1e_5() {
     let prefix = fixtures().join("generator_tiny");
-    let opts = eqim_worker::verify::VerifyOptions { tol: 1e-5 };
+    let opts = eqim_worker::verify::VerifyOptions::new(1e-5);
     let reports = eqim_worker::verify::run(&prefix, &opts).expect("running the fixture");
     let names: Vec<&str> = reports.iter().map(|r| r.case.as_str()).collect();
     for case in [
@@ -66,7 +66,7 @@ fn a_wrong_config_or_an_extra_weight_is_caught() {
     // The window decides every output: a wider one must show up as an error above tolerance.
     json["cond_length"] = serde_json::json!(4);
     std::fs::write(dir.path().join("g.json"), json.to_string()).unwrap();
-    let opts = eqim_worker::verify::VerifyOptions { tol: 1e-5 };
+    let opts = eqim_worker::verify::VerifyOptions::new(1e-5);
     let reports = eqim_worker::verify::run(&prefix, &opts).unwrap();
     let encoder = reports.iter().find(|r| r.case == "encoder").unwrap();
     assert!(!encoder.passed(), "a wrong window passed: {encoder:?}");

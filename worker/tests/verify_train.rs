@@ -21,7 +21,7 @@ fn fixtures() -> PathBuf {
 fn train_reports(prefix: &std::path::Path) -> Vec<eqim_worker::verify::CaseReport> {
     // One intra-op thread: parallel tests with spinning OpenMP workers crawl on 2 cores.
     tch::set_num_threads(1);
-    let opts = eqim_worker::verify::VerifyOptions { tol: 1e-5 };
+    let opts = eqim_worker::verify::VerifyOptions::new(1e-5);
     let reports = eqim_worker::verify::run(prefix, &opts).expect("running the fixture");
     reports
         .into_iter()

@@ -1,5 +1,6 @@
-//! `eqim bench-allreduce` (hidden): times gloo all-reduce of N floats across W local processes
-//! over loopback. The parent hosts the TCPStore and re-invokes this binary once per rank.
+//! `eqim bench-allreduce` (hidden): times gloo (CPU tensors) or NCCL (CUDA tensors, rank r on
+//! device r mod the device count) all-reduce of N floats across W local processes over loopback.
+//! The parent hosts the TCPStore and re-invokes this binary once per rank.
 
 use super::{GlooDevice, GroupOptions, ProcessGroup, Store};
 use anyhow::{bail, ensure, Context, Result};
@@ -24,6 +25,13 @@ pub struct BenchArgs {
     /// Untimed all-reduces first (connection setup, page faults).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Collective backend: gloo (CPU tensors) or nccl (CUDA tensors; a `--features cuda` build).
+    #[arg(long, value_enum, default_value_t = BenchBackend::Gloo)]
+    pub backend: BenchBackend,
+    /// Where gloo's tensor lives: cpu, or cuda (rank r on device r mod the device count; gloo
+    /// stages it through host memory). NCCL always uses cuda.
+    #[arg(long, default_value = "cpu")]
+    pub gloo_tensor: String,
     /// gloo worker threads per group.
     #[arg(long, default_value_t = super::DEFAULT_GLOO_THREADS)]
     pub gloo_threads: usize,
@@ -33,6 +41,22 @@ pub struct BenchArgs {
     /// Internal: port of the parent's TCPStore.
     #[arg(long, hide = true)]
     pub store_port: Option<u16>,
+}
+
+/// The backend `eqim bench-allreduce` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchBackend {
+    Gloo,
+    Nccl,
+}
+
+impl BenchBackend {
+    fn name(self) -> &'static str {
+        match self {
+            BenchBackend::Gloo => "gloo",
+            BenchBackend::Nccl => "nccl",
+        }
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -57,6 +81,8 @@ fn run_parent(args: &BenchArgs) -> Result<()> {
             .args(["--iters", &args.iters.to_string()])
             .args(["--warmup", &args.warmup.to_string()])
             .args(["--gloo-threads", &args.gloo_threads.to_string()])
+            .args(["--backend", args.backend.name()])
+            .args(["--gloo-tensor", &args.gloo_tensor])
             .args(["--rank", &rank.to_string()])
             .args(["--store-port", &store.port().to_string()])
             .spawn()
@@ -80,19 +106,46 @@ fn run_parent(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// CUDA device `rank` mod the device count.
+fn cuda_device_of(rank: usize) -> Result<Device> {
+    let devices = tch::Cuda::device_count();
+    ensure!(
+        devices > 0,
+        "a CUDA tensor was asked for, and libtorch sees no CUDA device"
+    );
+    Ok(Device::Cuda(rank % devices as usize))
+}
+
 fn run_rank(args: &BenchArgs, rank: usize, port: u16) -> Result<()> {
     let store = Store::connect("127.0.0.1", port, BENCH_TIMEOUT)?;
-    let options = GroupOptions::gloo(rank, args.world, BENCH_TIMEOUT)
-        .with_gloo_device(GlooDevice::Hostname("127.0.0.1".into()))
-        .with_gloo_threads(args.gloo_threads);
+    let (options, device) = match args.backend {
+        BenchBackend::Gloo => (
+            GroupOptions::gloo(rank, args.world, BENCH_TIMEOUT)
+                .with_gloo_device(GlooDevice::Hostname("127.0.0.1".into()))
+                .with_gloo_threads(args.gloo_threads),
+            match args.gloo_tensor.as_str() {
+                "cpu" => Device::Cpu,
+                "cuda" => cuda_device_of(rank)?,
+                other => bail!("--gloo-tensor {other:?}: use cpu or cuda"),
+            },
+        ),
+        BenchBackend::Nccl => (
+            GroupOptions::nccl(rank, args.world, BENCH_TIMEOUT),
+            cuda_device_of(rank)?,
+        ),
+    };
     let group = ProcessGroup::with_options(&store, &options)?;
-    let mut tensor = Tensor::ones([args.floats], (Kind::Float, Device::Cpu));
+    let mut tensor = Tensor::ones([args.floats], (Kind::Float, device));
     let mut times_ms = Vec::with_capacity(args.iters);
     for i in 0..args.warmup + args.iters {
         let _ = tensor.fill_(1.0); // returns the tensor itself
         group.barrier()?;
         let start = Instant::now();
         group.allreduce_sum(&mut tensor)?;
+        if let Device::Cuda(index) = device {
+            // NCCL returns once the collective is queued; time it to completion.
+            tch::Cuda::synchronize(index as i64);
+        }
         let elapsed = start.elapsed();
         if i >= args.warmup {
             times_ms.push(elapsed.as_secs_f64() * 1e3);
@@ -109,8 +162,9 @@ fn run_rank(args: &BenchArgs, rank: usize, port: u16) -> Result<()> {
         let median = times_ms[times_ms.len() / 2];
         let mb = args.floats as f64 * 4.0 / 1e6;
         println!(
-            "allreduce gloo world={} floats={} ({mb:.1} MB) iters={}: median {median:.2} ms, \
-             min {:.2} ms, max {:.2} ms, algbw {:.2} GB/s",
+            "allreduce {} ({device:?} tensors) world={} floats={} ({mb:.1} MB) iters={}: median \
+             {median:.2} ms, min {:.2} ms, max {:.2} ms, algbw {:.2} GB/s",
+            args.backend.name(),
             args.world,
             args.floats,
             args.iters,

@@ -82,4 +82,28 @@ extern "C" {
     ) -> c_int;
     pub(crate) fn eqim_c10d_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
     pub(crate) fn eqim_c10d_group_free(group: *mut c_void, err: *mut *mut c_char) -> c_int;
+
+    // worker/cpp/precision_shim.cpp
+    pub(crate) fn eqim_autocast_enter(
+        device: c_int,
+        dtype: c_int,
+        prev_enabled: *mut c_int,
+        prev_dtype: *mut c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn eqim_autocast_exit(
+        device: c_int,
+        prev_enabled: c_int,
+        prev_dtype: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn eqim_autocast_is_enabled(device: c_int) -> c_int;
+    pub(crate) fn eqim_cuda_memory_stats(
+        device: c_int,
+        reset: c_int,
+        allocated_peak: *mut i64,
+        reserved_peak: *mut i64,
+        allocated_now: *mut i64,
+        err: *mut *mut c_char,
+    ) -> c_int;
 }

@@ -15,6 +15,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod autocast;
 pub mod bench;
 pub mod ddp;
 mod ffi;
@@ -485,8 +486,11 @@ impl ProcessGroup {
         }
         let device = tensor.device();
         match (self.is_nccl, device) {
-            (false, Device::Cpu) | (true, Device::Cuda(_)) => {}
-            (false, other) => return bad(format!("gloo works on CPU tensors, got {other:?}")),
+            // ProcessGroupGloo also takes CUDA tensors (it stages them through host memory).
+            (false, Device::Cpu | Device::Cuda(_)) | (true, Device::Cuda(_)) => {}
+            (false, other) => {
+                return bad(format!("gloo works on CPU or CUDA tensors, got {other:?}"))
+            }
             (true, other) => return bad(format!("NCCL works on CUDA tensors, got {other:?}")),
         }
         if tensor.is_sparse() {

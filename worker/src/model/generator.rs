@@ -8,6 +8,7 @@ use super::flow_head::{DiffLoss, FlowHeadConfig, FlowLoss};
 use super::layers::{
     rope_table, window_mask, BlockConfig, LayerNorm, Linear, MaskedBlockRoPECrossAttn,
 };
+use crate::precision::{self, Precision};
 use serde::{Deserialize, Deserializer, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -75,11 +76,15 @@ pub struct GeneratorConfig {
     #[serde(deserialize_with = "deserialize_steps")]
     pub num_sampling_steps: i64,
     pub diffusion_batch_mul: i64,
+    /// Activation checkpointing in the reference; eqim refuses `true` (see [`Self::validate`]).
     pub grad_checkpointing: bool,
     /// Window ω: each image token attends to itself and the `cond_length` previous ones.
     pub cond_length: i64,
     /// RoPE training shift range 0..shift_num-1 (None: `token_num`).
     pub shift_num: Option<i64>,
+    /// eqim's, not a reference argument: the precision of the forward passes in training and
+    /// sampling (`bf16`: autocast, see [`crate::precision`]); weights stay float32.
+    pub precision: Precision,
 }
 
 impl Default for GeneratorConfig {
@@ -109,6 +114,7 @@ impl Default for GeneratorConfig {
             grad_checkpointing: false,
             cond_length: 0,
             shift_num: Some(16),
+            precision: Precision::Fp32,
         }
     }
 }
@@ -214,6 +220,9 @@ impl GeneratorConfig {
         if self.cond_length < 0 || self.diffloss_d < 0 || self.num_blocks() < 0 {
             return err("cond_length, diffloss_d and depths must be >= 0".into());
         }
+        if self.grad_checkpointing {
+            return err(GRAD_CHECKPOINTING_REFUSED.to_owned());
+        }
         if self.training_shift_invalid() {
             return err(format!(
                 "shift_num must be >= 1, got {}",
@@ -277,6 +286,13 @@ impl GeneratorConfig {
         other + self.num_blocks() * block + head
     }
 }
+
+/// Why `grad_checkpointing: true` is refused rather than ignored.
+pub const GRAD_CHECKPOINTING_REFUSED: &str = "grad_checkpointing: true is not supported: tch 0.24 \
+    cannot recompute activations in backward (it has no torch.utils.checkpoint and cannot define \
+    a custom autograd Function), and eqim will not accept the setting and ignore it; set \
+    grad_checkpointing to false, and use precision bf16 or a smaller micro-batch (optim.micro_batch) \
+    to save memory (eqim plan-memory shows what fits)";
 
 /// How a training forward is randomised (all draws on tch's CPU generator, as the reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,6 +418,18 @@ impl EquivariantGenerativeModel {
         class_embedding: &Tensor,
         mode: Mode,
     ) -> Result<Tensor, ModelError> {
+        precision::autocast(self.cfg.precision, self.device(), || {
+            self.forward_encoder_autocast(tokens, class_embedding, mode)
+        })
+    }
+
+    /// [`Self::forward_encoder`] inside the caller's autocast region.
+    fn forward_encoder_autocast(
+        &self,
+        tokens: &Tensor,
+        class_embedding: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor, ModelError> {
         let (b, len) = self.check_tokens(tokens)?;
         if class_embedding.size() != [b, self.cfg.encoder_embed_dim] {
             return Err(ModelError::Shape {
@@ -435,7 +463,29 @@ impl EquivariantGenerativeModel {
     /// The training loss (`forward` + `forward_loss`): latents `x0` `[B, L, C]`, labels `[B]`.
     /// `noise` `[R, C]` and `t_raw` `[R, 1]` (R = diffusion_batch_mul * B * L rows, whole-batch
     /// copies) may be given for parity; otherwise they are drawn on the model's device.
+    /// In bf16 the forward runs under autocast and the returned tensors are float32.
     pub fn forward_loss(
+        &self,
+        x0: &Tensor,
+        labels: &Tensor,
+        flow_noise: Option<(&Tensor, &Tensor)>,
+        mode: Mode,
+    ) -> Result<FlowLoss, ModelError> {
+        let out = precision::autocast(self.cfg.precision, self.device(), || {
+            self.forward_loss_autocast(x0, labels, flow_noise, mode)
+        })?;
+        if self.cfg.precision.is_fp32() {
+            return Ok(out);
+        }
+        Ok(FlowLoss {
+            t: precision::to_fp32(&out.t),
+            z_t: precision::to_fp32(&out.z_t),
+            pred: precision::to_fp32(&out.pred),
+            loss: precision::to_fp32(&out.loss),
+        })
+    }
+
+    fn forward_loss_autocast(
         &self,
         x0: &Tensor,
         labels: &Tensor,
@@ -445,7 +495,7 @@ impl EquivariantGenerativeModel {
         let (b, len) = self.check_tokens(x0)?;
         let gt = x0.detach();
         let ce = self.class_embedding(labels)?;
-        let z = self.forward_encoder(x0, &ce, mode)?;
+        let z = self.forward_encoder_autocast(x0, &ce, mode)?;
         let mul = self.cfg.diffusion_batch_mul;
         let rows = mul * b * len;
         let target = gt.reshape([b * len, -1]).repeat([mul, 1]); // [R, C]

@@ -176,6 +176,12 @@ pub struct TrainLoopConfig {
     /// Resume from the newest verified checkpoint in `out_dir/checkpoints` when there is one.
     #[serde(default = "default_true")]
     pub resume: bool,
+    /// `fp32` or `bf16` (autocast around float32 weights, optimizer state and EMA).
+    #[serde(default)]
+    pub precision: crate::precision::Precision,
+    /// Activation checkpointing: refused when true (tch cannot recompute in backward).
+    #[serde(default)]
+    pub grad_checkpointing: bool,
 }
 
 fn default_true() -> bool {
@@ -264,6 +270,12 @@ impl TrainTokenizerConfig {
             bail!("model.params.stage2 is true but model.params.ckpt_path is not set: stage 2 fine-tunes a stage-1 checkpoint");
         }
         let t = &self.eqim.train;
+        if t.grad_checkpointing {
+            bail!(
+                "eqim.train.{}",
+                crate::model::generator::GRAD_CHECKPOINTING_REFUSED
+            );
+        }
         if t.max_steps <= 0 || self.data.params.batch_size <= 0 {
             bail!("eqim.train.max_steps and data.params.batch_size must be positive");
         }

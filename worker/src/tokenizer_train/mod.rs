@@ -37,6 +37,9 @@ pub struct TrainTokenizerArgs {
     /// Override `eqim.train.max_steps`.
     #[arg(long)]
     pub max_steps: Option<i64>,
+    /// Override `eqim.train.precision` (fp32 or bf16).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::precision::Precision>,
 }
 
 /// Losses the config may ask for that eqim does not compute yet, refused with the flag to change.
@@ -199,6 +202,9 @@ pub fn build_trainer(
 
 pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
     let mut cfg = TrainTokenizerConfig::from_file(&args.config)?;
+    if let Some(p) = args.precision {
+        cfg.eqim.train.precision = p;
+    }
     if let Some(n) = args.max_steps {
         cfg.eqim.train.max_steps = n;
     }

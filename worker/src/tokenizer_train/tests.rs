@@ -317,3 +317,56 @@ fn semantic_alignment_trains_the_semantic_decoder_against_a_random_teacher() {
         .count();
     assert!(moved > 0, "the semantic decoder did not train");
 }
+
+#[test]
+fn bf16_autocast_trains_with_float32_weights_and_lowers_reconstruction_loss() {
+    setup(1);
+    let yaml = tiny_yaml(15, "").replace(
+        "train: {max_steps: 10, out_dir: /unused}",
+        "train: {max_steps: 10, out_dir: /unused, precision: bf16}",
+    );
+    let (cfg, tok) = configs(&yaml);
+    assert_eq!(cfg.eqim.train.precision, crate::precision::Precision::Bf16);
+    let mut trainer = build_trainer(&cfg, &tok, tch::Device::Cpu).expect("trainer");
+    let images = generated_images(8);
+    let before = l1(&trainer, &images);
+    let mut last_log = None;
+    for step in 0..20 {
+        let idx = Tensor::from_slice(&[
+            (step * 4) % 8,
+            (step * 4 + 1) % 8,
+            (step * 4 + 2) % 8,
+            (step * 4 + 3) % 8,
+        ]);
+        last_log = Some(
+            trainer
+                .train_step(&images.index_select(0, &idx))
+                .expect("step"),
+        );
+    }
+    let after = l1(&trainer, &images);
+    eprintln!("bf16: L1 {before:.4} -> {after:.4}");
+    assert!(after < 0.6 * before, "L1 {before:.4} -> {after:.4}");
+    let log = last_log.expect("ran");
+    assert!(log.nll.is_finite() && log.disc_loss > 0.0, "{log:?}");
+    for (name, t) in trainer.vs.variables() {
+        assert_eq!(t.kind(), Kind::Float, "{name} stays float32");
+    }
+}
+
+#[test]
+fn grad_checkpointing_true_is_refused_for_the_tokenizer() {
+    let yaml = tiny_yaml(15, "").replace(
+        "train: {max_steps: 10, out_dir: /unused}",
+        "train: {max_steps: 10, out_dir: /unused, grad_checkpointing: true}",
+    );
+    let err = format!(
+        "{:#}",
+        TrainTokenizerConfig::from_yaml(&yaml, "test config").unwrap_err()
+    );
+    assert!(
+        err.contains("eqim.train.grad_checkpointing: true is not supported"),
+        "{err}"
+    );
+    assert!(err.contains("recompute"), "{err}");
+}

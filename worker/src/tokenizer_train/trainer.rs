@@ -20,6 +20,7 @@ use crate::model::tokenizer::config::TokenizerConfig;
 use crate::model::tokenizer::ema::EMA_MODULES;
 use crate::model::tokenizer::{EquivariantTokenizer, WeightChoice};
 use crate::model::weights;
+use crate::precision::{self, Precision};
 
 /// The decoder's last layer, whose gradients set the adaptive GAN weight (`get_last_layer`).
 pub const LAST_LAYER: &str = "decoder.conv_out.weight";
@@ -99,6 +100,8 @@ pub struct TokenizerTrainer {
     pub schedule: Option<WarmUpDecayConfig>,
     pub stage2: bool,
     pub global_step: i64,
+    /// `eqim.train.precision`: bf16 runs the forwards under autocast.
+    pub precision: Precision,
 }
 
 /// Trainable variables of `vs` under `module.`, named relative to the module.
@@ -227,6 +230,7 @@ impl TokenizerTrainer {
             schedule: cfg.schedule(),
             stage2,
             global_step: 0,
+            precision: cfg.eqim.train.precision,
         })
     }
 
@@ -288,9 +292,12 @@ impl TokenizerTrainer {
 
         // optimizer_idx 0: the autoencoder (Lightning freezes the other optimizer's params)
         self.set_disc_trainable(false);
+        // bf16: the forwards run under autocast; the losses are reduced in float32 and the
+        // backward and optimizer steps run after the guard is dropped.
+        let autocast = precision::enter(self.precision, self.device);
         let posterior = self.model.encode(&x)?;
         let z = posterior.sample();
-        let mean = posterior.mean;
+        let mean = precision::to_fp32(&posterior.mean);
         // The semantic decoder only runs when its loss counts (the reference always runs it).
         let (xrec, semantic_out) = match (&self.loss.dinov2, semantic_factor > 0.0) {
             (Some(_), true) => {
@@ -299,11 +306,12 @@ impl TokenizerTrainer {
             }
             _ => (self.model.decode(&z)?, None),
         };
+        let xrec = precision::to_fp32(&xrec);
         let p_loss = self
             .loss
             .lpips
             .as_ref()
-            .map(|l| l.forward_t(&x, &xrec, true));
+            .map(|l| precision::to_fp32(&l.forward_t(&x, &xrec, true)));
         let nll = losses::nll_loss(
             &x,
             &xrec,
@@ -316,12 +324,12 @@ impl TokenizerTrainer {
                 .size4()
                 .context("semantic decoder output must be [B, C, h, w]")?;
             let features = teacher.patch_features(&x, h, w);
-            let semantic = losses::semantic_loss(out, &features);
+            let semantic = precision::to_fp32(&losses::semantic_loss(out, &features));
             log.semantic = semantic.double_value(&[]);
             total += semantic * semantic_factor;
         }
         if disc_factor > 0.0 {
-            let logits_fake = self.loss.discriminator.forward_t(&xrec, true);
+            let logits_fake = precision::to_fp32(&self.loss.discriminator.forward_t(&xrec, true));
             let g_loss = losses::generator_hinge_loss(&logits_fake);
             let d_weight =
                 losses::adaptive_weight(&nll, &g_loss, &self.last_layer()?, lp.disc_weight);
@@ -329,6 +337,7 @@ impl TokenizerTrainer {
             log.g_loss = g_loss.double_value(&[]);
             log.d_weight = d_weight;
         }
+        drop(autocast);
         self.opt_ae.zero_grad();
         total.backward();
         self.opt_ae.step(log.lr);
@@ -340,9 +349,11 @@ impl TokenizerTrainer {
         // optimizer_idx 1: the discriminator, on a fresh forward pass as Lightning runs it
         self.set_disc_trainable(true);
         if disc_factor > 0.0 {
+            let autocast = precision::enter(self.precision, self.device);
             let xrec = tch::no_grad(|| self.reconstruct(&x))?.0;
-            let logits_real = self.loss.discriminator.forward_t(&x, true);
-            let logits_fake = self.loss.discriminator.forward_t(&xrec, true);
+            let logits_real = precision::to_fp32(&self.loss.discriminator.forward_t(&x, true));
+            let logits_fake = precision::to_fp32(&self.loss.discriminator.forward_t(&xrec, true));
+            drop(autocast);
             let d_loss = match lp.disc_loss.as_str() {
                 "vanilla" => losses::vanilla_d_loss(&logits_real, &logits_fake),
                 _ => losses::hinge_d_loss(&logits_real, &logits_fake),

@@ -44,9 +44,18 @@ pub fn load_model(
     files: &FixtureFiles,
     json: &serde_json::Value,
 ) -> Result<(nn::VarStore, EquivariantGenerativeModel)> {
+    load_model_on(files, json, Device::Cpu)
+}
+
+/// [`load_model`] with the weights on `device`.
+pub fn load_model_on(
+    files: &FixtureFiles,
+    json: &serde_json::Value,
+    device: Device,
+) -> Result<(nn::VarStore, EquivariantGenerativeModel)> {
     let cfg: GeneratorConfig = serde_json::from_value(json.clone())
         .with_context(|| format!("reading the generator config in {}", files.json.display()))?;
-    let vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(device);
     let model = EquivariantGenerativeModel::new(vs.root(), &cfg)
         .with_context(|| format!("building the generator from {}", files.json.display()))?;
     let real: i64 = vs
@@ -73,8 +82,8 @@ pub fn run_cases(
     json: &serde_json::Value,
     opts: &VerifyOptions,
 ) -> Result<Vec<CaseReport>> {
-    let (_vs, model) = load_model(files, json)?;
-    let io = weights::read_safetensors(&files.io)?;
+    let (_vs, model) = load_model_on(files, json, opts.device)?;
+    let io = super::to_device(weights::read_safetensors(&files.io)?, opts.device);
     let cases: BTreeSet<&str> = io
         .keys()
         .map(|k| k.split('.').next().unwrap_or(k.as_str()))

@@ -11,6 +11,37 @@ use std::path::{Path, PathBuf};
 pub struct VerifyOptions {
     /// Largest max-abs error a case may have.
     pub tol: f64,
+    /// Where the model and the fixture's inputs go (the reference outputs were made on the CPU).
+    pub device: tch::Device,
+}
+
+impl VerifyOptions {
+    /// On the CPU.
+    pub fn new(tol: f64) -> Self {
+        Self {
+            tol,
+            device: tch::Device::Cpu,
+        }
+    }
+
+    pub fn with_device(mut self, device: tch::Device) -> Self {
+        self.device = device;
+        self
+    }
+}
+
+/// `tensors` moved to `device` (for running a fixture's inputs where the model is).
+pub fn to_device(
+    tensors: std::collections::BTreeMap<String, tch::Tensor>,
+    device: tch::Device,
+) -> std::collections::BTreeMap<String, tch::Tensor> {
+    if device == tch::Device::Cpu {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(device)))
+        .collect()
 }
 
 /// The outcome of one fixture case (for tensors with several outputs, the worst of them).
@@ -101,8 +132,11 @@ pub fn run(prefix: &Path, opts: &VerifyOptions) -> Result<Vec<CaseReport>> {
 }
 
 /// `eqim verify-reference`: prints one line per case and fails if any case fails.
-pub fn run_cli(prefix: &Path, tol: f64) -> Result<()> {
-    let reports = run(prefix, &VerifyOptions { tol })?;
+pub fn run_cli(prefix: &Path, tol: f64, device: tch::Device) -> Result<()> {
+    if device != tch::Device::Cpu && !tch::Cuda::is_available() {
+        bail!("--device {device:?}: no CUDA device is available to this libtorch (eqim doctor says why)");
+    }
+    let reports = run(prefix, &VerifyOptions::new(tol).with_device(device))?;
     if reports.is_empty() {
         bail!("{}: the io file holds no cases", prefix.display());
     }

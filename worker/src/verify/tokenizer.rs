@@ -20,8 +20,9 @@ fn load(
     weights: &BTreeMap<String, Tensor>,
     source: &str,
     choice: WeightChoice,
+    device: Device,
 ) -> Result<Loaded> {
-    let vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(device);
     let model = EquivariantTokenizer::new(vs.root(), cfg);
     EquivariantTokenizer::load(&vs, weights, source, Some(choice))
         .with_context(|| format!("loading the {choice:?} weights of {source}"))?;
@@ -56,7 +57,7 @@ pub fn run_cases(
     let cfg = TokenizerConfig::from_json(json)
         .with_context(|| format!("reading the tokenizer config in {}", files.json.display()))?;
     let weights = read_safetensors(&files.weights)?;
-    let io = read_safetensors(&files.io)?;
+    let io = super::to_device(read_safetensors(&files.io)?, opts.device);
     let source = files.weights.display().to_string();
     let unused = unused_weight_keys(&cfg, &weights);
     if !unused.is_empty() {
@@ -66,9 +67,15 @@ pub fn run_cases(
             unused.join(", ")
         );
     }
-    let live = load(&cfg, &weights, &source, WeightChoice::Live)?;
+    let live = load(&cfg, &weights, &source, WeightChoice::Live, opts.device)?;
     let ema_model = if ema::has_ema(&weights) {
-        Some(load(&cfg, &weights, &source, WeightChoice::Ema)?)
+        Some(load(
+            &cfg,
+            &weights,
+            &source,
+            WeightChoice::Ema,
+            opts.device,
+        )?)
     } else {
         None
     };
@@ -180,7 +187,7 @@ mod tests {
         let files = FixtureFiles::from_prefix(&fixtures_dir().join("tokenizer_tiny"))
             .expect("tokenizer_tiny fixture (set EQIM_FIXTURES to the fixtures folder)");
         let json = files.read_json().unwrap();
-        let reports = run_cases(&files, &json, &VerifyOptions { tol: 1e-5 }).unwrap();
+        let reports = run_cases(&files, &json, &VerifyOptions::new(1e-5)).unwrap();
         let names: Vec<&str> = reports.iter().map(|r| r.case.as_str()).collect();
         for want in [
             "decode",
@@ -216,8 +223,8 @@ mod tests {
         let cfg = TokenizerConfig::from_json(&files.read_json().unwrap()).unwrap();
         let weights = read_safetensors(&files.weights).unwrap();
         let io = read_safetensors(&files.io).unwrap();
-        let live = load(&cfg, &weights, "fixture", WeightChoice::Live).unwrap();
-        let opts = VerifyOptions { tol: 1e-5 };
+        let live = load(&cfg, &weights, "fixture", WeightChoice::Live, Device::Cpu).unwrap();
+        let opts = VerifyOptions::new(1e-5);
         for case in ["encode_ema", "decode_ema"] {
             let r = run_case(case, &live.model, &io, &opts).unwrap();
             assert!(!r.passed(), "{case} passed with the live weights: {r:?}");

@@ -8,7 +8,7 @@
 //! rounding-level gradient by its own magnitude, so those elements of the final weights and EMA
 //! may differ by up to 2 x steps x lr.
 
-use super::generator::load_model;
+use super::generator::load_model_on;
 use super::{max_abs_diff, CaseReport, FixtureFiles, VerifyOptions};
 use crate::model::generator::{EquivariantGenerativeModel, Mode};
 use crate::model::weights;
@@ -121,7 +121,7 @@ fn run_case_with_grad(
     json: &serde_json::Value,
     opts: &VerifyOptions,
 ) -> Result<Vec<CaseReport>> {
-    let io = weights::read_safetensors(&files.io)?;
+    let io = super::to_device(weights::read_safetensors(&files.io)?, opts.device);
     let hp = hparams(&io)?;
     let steps = (0..)
         .take_while(|s| io.contains_key(&format!("train.step{s}.x0")))
@@ -134,7 +134,7 @@ fn run_case_with_grad(
             files.json.display()
         );
     }
-    let (vs, model) = load_model(files, json)?;
+    let (vs, model) = load_model_on(files, json, opts.device)?;
     let mut flow = VecDeque::new();
     for s in 0..steps {
         let noise = get(&io, &format!("train.step{s}.noise"))?.shallow_clone();
