@@ -285,6 +285,7 @@ fn cli_args(config: PathBuf, max_steps: u64) -> TrainGeneratorArgs {
         fresh: false,
         max_steps: Some(max_steps),
         no_progress: true,
+        precision: None,
         metrics_addr: None,
     }
 }

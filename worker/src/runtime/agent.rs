@@ -172,7 +172,13 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         .spawn(move || -> Result<()> {
             match train_config {
                 Some(path) => {
-                    let model = GeneratorTrainable::from_config_file(&path, device.as_deref());
+                    let model = GeneratorTrainable::from_config_file(
+                        &path,
+                        &super::generator_trainable::ConfigOverrides {
+                            device: device.clone(),
+                            precision: None,
+                        },
+                    );
                     match model {
                         Ok(model) => {
                             info!(config = %path.display(), samples = model.dataset_len(), "training the generator");

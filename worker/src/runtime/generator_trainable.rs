@@ -32,6 +32,15 @@ use tracing::info;
 pub const EXPORT_EMA: &str = "generator-ema.safetensors";
 pub const EXPORT_LIVE: &str = "generator.safetensors";
 
+/// Command-line values that replace those of a training config.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigOverrides {
+    /// `device` (cpu, cuda, cuda:N, auto).
+    pub device: Option<String>,
+    /// `[model] precision`.
+    pub precision: Option<crate::precision::Precision>,
+}
+
 pub struct GeneratorTrainable {
     trainer: Trainer<GeneratorTrainModel>,
     source: Box<dyn BatchSource>,
@@ -53,8 +62,9 @@ pub struct GeneratorTrainable {
 
 impl GeneratorTrainable {
     /// Builds the generator, its optimizer state and the data source from a training config
-    /// (`eqim train-generator`'s format). `device_override` replaces the config's `device`.
-    pub fn from_config_file(path: &Path, device_override: Option<&str>) -> Result<Self> {
+    /// (`eqim train-generator`'s format). The overrides replace the config's `device` and
+    /// `[model] precision`.
+    pub fn from_config_file(path: &Path, overrides: &ConfigOverrides) -> Result<Self> {
         let cfg: GeneratorTrainConfig = load_config(path)
             .with_context(|| format!("reading the training config {}", path.display()))?;
         // The config's thread count holds for every process that trains it, so a run is
@@ -62,9 +72,12 @@ impl GeneratorTrainable {
         if let Some(n) = cfg.threads {
             tch::set_num_threads(n as i32);
         }
-        let model_cfg =
+        let mut model_cfg =
             resolve_model(&cfg.model).with_context(|| format!("config file {}", path.display()))?;
-        let device = parse_device(device_override.unwrap_or(&cfg.device))?;
+        if let Some(precision) = overrides.precision {
+            model_cfg.precision = precision;
+        }
+        let device = parse_device(overrides.device.as_deref().unwrap_or(&cfg.device))?;
         let (source, prep) = batch_source(&cfg, &model_cfg)
             .with_context(|| format!("the [data] of {}", path.display()))?;
         let model = GeneratorTrainModel::new(&model_cfg, device, cfg.seed)?.with_prep(prep);

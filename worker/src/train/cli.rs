@@ -45,6 +45,10 @@ pub struct TrainGeneratorArgs {
     /// Hide the progress bar (log lines only).
     #[arg(long)]
     pub no_progress: bool,
+    /// Compute precision of the forward and backward passes, overriding `[model] precision`
+    /// (weights, optimizer, EMA, loss and gradient norm stay fp32).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::precision::Precision>,
     /// Serve Prometheus `/metrics` here (e.g. `127.0.0.1:9101`), as `eqim worker` does.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -222,7 +226,11 @@ pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
         std::fs::remove_dir_all(&checkpoint_root)
             .with_context(|| format!("removing {} (--fresh)", checkpoint_root.display()))?;
     }
-    let model = GeneratorTrainable::from_config_file(&args.config, None)?;
+    let overrides = crate::runtime::generator_trainable::ConfigOverrides {
+        device: None,
+        precision: args.precision,
+    };
+    let model = GeneratorTrainable::from_config_file(&args.config, &overrides)?;
     let schedule = schedule_of(&cfg, model.dataset_len());
     schedule
         .validate()
