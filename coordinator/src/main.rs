@@ -10,7 +10,8 @@ use eqim_coordinator::cli::CoordinatorArgs;
     version,
     about = "eqim's job coordinator (membership, scheduling, checkpoints, evaluation); needs no libtorch"
 )]
-struct Cli {
+// pub(crate): worker/tests/cluster_commands.rs compiles this file to parse the cluster recipes.
+pub(crate) struct Cli {
     #[command(flatten)]
     args: CoordinatorArgs,
 }

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
     about = "Equivariant Image Modeling: train and sample column-token image generators on elastic clusters",
     long_about = None
 )]
-struct Cli {
+// pub(crate): worker/tests/cluster_commands.rs compiles this file to parse the cluster recipes.
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
