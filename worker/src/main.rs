@@ -132,7 +132,7 @@ fn main() -> Result<()> {
             tol,
             device,
         } => {
-            let device = eqim_worker::train::cli::parse_device(&device)?;
+            let device = eqim_worker::device::parse_device(&device)?;
             eqim_worker::verify::run_cli(&prefix, tol, device)?;
         }
         Command::PlanMemory(args) => plan_memory(&args)?,
@@ -355,7 +355,7 @@ fn bench_step(args: &BenchStepArgs) -> Result<()> {
         model,
         model_name: name,
         batch: args.batch,
-        device: eqim_worker::train::cli::parse_device(&args.device)?,
+        device: eqim_worker::device::parse_device(&args.device)?,
         steps: args.steps,
         warmup: args.warmup,
         sample_batch: args.sample_batch,
