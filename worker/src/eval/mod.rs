@@ -5,6 +5,7 @@
 pub mod fid;
 pub mod inception;
 pub use eqim_common::npz;
+pub mod numpy_rng;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -63,7 +64,8 @@ pub struct FidArgs {
     /// Folder of generated images.
     #[arg(long)]
     pub images: PathBuf,
-    /// Reference statistics (npz with `mu`, `sigma`), e.g. from `eqim fid-stats`.
+    /// Reference statistics: an npz with `mu`, `sigma` (`eqim fid-stats`, pytorch-fid, ADM's
+    /// reference batches) or torch-fidelity's cached `*-inception-v3-compat-stat-fid-2048.pt`.
     #[arg(long)]
     pub stats: PathBuf,
     /// Splits for the Inception Score (only when the Inception file has logits).
