@@ -12,6 +12,8 @@ Run through scripts/make-fidelity-fixture (which creates the venv); the subcomma
   stats DIR ROOT NAME      torch-fidelity's cached statistics of DIR, written by its own cache code
                            as ROOT/NAME-inception-v3-compat-stat-fid-2048.pt (the file it keeps in
                            $TORCH_HOME/fidelity_cache).
+  classifier PTH OUT.npz   the fc.weight of torch-fidelity / pytorch-fid Inception weights (the
+                           pt_inception file) as an npz for `eqim fid --inception-classifier`.
 
 torch-fidelity downloads its Inception weights from GitHub; there is no network here, and the point
 is to compare pipelines with the same weights anyway. So the TorchScript network eqim uses
@@ -233,6 +235,18 @@ def cmd_stats(image_dir, cache_root, cache_name):
     print(os.path.join(cache_root, f"{cache_name}-inception-v3-compat-stat-fid-2048.pt"))
 
 
+def cmd_classifier(pth, out):
+    """The 1008-class layer of Inception weights in torch-fidelity's / pytorch-fid's layout (e.g.
+    pt_inception-2015-12-05-6726825d.pth) as an npz `weight` for eqim's --inception-classifier."""
+    state = torch.load(pth, map_location="cpu", weights_only=False)
+    weight = state["fc.weight"].float().numpy()
+    if weight.shape[1] != 2048:
+        sys.exit(f"{pth}: fc.weight has shape {weight.shape}, expected [C, 2048]")
+    np.savez(out + ".tmp.npz", weight=weight)
+    os.replace(out + ".tmp.npz", out)
+    print(f"wrote {out}: weight {list(weight.shape)}", file=sys.stderr)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -244,12 +258,17 @@ def main():
     s.add_argument("dir")
     s.add_argument("cache_root")
     s.add_argument("cache_name")
+    c = sub.add_parser("classifier")
+    c.add_argument("pth")
+    c.add_argument("out")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("EQIM_THREADS", "2")))
     if a.cmd == "fixture":
         cmd_fixture(a.out_dir)
     elif a.cmd == "fid":
         cmd_fid(a.dir1, a.dir2)
+    elif a.cmd == "classifier":
+        cmd_classifier(a.pth, a.out)
     else:
         cmd_stats(a.dir, a.cache_root, a.cache_name)
 

@@ -318,10 +318,17 @@ mod torch_pickle {
         Global(Rc<str>),
         /// numpy dtype: its kind ("f8") and, once built, its byte order. Shared (memo and
         /// stack see the same cell) because BUILD completes it in place.
-        Dtype(Rc<RefCell<(Rc<str>, Option<Rc<str>>)>>),
+        Dtype(Rc<RefCell<Dtype>>),
         /// ndarray: empty until BUILD gives it its state; shared like `Dtype`.
         Array(Rc<RefCell<Option<NpyArray>>>),
         Object(Rc<str>),
+    }
+
+    /// A numpy dtype's kind ("f8") and, once built, its byte order ("<", ">", "|", "=").
+    #[derive(Debug, Clone)]
+    struct Dtype {
+        kind: Rc<str>,
+        endian: Option<Rc<str>>,
     }
 
     struct Reader<'a> {
@@ -383,7 +390,10 @@ mod torch_pickle {
         };
         let top = run(&mut r)?;
         let Value::Dict(entries) = top else {
-            return Err(r.bad(format!("the saved object is not a dict but {top:?}")));
+            return Err(r.bad(format!(
+                "the saved object is {}, not a dict of arrays",
+                describe(&top)
+            )));
         };
         entries
             .into_iter()
@@ -398,6 +408,18 @@ mod torch_pickle {
                 Ok((key.to_string(), array))
             })
             .collect()
+    }
+
+    /// A short description of a value for error messages.
+    fn describe(v: &Value) -> String {
+        match v {
+            Value::Int(i) => format!("the integer {i}"),
+            Value::Float(x) => format!("the number {x}"),
+            Value::Str(s) => format!("the string {:?}", s.chars().take(40).collect::<String>()),
+            Value::Object(name) | Value::Global(name) => format!("a {name}"),
+            Value::Array(_) => "a single array".into(),
+            other => format!("{other:?}").chars().take(60).collect(),
+        }
     }
 
     fn run(r: &mut Reader) -> Result<Value, NpyError> {
@@ -599,7 +621,10 @@ mod torch_pickle {
                 Value::Array(Rc::new(RefCell::new(None)))
             }
             ("numpy.dtype", [Value::Str(descr), ..]) => {
-                Value::Dtype(Rc::new(RefCell::new((descr.clone(), None))))
+                Value::Dtype(Rc::new(RefCell::new(Dtype {
+                    kind: descr.clone(),
+                    endian: None,
+                })))
             }
             ("collections.OrderedDict", _) => Value::Dict(Vec::new()),
             _ => Value::Object(name.clone()),
@@ -616,7 +641,7 @@ mod torch_pickle {
             // dtype state: (version, endian, subarray, names, fields, elsize, alignment, flags)
             Value::Dtype(dtype) => {
                 if let Some(Value::Str(endian)) = state.get(1) {
-                    dtype.borrow_mut().1 = Some(endian.clone());
+                    dtype.borrow_mut().endian = Some(endian.clone());
                 }
             }
             // ndarray state: (version, shape, dtype, is_fortran, data)
@@ -638,7 +663,7 @@ mod torch_pickle {
                 let Value::Bytes(data) = data else {
                     return Err(r.bad("an ndarray's data is not bytes (an object array?)"));
                 };
-                let (kind, endian) = dtype.borrow().clone();
+                let Dtype { kind, endian } = dtype.borrow().clone();
                 // '|' (byte order not applicable) and '=' (native) are little-endian on every
                 // machine torch-fidelity runs on; '>' is refused by `decode`.
                 let endian = if endian.as_deref() == Some(">") {

@@ -11,8 +11,8 @@ use eqim_common::fid::{FeatureMoments, FidStats};
 use eqim_common::npz::{write_npz, NpyArray};
 use eqim_worker::eval::fid::inception_score;
 use eqim_worker::eval::inception::{
-    default_inception_path, preprocess_images, resize_bilinear_tf1, Inception, INCEPTION_DIM,
-    INCEPTION_SIZE,
+    default_inception_path, preprocess_images, read_classifier, resize_bilinear_tf1, Inception,
+    INCEPTION_DIM, INCEPTION_SIZE,
 };
 use eqim_worker::eval::numpy_rng::numpy_permutation;
 use tch::{Device, Kind, Tensor};
@@ -155,9 +155,19 @@ fn inception_score_with_a_1008_class_layer_equals_torch_fidelity() {
     let Some(net) = real_inception() else { return };
     let f = fixture();
     assert!(!net.has_logits());
-    let net = net
-        .with_classifier(random_classifier(&f))
-        .expect("classifier");
+    // Through the file `--inception-classifier` reads (f64 npz `weight`, as np.savez writes it).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("fc.npz");
+    let weight = random_classifier(&f);
+    let values = Vec::<f64>::try_from(weight.to_kind(Kind::Double).flatten(0, 1)).expect("f64");
+    write_npz(
+        &file,
+        &[("weight", &NpyArray::new(vec![1008, INCEPTION_DIM], values))],
+    )
+    .expect("write");
+    let read = read_classifier(&file).expect("read classifier");
+    assert_eq!(max_abs_diff(&read, &weight), 0.0);
+    let net = net.with_classifier(read).expect("classifier");
     assert!(net.has_logits());
     let images: Vec<Tensor> = IMAGES
         .iter()

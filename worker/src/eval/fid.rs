@@ -214,10 +214,15 @@ mod tests {
         let constant = Tensor::zeros([20, 10], (Kind::Float, Device::Cpu));
         let (is, _) = inception_score(&constant, 2).expect("is");
         assert_close(is, 1.0, 1e-12);
-        // 4 classes, each predicted with near certainty, evenly spread in each split.
+        // 4 classes, each predicted with near certainty by 5 images: exp(log 4) in one split.
         let confident = Tensor::eye(4, (Kind::Double, Device::Cpu)).repeat([5, 1]) * 100.0;
-        let (is, std) = inception_score(&confident, 5).expect("is");
+        let (is, std) = inception_score(&confident, 1).expect("is");
         assert_close(is, 4.0, 1e-6);
         assert!(std < 1e-9);
+        // In 5 splits of 4 the shuffle (numpy RandomState(2020)) repeats classes within splits.
+        // torch-fidelity 0.4.0: isc_features_to_metric(torch.eye(4).repeat(5, 1) * 100, splits=5)
+        let (is, std) = inception_score(&confident, 5).expect("is");
+        assert_close(is, 2.497056274847714, 1e-9);
+        assert_close(std, 0.4058447489418305, 1e-9);
     }
 }

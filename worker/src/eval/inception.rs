@@ -210,6 +210,25 @@ fn find_logits_head(module: &CModule) -> Option<Tensor> {
     })
 }
 
+/// Reads a classifier weight [C, 2048] (f32 or f64) from an npz member `weight`, as f32.
+pub fn read_classifier(path: &Path) -> anyhow::Result<Tensor> {
+    let shown = path.display();
+    let eqim_common::npz::NamedArrays { mut arrays, keys } =
+        eqim_common::npz::read_named_arrays(path, &["weight"])?;
+    let weight = arrays.remove("weight").ok_or_else(|| {
+        anyhow::anyhow!(
+            "{shown}: no float array 'weight' (the file holds {keys:?}); save the classifier as np.savez(path, weight=fc_weight)"
+        )
+    })?;
+    anyhow::ensure!(
+        weight.shape.len() == 2 && weight.shape[1] == INCEPTION_DIM,
+        "{shown}: 'weight' has shape {:?}, expected [C, {INCEPTION_DIM}]",
+        weight.shape
+    );
+    let values: Vec<f32> = weight.data.iter().map(|&v| v as f32).collect();
+    Ok(Tensor::from_slice(&values).view([weight.shape[0] as i64, INCEPTION_DIM as i64]))
+}
+
 /// Reads an image file as uint8 RGB [3, H, W] on the CPU.
 pub fn read_rgb_image(path: &Path) -> anyhow::Result<Tensor> {
     use anyhow::Context;

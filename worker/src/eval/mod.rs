@@ -33,6 +33,11 @@ pub struct InceptionArgs {
     /// `cpu`, `cuda` or `cuda:N` [default: cuda if available].
     #[arg(long)]
     pub device: Option<String>,
+    /// Classifier for the Inception Score on top of pool3: an npz with `weight` [C, 2048], e.g.
+    /// the 1008-class `fc.weight` of the standard pt_inception weights (`scripts/make-fidelity-fixture
+    /// classifier PTH OUT.npz` extracts it). The IS then follows torch-fidelity's protocol.
+    #[arg(long)]
+    pub inception_classifier: Option<PathBuf>,
 }
 
 impl InceptionArgs {
@@ -42,7 +47,11 @@ impl InceptionArgs {
             .inception
             .clone()
             .unwrap_or_else(default_inception_path);
-        Ok(Inception::load(&path, device)?)
+        let net = Inception::load(&path, device)?;
+        match &self.inception_classifier {
+            Some(file) => Ok(net.with_classifier(inception::read_classifier(file)?)?),
+            None => Ok(net),
+        }
     }
 }
 
@@ -193,9 +202,9 @@ pub fn run_fid(args: &FidArgs) -> Result<()> {
             println!("inception_score {mean:.4} +- {std:.4}");
         }
         Some(_) => println!("inception_score skipped: fewer images than --is-splits"),
-        None => {
-            println!("inception_score unavailable: the Inception file has no classifier logits")
-        }
+        None => println!(
+            "inception_score unavailable: the Inception file has no classifier logits (pass --inception-classifier)"
+        ),
     }
     Ok(())
 }

@@ -316,6 +316,7 @@ impl Models {
                 inception: args.inception.clone(),
                 batch_size: 1,
                 device: Some(args.device.clone()),
+                inception_classifier: None,
             }
             .load()?;
             self.inception = Some(net);
