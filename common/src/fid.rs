@@ -9,7 +9,7 @@ use std::path::Path;
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use serde::{Deserialize, Serialize};
 
-use crate::npz::{read_npz, write_npz, NpyArray, NpyError};
+use crate::npz::{read_named_arrays, write_npz, NamedArrays, NpyArray, NpyError};
 
 /// Below this many images FID is strongly biased upwards (the standard protocols use 10k-50k).
 pub const FID_MIN_UNBIASED_IMAGES: u64 = 2048;
@@ -22,7 +22,7 @@ pub enum FidError {
     Ragged { dim: usize, len: usize },
     #[error("covariance needs at least 2 images, have {count}")]
     TooFewImages { count: u64 },
-    #[error("{path}: {reason}; a stats file holds 'mu' [D] and 'sigma' [D, D] (np.savez(path, mu=mu, sigma=sigma))")]
+    #[error("{path}: {reason}; a stats file is an npz with 'mu' [D] and 'sigma' [D, D] (np.savez(path, mu=mu, sigma=sigma), eqim fid-stats, ADM's reference batches) or torch-fidelity's cached '*-stat-fid-2048.pt'")]
     StatsFile { path: String, reason: String },
     #[error(transparent)]
     Npy(#[from] NpyError),
@@ -50,19 +50,22 @@ impl FidStats {
         Ok(Self { dim, mu, sigma })
     }
 
+    /// Reads reference statistics `mu` [D] and `sigma` [D, D] (f64 or f32) from an `.npz`
+    /// (`eqim fid-stats`, pytorch-fid, ADM's reference batches, whose other members such as the
+    /// `arr_0` images are skipped) or from torch-fidelity's cached statistics
+    /// (`<name>-inception-v3-compat-stat-fid-2048.pt`, a `torch.save` of {"mu", "sigma"}).
     pub fn read(path: &Path) -> Result<Self, FidError> {
         let shown = path.display().to_string();
-        let mut arrays = read_npz(path)?;
+        let NamedArrays { mut arrays, keys } = read_named_arrays(path, &["mu", "sigma"])?;
         let bad = |reason: String| FidError::StatsFile {
             path: shown.clone(),
             reason,
         };
-        let mu = arrays
-            .remove("mu")
-            .ok_or_else(|| bad("no array named 'mu'".into()))?;
-        let sigma = arrays
-            .remove("sigma")
-            .ok_or_else(|| bad("no array named 'sigma'".into()))?;
+        let (Some(mu), Some(sigma)) = (arrays.remove("mu"), arrays.remove("sigma")) else {
+            return Err(bad(format!(
+                "no float arrays named 'mu' and 'sigma' (the file holds {keys:?})"
+            )));
+        };
         let dim = mu.data.len();
         if mu.shape != [dim] || sigma.shape != [dim, dim] {
             return Err(bad(format!(

