@@ -750,25 +750,25 @@ fn write_npz_with(
         path: shown.clone(),
         source,
     };
-    let tmp = path.with_extension("npz.tmp");
-    let file = std::fs::File::create(&tmp).map_err(io_err)?;
-    let mut zip = zip::ZipWriter::new(file);
-    let options = zip::write::FileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored)
-        .large_file(true);
-    let filled = fill(&mut zip, options, &zip_err);
-    let finished = filled.and_then(|()| zip.finish().map_err(zip_err));
-    let file = match finished {
-        Ok(file) => file,
-        Err(e) => {
-            // Never leave a half-written archive behind.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+    crate::files::write_atomic_with(path, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(io_err)?;
+        let mut zip = zip::ZipWriter::new(file);
+        let options = zip::write::FileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(true);
+        fill(&mut zip, options, &zip_err)?;
+        zip.finish().map_err(zip_err)?;
+        Ok(())
+    })
+}
+
+impl From<crate::files::FileError> for NpyError {
+    fn from(e: crate::files::FileError) -> Self {
+        NpyError::Io {
+            path: e.path.display().to_string(),
+            source: e.source,
         }
-    };
-    file.sync_all().map_err(io_err)?;
-    std::fs::rename(&tmp, path).map_err(io_err)?;
-    Ok(())
+    }
 }
 
 #[cfg(test)]
