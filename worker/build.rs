@@ -35,6 +35,7 @@ fn compile_c10d_shim(lib_dir: &Path, cuda: bool) {
     let gloo_include = gloo_include_dir(&torch_dir);
     println!("cargo:rerun-if-changed=cpp/c10d_shim.cpp");
     println!("cargo:rerun-if-changed=cpp/precision_shim.cpp");
+    println!("cargo:rerun-if-changed=cpp/shim_guard.h");
     println!("cargo:rerun-if-env-changed=EQIM_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());

@@ -6,6 +6,7 @@
 //   allocated with malloc, to be released with eqim_c10d_free_str;
 // - no C++ exception ever crosses this boundary: every body runs inside guard();
 // - objects are opaque boxes owned by the caller and released with the matching *_free.
+#include "shim_guard.h"
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -40,25 +41,8 @@ struct GroupBox {
   std::chrono::milliseconds timeout;
 };
 
-void set_err(char** err, const char* msg) {
-  if (err == nullptr) return;
-  *err = strdup(msg == nullptr ? "(no message)" : msg);
-}
-
-template <typename F>
-int guard(char** err, F&& body) noexcept {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    set_err(err, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_err(err, e.what());
-  } catch (...) {
-    set_err(err, "unknown C++ exception");
-  }
-  return -1;
-}
+using eqim_shim::guard;
+using eqim_shim::set_err;
 
 void wait_work(GroupBox* group, const c10::intrusive_ptr<c10d::Work>& work) {
   if (group->blocking_wait_with_timeout) {

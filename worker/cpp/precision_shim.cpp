@@ -6,6 +6,7 @@
 //
 // Conventions as in c10d_shim.cpp: 0 on success, -1 on failure with a malloc'ed message in *err
 // (released with eqim_c10d_free_str); no C++ exception crosses this boundary.
+#include "shim_guard.h"
 #include <ATen/autocast_mode.h>
 
 #ifdef EQIM_WITH_NCCL
@@ -19,25 +20,8 @@
 
 namespace {
 
-void set_err(char** err, const char* msg) {
-  if (err == nullptr) return;
-  *err = strdup(msg == nullptr ? "(no message)" : msg);
-}
-
-template <typename F>
-int guard(char** err, F&& body) noexcept {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    set_err(err, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_err(err, e.what());
-  } catch (...) {
-    set_err(err, "unknown C++ exception");
-  }
-  return -1;
-}
+using eqim_shim::guard;
+using eqim_shim::set_err;
 
 // 0: CPU, 1: CUDA (the only device types eqim runs on).
 at::DeviceType device_type(int device) {
