@@ -197,31 +197,45 @@ fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     None
 }
 
-/// Reads every array of an `.npz` (stored or deflated members named `<key>.npy`).
-pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, NpyError> {
+type Archive = zip::ZipArchive<std::fs::File>;
+
+/// Opens `path` as a zip archive (an `.npz`, or a `torch.save` file).
+fn open_archive(path: &Path) -> Result<Archive, NpyError> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| NpyError::Io {
         path: shown.clone(),
         source,
     })?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|source| NpyError::Zip {
-        path: shown.clone(),
+    zip::ZipArchive::new(file).map_err(|source| NpyError::Zip {
+        path: shown,
+        source,
+    })
+}
+
+/// The bytes of member `name` of the archive at `shown`.
+fn read_member(archive: &mut Archive, shown: &str, name: &str) -> Result<Vec<u8>, NpyError> {
+    let mut member = archive.by_name(name).map_err(|source| NpyError::Zip {
+        path: shown.to_owned(),
         source,
     })?;
-    let mut arrays = BTreeMap::new();
-    for i in 0..archive.len() {
-        let mut member = archive.by_index(i).map_err(|source| NpyError::Zip {
-            path: shown.clone(),
+    let mut bytes = Vec::new();
+    member
+        .read_to_end(&mut bytes)
+        .map_err(|source| NpyError::Io {
+            path: format!("{shown}:{name}"),
             source,
         })?;
-        let name = member.name().to_string();
-        let mut bytes = Vec::new();
-        member
-            .read_to_end(&mut bytes)
-            .map_err(|source| NpyError::Io {
-                path: format!("{shown}:{name}"),
-                source,
-            })?;
+    Ok(bytes)
+}
+
+/// Reads every array of an `.npz` (stored or deflated members named `<key>.npy`).
+pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, NpyError> {
+    let shown = path.display().to_string();
+    let mut archive = open_archive(path)?;
+    let names: Vec<String> = archive.file_names().map(str::to_string).collect();
+    let mut arrays = BTreeMap::new();
+    for name in names {
+        let bytes = read_member(&mut archive, &shown, &name)?;
         let key = name.strip_suffix(".npy").unwrap_or(&name).to_string();
         let array = NpyArray::from_npy_bytes(&bytes, &format!("{shown}:{name}"))?;
         arrays.insert(key, array);
@@ -242,32 +256,13 @@ pub struct NamedArrays {
 /// `<name>-inception-v3-compat-stat-fid-2048.pt`: `{"mu": ndarray, "sigma": ndarray}`).
 pub fn read_named_arrays(path: &Path, names: &[&str]) -> Result<NamedArrays, NpyError> {
     let shown = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| NpyError::Io {
-        path: shown.clone(),
-        source,
-    })?;
-    let zip_err = |source| NpyError::Zip {
-        path: shown.clone(),
-        source,
-    };
-    let mut archive = zip::ZipArchive::new(file).map_err(zip_err)?;
+    let mut archive = open_archive(path)?;
     let mut members: Vec<String> = archive.file_names().map(str::to_string).collect();
     members.sort();
-    let read_member = |archive: &mut zip::ZipArchive<std::fs::File>, name: &str| {
-        let mut member = archive.by_name(name).map_err(zip_err)?;
-        let mut bytes = Vec::new();
-        member
-            .read_to_end(&mut bytes)
-            .map_err(|source| NpyError::Io {
-                path: format!("{shown}:{name}"),
-                source,
-            })?;
-        Ok::<_, NpyError>(bytes)
-    };
     // torch.save writes `<archive name>/data.pkl` next to `<archive name>/version`.
     if let Some(pickle) = members.iter().find(|m| m.ends_with("/data.pkl")) {
         let what = format!("{shown}:{pickle}");
-        let bytes = read_member(&mut archive, pickle)?;
+        let bytes = read_member(&mut archive, &shown, pickle)?;
         let entries = torch_pickle::dict_of_arrays(&bytes, &what)?;
         let keys = entries.iter().map(|(k, _)| k.clone()).collect();
         let arrays = entries
@@ -284,7 +279,7 @@ pub fn read_named_arrays(path: &Path, names: &[&str]) -> Result<NamedArrays, Npy
     let mut arrays = BTreeMap::new();
     for (member, key) in members.iter().zip(&keys) {
         if names.contains(&key.as_str()) {
-            let bytes = read_member(&mut archive, member)?;
+            let bytes = read_member(&mut archive, &shown, member)?;
             let array = NpyArray::from_npy_bytes(&bytes, &format!("{shown}:{member}"))?;
             arrays.insert(key.clone(), array);
         }
