@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 /// Bumped on any incompatible change of the messages below; checked in [`Hello`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// ALPN protocol id of the control plane, so a stray QUIC client of another protocol fails the
 /// TLS handshake instead of sending us garbage.
@@ -196,15 +196,6 @@ pub struct WrittenFile {
     pub sha256: [u8; 32],
 }
 
-/// Training figures a worker sends after a committed step (the coordinator aggregates them).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetricsSummary {
-    pub loss: f64,
-    pub step_seconds: f64,
-    pub allreduce_seconds: f64,
-    pub samples_per_second: f64,
-}
-
 /// Feature rows per [`WorkerToCoordinator::EvalFeatures`] frame: 64 x 2048 f32 = 512 KiB, half
 /// the frame limit.
 pub const MAX_FEATURE_ROWS_PER_FRAME: usize = 64;
@@ -306,12 +297,6 @@ pub enum WorkerToCoordinator {
         lease: LeaseId,
         files: Vec<WrittenFile>,
     },
-    /// Figures of a committed step.
-    Metrics {
-        generation: Generation,
-        step: u64,
-        summary: MetricsSummary,
-    },
 }
 
 /// Messages the coordinator sends to a worker.
@@ -391,7 +376,6 @@ impl WorkerToCoordinator {
             Self::EvalLeaseRenew { .. } => "eval_lease_renew",
             Self::EvalFeatures { .. } => "eval_features",
             Self::EvalLeaseComplete { .. } => "eval_lease_complete",
-            Self::Metrics { .. } => "metrics",
         }
     }
 }

@@ -4,13 +4,13 @@
 //! executes the decision by sending messages to sessions. The message flow is described in
 //! [`crate::net`].
 
-use crate::config::CoordinatorConfig;
 use crate::eval::{EvalOutcome, EvalState, Outgoing};
 use crate::jit_checkpoint::{needs_jit_checkpoint, JitDecision};
 use crate::membership::{self, Action, MembershipConfig, MembershipState, Reason, SessionKey};
 use crate::net::listener::refuse;
 use crate::net::session::{CloseReason, SessionActor, SessionArgs, SessionMsg};
 use crate::steps::{StepState, VoteResult};
+use eqim_common::coordinator_config::CoordinatorConfig;
 use eqim_common::ledger::{EpochCoverage, Ledger};
 use eqim_common::proto::{
     AbortReason, CheckpointOrder, CoordinatorToWorker, Cursor, Generation, Hello, Refusal,
@@ -35,7 +35,7 @@ pub struct JobArgs {
     /// Receives the outcome when the job actor stops.
     pub done: oneshot::Sender<JobOutcome>,
     /// The coordinator's `/metrics` registry, when it serves one.
-    pub metrics: Option<crate::metrics_registry::CoordinatorMetrics>,
+    pub metrics: Option<eqim_common::metrics_registry::CoordinatorMetrics>,
 }
 
 /// What a job did, reported when the job actor stops.
@@ -52,6 +52,31 @@ pub struct JobOutcome {
     /// Failures training recovered from (a step committed after them) and their total time.
     pub recoveries: u64,
     pub recovery_seconds: f64,
+}
+
+impl JobOutcome {
+    /// What `<job_dir>/outcome.json` says of this job.
+    pub fn record(&self) -> eqim_common::outcome::JobOutcomeRecord {
+        eqim_common::outcome::JobOutcomeRecord {
+            finished: self.finished,
+            stop_reason: self.stop_reason.to_string(),
+            cursor: self.cursor,
+            generation: self.generation.0,
+            coverage: self.ledger.summary(),
+            aborted_steps: self.aborted_steps,
+            recoveries: self.recoveries,
+            recovery_seconds: self.recovery_seconds,
+            eval: self
+                .eval
+                .as_ref()
+                .map(|e| eqim_common::outcome::EvalOutcomeRecord {
+                    images: e.images,
+                    seconds: e.seconds,
+                    fid: e.fid,
+                    manifest: e.manifest.clone(),
+                }),
+        }
+    }
 }
 
 /// A snapshot for tests and status pages.
@@ -169,7 +194,7 @@ impl Actor for JobActor {
             .map(|e| EvalState::new(e, &args.cfg.job_dir));
         let steps = crate::checkpoints::resume_steps(&args.cfg);
         Ok(JobState {
-            membership_cfg: args.cfg.membership(),
+            membership_cfg: MembershipConfig::from_config(&args.cfg),
             metrics: crate::job_metrics::JobMetrics::new(args.metrics, &args.cfg),
             membership: MembershipState::new(),
             newest_complete_checkpoint: steps.cursor().step,
@@ -441,13 +466,6 @@ impl JobState {
                 info!(worker_id = %worker, %generation, %reason, "worker leaving");
                 self.metrics.worker_left(now, &self.membership);
                 self.handle_leaving(now, &worker);
-            }
-            WorkerToCoordinator::Metrics {
-                generation,
-                step,
-                summary,
-            } => {
-                debug!(worker_id = %worker, %generation, step, loss = summary.loss, step_seconds = summary.step_seconds, "metrics");
             }
             WorkerToCoordinator::CheckpointWritten {
                 generation,

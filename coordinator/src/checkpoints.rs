@@ -3,19 +3,12 @@
 //! writer rank to save the training state; when the rank reports its files it writes the manifest
 //! last and trims old checkpoints. At start it resumes from the newest checkpoint that verifies.
 
-use crate::config::CoordinatorConfig;
 use crate::steps::StepState;
 use eqim_common::checkpoint::{self, JobState, DEFAULT_KEEP};
+use eqim_common::coordinator_config::CoordinatorConfig;
 use eqim_common::proto::{Generation, WrittenFile};
 use std::path::{Path, PathBuf};
 use tracing::{error, info, warn};
-
-impl CoordinatorConfig {
-    /// Where checkpoints live: `<job_dir>/checkpoints`.
-    pub fn checkpoint_root(&self) -> PathBuf {
-        self.job_dir.join("checkpoints")
-    }
-}
 
 /// The step state to start from: the newest good checkpoint's cursor and ledger, or a fresh job.
 pub fn resume_steps(cfg: &CoordinatorConfig) -> StepState {

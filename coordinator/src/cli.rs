@@ -1,10 +1,10 @@
 //! Command-line options of the coordinator, shared by `eqim-coordinator` and `eqim coordinator`:
 //! a config file, flags, or a config file with flags overriding it.
 
-use crate::config::{CoordinatorConfig, Timeouts, DEFAULT_PORT};
 use crate::steps::ScheduleConfig;
 use anyhow::{bail, Context, Result};
 use eqim_common::config::{load_config, Validate};
+use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts, DEFAULT_PORT};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -171,7 +171,12 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let global_batch = cfg.schedule.global_batch;
     let checkpoint_root = cfg.checkpoint_root();
+    let job_dir = cfg.job_dir.clone();
     let outcome = runtime.block_on(crate::run(cfg))?;
+    outcome
+        .record()
+        .write(&job_dir)
+        .context("writing the job outcome")?;
     if let Some(eval) = &outcome.eval {
         let fid = eval
             .fid

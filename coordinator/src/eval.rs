@@ -4,7 +4,7 @@
 //! network: the job actor feeds it events and sends the messages it returns, so every rule here
 //! is tested without a connection.
 
-use crate::config::EvalServing;
+use eqim_common::coordinator_config::EvalServing;
 use eqim_common::eval_plan::{Completion, EvalPlan, LeaseTable};
 use eqim_common::fid::{frechet_distance, FeatureMoments, FidStats, FID_MIN_UNBIASED_IMAGES};
 use eqim_common::proto::{CoordinatorToWorker, EvalPlanInfo, LeaseId, WorkerId, WrittenFile};

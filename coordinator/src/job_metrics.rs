@@ -4,11 +4,11 @@
 //! copy (which death reason, when a recovery starts and ends, what the epoch progress is) are
 //! pure functions here, so they are tested without an actor, a network or a clock.
 
-use crate::config::CoordinatorConfig;
 use crate::membership::{MembershipState, Reason};
-use crate::metrics_registry::CoordinatorMetrics;
 use crate::steps::{ScheduleConfig, StepState};
+use eqim_common::coordinator_config::CoordinatorConfig;
 use eqim_common::metrics as names;
+use eqim_common::metrics_registry::CoordinatorMetrics;
 use eqim_common::proto::{Cursor, Generation};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -2,22 +2,18 @@
 //! ledger, checkpoints, evaluation leases) and serves the QUIC control plane and `/metrics`.
 //! It never links libtorch, so it runs on a CPU head node.
 //!
-//! [`run`] is the whole coordinator (used by `eqim-coordinator` and `eqim coordinator`);
-//! [`Coordinator::start`] gives tests and `eqim launch` a handle on a running one. The message
-//! flow between workers and the coordinator is described in [`net`]; workers use [`client`].
+//! [`run`] is the whole coordinator (the `eqim-coordinator` binary); [`Coordinator::start`] gives
+//! tests a handle on a running one. The message flow is described in [`net`]; workers use
+//! `eqim_common::client`.
 #![forbid(unsafe_code)]
 
 pub mod actor;
 pub mod checkpoints;
 pub mod cli;
-pub mod client;
-pub mod config;
 pub mod dashboards;
 pub mod eval;
 pub mod membership;
 pub mod metrics_expectations;
-pub mod metrics_http;
-pub mod metrics_registry;
 pub mod net;
 pub mod steps;
 
@@ -26,11 +22,11 @@ pub mod job_metrics;
 
 use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};
 use anyhow::{Context, Result};
-use config::CoordinatorConfig;
 use eqim_common::config::Validate;
-use net::credentials::JobCredentials;
+use eqim_common::coordinator_config::CoordinatorConfig;
+use eqim_common::net::credentials::JobCredentials;
+use eqim_common::net::tls::{server_config, TransportTimeouts};
 use net::listener::{accept_loop, Admission};
-use net::tls::{server_config, TransportTimeouts};
 use ractor::{Actor, ActorRef};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,7 +46,7 @@ pub struct Coordinator {
     /// Where `/metrics` is served (the bound port when port 0 was asked for), if it is.
     pub metrics_addr: Option<SocketAddr>,
     /// Kept for the job's lifetime; dropping it stops serving `/metrics`.
-    metrics_server: Option<metrics_http::MetricsServer>,
+    metrics_server: Option<eqim_common::metrics_http::MetricsServer>,
     job: ActorRef<JobMsg>,
     endpoint: quinn::Endpoint,
     accept: JoinHandle<()>,
@@ -83,13 +79,14 @@ impl Coordinator {
         });
         let (metrics, metrics_server) = match cfg.metrics_addr {
             Some(addr) => {
-                let metrics = metrics_registry::CoordinatorMetrics::new(
+                let metrics = eqim_common::metrics_registry::CoordinatorMetrics::new(
                     eqim_common::metrics::DEFAULT_JOB_LABEL,
                 )
                 .context("creating the coordinator's metrics")?;
-                let server = metrics_http::MetricsServer::start(addr, metrics.all.clone())
-                    .await
-                    .with_context(|| format!("serving /metrics on {addr} (metrics_addr)"))?;
+                let server =
+                    eqim_common::metrics_http::MetricsServer::start(addr, metrics.all.clone())
+                        .await
+                        .with_context(|| format!("serving /metrics on {addr} (metrics_addr)"))?;
                 (Some(metrics), Some(server))
             }
             None => (None, None),
@@ -144,7 +141,7 @@ impl Coordinator {
             .context("job actor ended without an outcome")?;
         self.accept.abort();
         self.endpoint
-            .close(net::close_code::FINISHED.into(), b"job over");
+            .close(eqim_common::net::close_code::FINISHED.into(), b"job over");
         if let Err(e) = self.job_handle.await {
             tracing::warn!(cause = %e, "job actor task ended abnormally");
         }

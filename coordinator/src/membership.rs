@@ -8,6 +8,7 @@
 //! all turned out alive): gloo cannot reuse a group that threw, so the survivors need a fresh
 //! rendezvous either way, and fencing by generation then covers both cases.
 
+use eqim_common::coordinator_config::CoordinatorConfig;
 use eqim_common::proto::{Generation, StoreEndpoint, WorkerId};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -402,6 +403,21 @@ impl fmt::Display for Decision {
 }
 
 /// The membership decision: pure, so every rule is tested without a network or a clock.
+impl MembershipConfig {
+    /// The membership rules of a job's config.
+    pub fn from_config(cfg: &CoordinatorConfig) -> Self {
+        MembershipConfig {
+            expected_workers: cfg.expected_workers,
+            min_workers: cfg.min_workers,
+            max_workers: cfg.max_workers,
+            heartbeat_timeout: cfg.timeouts.heartbeat_timeout,
+            join_timeout: cfg.timeouts.join_timeout,
+            rendezvous_timeout: cfg.timeouts.rendezvous_timeout,
+            probe_timeout: cfg.timeouts.probe_timeout,
+        }
+    }
+}
+
 pub fn decide(now: Instant, s: &MembershipState, c: &MembershipConfig) -> Decision {
     let (action, reason) = decide_action(now, s, c);
     Decision {

@@ -1,16 +1,16 @@
 //! End-to-end tests of the control plane over loopback QUIC: admission, framing errors,
 //! heartbeat death, and step commits and aborts, with simulated workers.
 
+use eqim_common::client::{connect_quic, Client, ClientConfig, ClientError};
+use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
 use eqim_common::framing::{read_message, write_message};
+use eqim_common::net::close_code;
+use eqim_common::net::credentials::ClientCredentials;
 use eqim_common::proto::{
     join_proof, CoordinatorToWorker, Generation, Hello, Refusal, StoreEndpoint, VoteOutcome,
     WorkerId, WorkerToCoordinator, PROTOCOL_VERSION,
 };
-use eqim_coordinator::client::{connect_quic, Client, ClientConfig, ClientError};
-use eqim_coordinator::config::{CoordinatorConfig, Timeouts};
-use eqim_coordinator::net::close_code;
-use eqim_coordinator::net::credentials::ClientCredentials;
-use eqim_coordinator::steps::ScheduleConfig;
+use eqim_common::schedule::ScheduleConfig;
 use eqim_coordinator::Coordinator;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -637,8 +637,7 @@ async fn two_hundred_steps_commit_in_order_on_loopback_and_report_their_cost() {
 async fn a_worker_started_before_the_coordinator_joins_once_it_is_up() {
     let dir = tempfile::tempdir().unwrap();
     // The job's credentials exist first (copied to workers); the coordinator reuses them.
-    let creds =
-        eqim_coordinator::net::credentials::JobCredentials::load_or_create(dir.path()).unwrap();
+    let creds = eqim_common::net::credentials::JobCredentials::load_or_create(dir.path()).unwrap();
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

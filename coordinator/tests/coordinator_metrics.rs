@@ -2,14 +2,14 @@
 //! membership, joins, committed steps, a worker leaving, and the recovery that follows must show
 //! in what Prometheus would scrape.
 
+use eqim_common::client::{Client, ClientConfig};
 use eqim_common::config::{parse_config, Validate};
+use eqim_common::coordinator_config::CoordinatorConfig;
 use eqim_common::metrics as names;
+use eqim_common::net::credentials::ClientCredentials;
 use eqim_common::proto::{
     CoordinatorToWorker, Generation, StoreEndpoint, VoteOutcome, WorkerId, WorkerToCoordinator,
 };
-use eqim_coordinator::client::{Client, ClientConfig};
-use eqim_coordinator::config::CoordinatorConfig;
-use eqim_coordinator::net::credentials::ClientCredentials;
 use eqim_coordinator::Coordinator;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use eqim_common::metrics::{for_role, resolve_series, MetricKind, Role};
-use eqim_coordinator::metrics_http::{MetricsServer, TEXT_CONTENT_TYPE};
-use eqim_coordinator::metrics_registry::{CoordinatorMetrics, EqimMetrics, WorkerMetrics};
+use eqim_common::metrics_http::{MetricsServer, TEXT_CONTENT_TYPE};
+use eqim_common::metrics_registry::{CoordinatorMetrics, EqimMetrics, WorkerMetrics};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

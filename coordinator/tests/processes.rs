@@ -2,8 +2,8 @@
 //! is declared dead within the heartbeat timeout and training goes on; a worker sent SIGTERM
 //! leaves at once.
 
-use eqim_coordinator::config::{CoordinatorConfig, Timeouts};
-use eqim_coordinator::steps::ScheduleConfig;
+use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
+use eqim_common::schedule::ScheduleConfig;
 use eqim_coordinator::Coordinator;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -75,7 +75,17 @@ enum Command {
     #[command(hide = true)]
     BenchLoader(eqim_worker::data::bench::BenchLoaderArgs),
     /// Run the job coordinator (membership, step commits, data schedule) on this machine.
-    Coordinator(Box<eqim_coordinator::cli::CoordinatorArgs>),
+    /// (Runs the `eqim-coordinator` binary installed next to `eqim`; `eqim coordinator --help`
+    /// lists its flags.)
+    #[command(disable_help_flag = true)]
+    Coordinator {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Train a tokenizer (stage 1, or stage 2 decoder fine-tuning) from a YAML config.
     TrainTokenizer(eqim_worker::tokenizer_train::TrainTokenizerArgs),
     /// Encode images into column tokens (one token per 16-px column for the released tokenizer).
@@ -148,7 +158,9 @@ fn main() -> Result<()> {
         Command::ContactSheet(args) => eqim_worker::demo::contact_sheet(&args)?,
         Command::PrepareDemoData(args) => eqim_worker::data::demo::run(&args)?,
         Command::BenchLoader(args) => eqim_worker::data::bench::run(&args)?,
-        Command::Coordinator(args) => eqim_coordinator::cli::run(*args)?,
+        Command::Coordinator { args } => {
+            eqim_worker::runtime::coordinator_process::exec_coordinator(&args)?
+        }
         Command::TrainTokenizer(args) => eqim_worker::tokenizer_train::run(&args)?,
         Command::Encode(args) => eqim_worker::tokenizer_cli::encode(&args)?,
         Command::Decode(args) => {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use eqim_common::metrics as names;
-pub use eqim_coordinator::metrics_http::MetricsServer;
-pub use eqim_coordinator::metrics_registry::WorkerMetrics;
+pub use eqim_common::metrics_http::MetricsServer;
+pub use eqim_common::metrics_registry::WorkerMetrics;
 
 /// How often the GPU sampler runs `nvidia-smi` (it takes ~20-50 ms, so not on every scrape).
 pub const DEFAULT_GPU_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);

@@ -5,8 +5,8 @@
 //! 2 x 4. The schedule crosses epoch boundaries with a short last step (44 samples in batches of
 //! 8: five steps of 8 and one of 4 per epoch).
 
-use eqim_coordinator::config::{CoordinatorConfig, Timeouts};
-use eqim_coordinator::steps::ScheduleConfig;
+use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
+use eqim_common::schedule::ScheduleConfig;
 use eqim_coordinator::Coordinator;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -2,9 +2,9 @@
 //! `eqim worker` processes training the synthetic MLP through c10d gloo. Each job is a few
 //! seconds; the tests check weights (equivalence, identical replicas) and the data ledger.
 
+use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
+use eqim_common::schedule::ScheduleConfig;
 use eqim_coordinator::actor::JobOutcome;
-use eqim_coordinator::config::{CoordinatorConfig, Timeouts};
-use eqim_coordinator::steps::ScheduleConfig;
 use eqim_coordinator::Coordinator;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

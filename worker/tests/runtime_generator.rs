@@ -3,9 +3,9 @@
 //! must end with identical weights, match one worker with the same global batch, log finite
 //! losses, and rank 0 must export weights that `eqim sample-tokens` can load.
 
+use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
+use eqim_common::schedule::ScheduleConfig;
 use eqim_coordinator::actor::JobOutcome;
-use eqim_coordinator::config::{CoordinatorConfig, Timeouts};
-use eqim_coordinator::steps::ScheduleConfig;
 use eqim_coordinator::Coordinator;
 use eqim_worker::data::{DataError, LatentCacheWriter, LoaderConfig, SampleSource};
 use std::path::{Path, PathBuf};

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use eqim_common::metrics as names;
+use eqim_common::metrics_http::MetricsServer;
+use eqim_common::metrics_registry::{CoordinatorMetrics, WorkerMetrics};
 use eqim_coordinator::dashboards::{
     dashboard_files, load_dashboard, metrics_markdown_table, substitute_variables,
     variable_query_expr,
 };
 use eqim_coordinator::metrics_expectations::TrainingExpectation;
-use eqim_coordinator::metrics_http::MetricsServer;
-use eqim_coordinator::metrics_registry::{CoordinatorMetrics, WorkerMetrics};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How often `serve` changes the values (and how often `check` polls Prometheus).
@@ -183,7 +183,7 @@ struct ServeArgs {
 
 async fn start_server(
     args: &ServeArgs,
-    metrics: std::sync::Arc<eqim_coordinator::metrics_registry::EqimMetrics>,
+    metrics: std::sync::Arc<eqim_common::metrics_registry::EqimMetrics>,
 ) -> Result<MetricsServer> {
     let server = MetricsServer::start(args.listen, metrics).await?;
     if let Some(path) = &args.addr_file {

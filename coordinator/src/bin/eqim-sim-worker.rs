@@ -5,11 +5,11 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use eqim_common::client::{Client, ClientConfig, HeartbeatStatus};
+use eqim_common::net::credentials::ClientCredentials;
 use eqim_common::proto::{
     CoordinatorToWorker, Generation, VoteOutcome, WorkerId, WorkerPhase, WorkerToCoordinator,
 };
-use eqim_coordinator::client::{Client, ClientConfig, HeartbeatStatus};
-use eqim_coordinator::net::credentials::ClientCredentials;
 use std::path::PathBuf;
 use std::time::Duration;
 use tracing::info;

@@ -3,9 +3,9 @@
 //! refuses the connection or hands it to the job actor for admission. A misbehaving client only
 //! ever costs its own task.
 
-use super::close_code;
 use crate::actor::JobMsg;
 use eqim_common::framing::{read_message, write_message, FrameError};
+use eqim_common::net::close_code;
 use eqim_common::proto::{
     join_proof, CoordinatorToWorker, Hello, Refusal, WorkerToCoordinator, PROTOCOL_VERSION,
 };

@@ -1,5 +1,6 @@
-//! The QUIC control plane: the listener (handshake and admission), one session actor per worker
-//! connection, TLS with a pinned self-signed certificate, and the job's credentials.
+//! The coordinator's side of the QUIC control plane: the listener (handshake and admission) and
+//! one session per worker connection. TLS, credentials and close codes are shared with the
+//! client and live in [`eqim_common::net`].
 //!
 //! # Message flow
 //!
@@ -42,25 +43,5 @@
 //! coordinator removes it at once (aborting the open step) and forms g+1 with the others.
 //! At the end of the schedule the coordinator sends `Finished` and closes every connection.
 
-pub mod credentials;
 pub mod listener;
 pub mod session;
-pub mod tls;
-
-/// QUIC application close codes, so each side can tell why a connection ended.
-pub mod close_code {
-    /// The job is over.
-    pub const FINISHED: u32 = 0;
-    /// Refused at the handshake (see the `Refused` message).
-    pub const REFUSED: u32 = 1;
-    /// A frame that could not be read or decoded, or a message out of place.
-    pub const PROTOCOL_ERROR: u32 = 2;
-    /// The same worker id connected again.
-    pub const REPLACED: u32 = 3;
-    /// Declared dead (heartbeat, probe or rendezvous timeout).
-    pub const DECLARED_DEAD: u32 = 4;
-    /// The worker said it is leaving.
-    pub const LEFT: u32 = 5;
-    /// The coordinator is shutting down (it may come back: reconnect).
-    pub const SHUTDOWN: u32 = 6;
-}

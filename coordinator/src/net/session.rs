@@ -3,10 +3,10 @@
 //! spawn-links it, so the session's end (clean close, bad frame, lost connection) arrives there
 //! as a supervision event and becomes a membership event.
 
-use super::close_code;
 use crate::actor::JobMsg;
 use crate::membership::SessionKey;
 use eqim_common::framing::{read_message, write_message, FrameError};
+use eqim_common::net::close_code;
 use eqim_common::proto::{CoordinatorToWorker, WorkerId, WorkerToCoordinator};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::fmt;

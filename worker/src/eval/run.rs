@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use eqim_common::client::{Client, ClientConfig, ClientError, ControlSender};
 use eqim_common::eval_plan::{EvalPlan, DEFAULT_EVAL_LEASE_TIMEOUT};
 use eqim_common::proto::{
     CoordinatorToWorker, EvalPlanInfo, Refusal, WorkerId, WorkerToCoordinator, WrittenFile,
     MAX_FEATURE_ROWS_PER_FRAME,
 };
-use eqim_coordinator::client::{Client, ClientConfig, ClientError, ControlSender};
 use sha2::{Digest, Sha256};
 use tch::{nn, Tensor};
 use tracing::{info, warn};
@@ -418,7 +418,7 @@ fn send(
 fn load_credentials(
     args: &EvalWorkerArgs,
     timeout: Duration,
-) -> Result<eqim_coordinator::net::credentials::ClientCredentials> {
+) -> Result<eqim_common::net::credentials::ClientCredentials> {
     let deadline = Instant::now() + timeout;
     loop {
         match crate::runtime::agent::credentials_from(&args.token, args.fingerprint.as_deref()) {
@@ -502,7 +502,7 @@ struct WorkerSession<'a> {
     args: &'a EvalWorkerArgs,
     plan: &'a Plan,
     rt: &'a tokio::runtime::Runtime,
-    metrics: &'a eqim_coordinator::metrics_registry::WorkerMetrics,
+    metrics: &'a eqim_common::metrics_registry::WorkerMetrics,
     models: &'a mut Models,
     max_images: u64,
     rendered: &'a mut u64,

@@ -1,5 +1,5 @@
 //! `eqim worker`: the worker agent. A tokio task speaks the QUIC control plane (through
-//! `eqim_coordinator::client`) and forwards the coordinator's orders to a dedicated training
+//! `eqim_common::client`) and forwards the coordinator's orders to a dedicated training
 //! thread over a channel; the thread's results (group ready, votes) go back the same way.
 //! Workers may start before the coordinator: connecting is retried with backoff until
 //! `--connect-timeout`, and a lost coordinator is reconnected to under the same bound.
@@ -8,12 +8,12 @@ use super::generator_trainable::GeneratorTrainable;
 use super::trainable::{SyntheticMlp, Trainable};
 use super::trainer::{Command, Event, Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
+use eqim_common::client::{Client, ClientConfig, ClientError, HeartbeatStatus};
+use eqim_common::net::credentials::{parse_fingerprint, ClientCredentials};
 use eqim_common::proto::{
-    CoordinatorToWorker, Generation, MetricsSummary, StoreEndpoint, WorkerId, WorkerPhase,
-    WorkerToCoordinator, JIT_CHECKPOINT_TIMEOUT,
+    CoordinatorToWorker, Generation, StoreEndpoint, WorkerId, WorkerPhase, WorkerToCoordinator,
+    JIT_CHECKPOINT_TIMEOUT,
 };
-use eqim_coordinator::client::{Client, ClientConfig, ClientError, HeartbeatStatus};
-use eqim_coordinator::net::credentials::{parse_fingerprint, ClientCredentials};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -490,17 +490,8 @@ async fn session(
                         client.set_status(*status);
                         if client.send(&WorkerToCoordinator::GroupReady { generation }).await.is_err() { return Ok(SessionEnd::Lost); }
                     }
-                    Event::Vote { generation, step, outcome, loss, step_seconds, allreduce_seconds, samples } => {
-                        if client.send(&WorkerToCoordinator::Vote { generation, step, outcome: outcome.clone() }).await.is_err() { return Ok(SessionEnd::Lost); }
-                        if matches!(outcome, eqim_common::proto::VoteOutcome::Ok) {
-                            let summary = MetricsSummary {
-                                loss: if samples > 0 { loss / samples as f64 } else { 0.0 },
-                                step_seconds,
-                                allreduce_seconds,
-                                samples_per_second: samples as f64 / step_seconds.max(1e-9),
-                            };
-                            if client.send(&WorkerToCoordinator::Metrics { generation, step, summary }).await.is_err() { return Ok(SessionEnd::Lost); }
-                        }
+                    Event::Vote { generation, step, outcome, .. } => {
+                        if client.send(&WorkerToCoordinator::Vote { generation, step, outcome }).await.is_err() { return Ok(SessionEnd::Lost); }
                     }
                     Event::Applied { step } => {
                         status.step = step + 1;

@@ -4,8 +4,8 @@
 
 use crate::launch::{run_cluster, stop_on_signals, threads_per_process, ProcessSpec};
 use anyhow::{bail, Context, Result};
-use clap::Parser;
-use eqim_coordinator::cli::CoordinatorArgs;
+use eqim_common::config::load_config;
+use eqim_common::coordinator_config::CoordinatorConfig;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -43,12 +43,6 @@ pub struct LaunchArgs {
     pub eval_worker_args: Vec<std::ffi::OsString>,
 }
 
-#[derive(Parser)]
-struct CoordinatorCli {
-    #[command(flatten)]
-    args: CoordinatorArgs,
-}
-
 /// A free UDP port on loopback for the coordinator's QUIC endpoint.
 /// A UDP port that was free a moment ago (the coordinator binds it next).
 pub fn free_udp_port() -> Result<u16> {
@@ -73,7 +67,7 @@ pub fn metrics_port(base: u16, worker: Option<u32>) -> Result<u16> {
 pub fn check_train_config(
     path: &std::path::Path,
     coordinator_config: &str,
-    schedule: &eqim_coordinator::steps::ScheduleConfig,
+    schedule: &eqim_common::schedule::ScheduleConfig,
 ) -> Result<()> {
     use eqim_common::train_config::{DataConfig, GeneratorTrainConfig};
     let train: GeneratorTrainConfig = eqim_common::config::load_config(path)
@@ -135,10 +129,7 @@ pub fn launch(
         bail!("--workers must be at least 1");
     }
     let config = args.config.to_string_lossy().into_owned();
-    let cfg = CoordinatorCli::try_parse_from(["coordinator", "--config", &config])
-        .context("reading the launch arguments")?
-        .args
-        .into_config()
+    let cfg: CoordinatorConfig = load_config(&args.config)
         .with_context(|| format!("loading the coordinator config {config}"))?;
     if let Some(path) = &args.train_config {
         check_train_config(path, &config, &cfg.schedule)?;
@@ -163,9 +154,8 @@ pub fn launch(
     let exe = std::env::current_exe().context("locating the eqim executable")?;
     let threads = threads_per_process(args.workers as usize);
     let workers = args.workers.to_string();
-    let mut coordinator = Command::new(&exe);
+    let mut coordinator = super::coordinator_process::coordinator_command()?;
     coordinator.args([
-        "coordinator",
         "--config",
         &config,
         "--workers",

@@ -2,6 +2,7 @@
 //! the [`trainable::Trainable`] interface the runtime drives, and `eqim launch`.
 
 pub mod agent;
+pub mod coordinator_process;
 pub mod generator_trainable;
 pub mod launch_cmd;
 pub mod ledger_cmd;

@@ -104,7 +104,7 @@ pub struct TrainerConfig {
     /// when ordered, and read back when a generation resumes at a step this worker is not at.
     pub checkpoint_root: PathBuf,
     /// Where step, commit and checkpoint figures go (`/metrics`), if anywhere.
-    pub metrics: Option<eqim_coordinator::metrics_registry::WorkerMetrics>,
+    pub metrics: Option<eqim_common::metrics_registry::WorkerMetrics>,
     /// Where rank 0 exports the trained model ([`Trainable::export`]) at the end of the job.
     pub export_dir: Option<PathBuf>,
     /// Steps of the whole run for the progress display, when known.
@@ -666,7 +666,7 @@ fn persist_checkpoint(
     snapshot: &[(String, tch::Tensor)],
     dir: &std::path::Path,
     started: Instant,
-    metrics: Option<&eqim_coordinator::metrics_registry::WorkerMetrics>,
+    metrics: Option<&eqim_common::metrics_registry::WorkerMetrics>,
 ) -> Result<WrittenFile> {
     crate::model::weights::write_safetensors_atomic(snapshot, &dir.join(checkpoint::STATE_FILE))?;
     let file = checkpoint::written_file(dir, checkpoint::STATE_FILE)?;

@@ -155,8 +155,8 @@ fn read_token(path: &Path) -> Result<String, CredentialsError> {
 
 /// Writes `bytes` to `path` atomically; `secret` files are readable by the owner only.
 fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CredentialsError> {
-    let options = eqim_common::files::AtomicOptions { secret };
-    eqim_common::files::write_atomic_opts(path, bytes, options).map_err(|e| CredentialsError::Io {
+    let options = crate::files::AtomicOptions { secret };
+    crate::files::write_atomic_opts(path, bytes, options).map_err(|e| CredentialsError::Io {
         path: e.path,
         source: e.source,
     })

@@ -2,14 +2,13 @@
 //! workers, every timeout, and the data schedule. Loaded from YAML/TOML (durations in seconds)
 //! or built from flags.
 
-use crate::membership::MembershipConfig;
-use crate::steps::ScheduleConfig;
-use eqim_common::config::{
+use crate::config::{
     duration_secs, Validate, DEFAULT_DECISION_TICK_INTERVAL, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_JOIN_TIMEOUT,
     DEFAULT_PROBE_TIMEOUT, DEFAULT_QUIC_IDLE_TIMEOUT, DEFAULT_RENDEZVOUS_TIMEOUT,
     DEFAULT_STEP_TIMEOUT,
 };
+use crate::schedule::ScheduleConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -145,7 +144,7 @@ fn no_schedule() -> ScheduleConfig {
 }
 
 /// How long an eval worker may hold a lease without progress before it is handed to another.
-pub const DEFAULT_EVAL_LEASE_TIMEOUT: Duration = eqim_common::eval_plan::DEFAULT_EVAL_LEASE_TIMEOUT;
+pub const DEFAULT_EVAL_LEASE_TIMEOUT: Duration = crate::eval_plan::DEFAULT_EVAL_LEASE_TIMEOUT;
 
 /// The `eval:` section of a coordinator config: which set to sample and where the results go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,16 +204,9 @@ impl EvalServing {
 }
 
 impl CoordinatorConfig {
-    pub fn membership(&self) -> MembershipConfig {
-        MembershipConfig {
-            expected_workers: self.expected_workers,
-            min_workers: self.min_workers,
-            max_workers: self.max_workers,
-            heartbeat_timeout: self.timeouts.heartbeat_timeout,
-            join_timeout: self.timeouts.join_timeout,
-            rendezvous_timeout: self.timeouts.rendezvous_timeout,
-            probe_timeout: self.timeouts.probe_timeout,
-        }
+    /// Where checkpoints live: `<job_dir>/checkpoints`.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.job_dir.join("checkpoints")
     }
 }
 
@@ -244,7 +236,7 @@ impl Validate for CoordinatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eqim_common::config::load_config;
+    use crate::config::load_config;
     use std::path::Path;
 
     #[test]
@@ -261,7 +253,7 @@ mod tests {
         let cfg: CoordinatorConfig = load_config(&path).unwrap();
         assert_eq!(cfg.timeouts.heartbeat_timeout, Duration::from_millis(2500));
         assert_eq!(cfg.timeouts.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
-        assert_eq!(cfg.membership().max_workers, 4);
+        assert_eq!(cfg.max_workers, 4);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # async fn demo(cfg: eqim_coordinator::client::ClientConfig) -> Result<(), eqim_coordinator::client::ClientError> {
-//! use eqim_common::proto::CoordinatorToWorker;
+//! use crate::proto::CoordinatorToWorker;
 //! let mut client = eqim_coordinator::client::Client::connect(cfg).await?;
 //! while let Some(msg) = client.recv().await {
 //!     match msg {
@@ -17,14 +17,14 @@
 //! # Ok(()) }
 //! ```
 
+use crate::config::{
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_QUIC_IDLE_TIMEOUT,
+};
+use crate::framing::{read_message, write_message, FrameError};
 use crate::net::close_code;
 use crate::net::credentials::{ClientCredentials, SERVER_NAME};
 use crate::net::tls::{client_config, TlsError, TransportTimeouts};
-use eqim_common::config::{
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_QUIC_IDLE_TIMEOUT,
-};
-use eqim_common::framing::{read_message, write_message, FrameError};
-use eqim_common::proto::{
+use crate::proto::{
     join_proof, CoordinatorToWorker, Generation, Hello, Refusal, StoreEndpoint, WorkerId,
     WorkerPhase, WorkerToCoordinator, PROTOCOL_VERSION,
 };

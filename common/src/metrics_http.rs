@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eqim_common::metrics::DEFAULT_METRICS_REQUEST_TIMEOUT;
+use crate::metrics::DEFAULT_METRICS_REQUEST_TIMEOUT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use eqim_common::metrics::{self as names, MetricDesc, MetricKind, Role};
+use crate::metrics::{self as names, MetricDesc, MetricKind, Role};
 use prometheus::core::Collector;
 use prometheus::{
     Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, Opts,

@@ -3,7 +3,7 @@
 //! (instead of a CA), and the transport config (keep-alive and idle timeout) from our timeouts.
 
 use super::credentials::{fingerprint, JobCredentials};
-use eqim_common::proto::ALPN;
+use crate::proto::ALPN;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
