@@ -4,7 +4,7 @@
 //! tests read it instead of parsing log lines; written atomically.
 
 use crate::files::{write_json_atomic, JsonFileError};
-use crate::ledger::EpochCoverage;
+use crate::ledger::{EpochCoverage, Ledger};
 use crate::proto::Cursor;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,8 @@ pub struct JobOutcomeRecord {
     pub generation: u64,
     /// Per epoch: how many samples committed steps took once, twice, more or never.
     pub coverage: Vec<EpochCoverage>,
+    /// Which samples each committed step took (`coverage` is its summary).
+    pub ledger: Ledger,
     pub aborted_steps: u64,
     pub recoveries: u64,
     pub recovery_seconds: f64,
@@ -101,6 +103,7 @@ mod tests {
                 more: 0,
                 never: 0,
             }],
+            ledger: Ledger::new(8),
             aborted_steps: 1,
             recoveries: 0,
             recovery_seconds: 0.0,

@@ -63,6 +63,7 @@ impl JobOutcome {
             cursor: self.cursor,
             generation: self.generation.0,
             coverage: self.ledger.summary(),
+            ledger: self.ledger.clone(),
             aborted_steps: self.aborted_steps,
             recoveries: self.recoveries,
             recovery_seconds: self.recovery_seconds,

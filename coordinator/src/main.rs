@@ -10,10 +10,13 @@ use eqim_coordinator::cli::CoordinatorArgs;
     version,
     about = "eqim's job coordinator (membership, scheduling, checkpoints, evaluation); needs no libtorch"
 )]
-// pub(crate): worker/tests/cluster_commands.rs compiles this file to parse the cluster recipes.
-pub(crate) struct Cli {
+struct Cli {
     #[command(flatten)]
     args: CoordinatorArgs,
+    /// Parse the command line and exit without loading the config or starting (the cluster
+    /// recipe test, worker/tests/cluster_commands.rs, checks each recipe's command line this way).
+    #[arg(long, hide = true)]
+    check_args: bool,
 }
 
 fn main() -> Result<()> {
@@ -25,5 +28,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if cli.check_args {
+        return Ok(());
+    }
     eqim_coordinator::cli::run(cli.args)
 }

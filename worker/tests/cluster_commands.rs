@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 #[path = "../src/main.rs"]
 mod eqim_main;
 
-/// The `eqim-coordinator` binary's parser, compiled from its own source.
-#[allow(dead_code)]
-#[path = "../../coordinator/src/main.rs"]
-mod coordinator_main;
+mod support;
 
 /// One command line found in a recipe.
 #[derive(Debug, Clone)]
@@ -446,10 +443,25 @@ fn all_commands() -> Vec<Found> {
 fn parse(cmd: &Found) -> Result<(), String> {
     let result = match cmd.program() {
         "eqim" => eqim_main::Cli::try_parse_from(&cmd.argv).map(drop),
-        "eqim-coordinator" => coordinator_main::Cli::try_parse_from(&cmd.argv).map(drop),
+        "eqim-coordinator" => return parse_with_the_coordinator_binary(cmd),
         other => return Err(format!("unknown program {other}")),
     };
     result.map_err(|e| e.to_string())
+}
+
+/// The coordinator binary's own parser, run with its hidden `--check-args` (the worker crate does
+/// not link the coordinator); the error text is clap's.
+fn parse_with_the_coordinator_binary(cmd: &Found) -> Result<(), String> {
+    let out = std::process::Command::new(support::coordinator::coordinator_binary())
+        .args(&cmd.argv[1..])
+        .arg("--check-args")
+        .output()
+        .map_err(|e| format!("running eqim-coordinator: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 #[test]
@@ -495,6 +507,20 @@ fn every_command_line_in_the_cluster_recipes_parses() {
             "expected one command line of {what} in {file}; found: {found:#?}"
         );
     }
+}
+
+#[test]
+fn a_renamed_coordinator_flag_is_caught_by_the_coordinator_binary() {
+    let found = all_commands();
+    let coordinator = found
+        .iter()
+        .find(|c| c.program() == "eqim-coordinator")
+        .expect("an eqim-coordinator command line");
+    assert_eq!(parse(coordinator), Ok(()));
+    let mut renamed = coordinator.clone();
+    renamed.argv.push("--no-such-flag".into());
+    let err = parse(&renamed).expect_err("an unknown flag must not parse");
+    assert!(err.contains("--no-such-flag"), "{err}");
 }
 
 #[test]

@@ -7,11 +7,13 @@
 
 use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
 use eqim_common::schedule::ScheduleConfig;
-use eqim_coordinator::Coordinator;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use support::coordinator::CoordinatorProcess;
 use tch::Tensor;
+
+mod support;
 
 const SEED: u64 = 7;
 const SAMPLES: u64 = 44;
@@ -272,13 +274,8 @@ fn two_workers_of_micro_batch_4_match_one_process_accumulating_two() {
     train_generator(&config, None);
 
     let job_dir = d.join("two");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let logs: Vec<PathBuf> = (0..2).map(|i| d.join(format!("w{i}.jsonl"))).collect();
-    rt.block_on(async {
+    {
         let cfg = CoordinatorConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
             job_dir: job_dir.clone(),
@@ -307,7 +304,7 @@ fn two_workers_of_micro_batch_4_match_one_process_accumulating_two() {
             },
             eval: None,
         };
-        let c = Coordinator::start(cfg).await.unwrap();
+        let c = CoordinatorProcess::start(&cfg);
         let mut children: Vec<_> = logs
             .iter()
             .enumerate()
@@ -329,15 +326,12 @@ fn two_workers_of_micro_batch_4_match_one_process_accumulating_two() {
                     .unwrap()
             })
             .collect();
-        let outcome = tokio::time::timeout(Duration::from_secs(180), c.wait())
-            .await
-            .expect("the 2-worker job did not finish in time")
-            .unwrap();
+        let outcome = c.finish(Duration::from_secs(180));
         assert!(outcome.finished, "{}", outcome.stop_reason);
         for child in &mut children {
             assert!(child.wait().unwrap().success());
         }
-    });
+    }
 
     let single = step_losses(&[one.join("train_log.jsonl")]);
     let double = step_losses(&logs);

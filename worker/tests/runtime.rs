@@ -1,15 +1,17 @@
-//! End-to-end tests of the distributed runtime on loopback: an in-process coordinator and real
-//! `eqim worker` processes training the synthetic MLP through c10d gloo. Each job is a few
+//! End-to-end tests of the distributed runtime on loopback: a real `eqim-coordinator` process and
+//! real `eqim worker` processes training the synthetic MLP through c10d gloo. Each job is a few
 //! seconds; the tests check weights (equivalence, identical replicas) and the data ledger.
 
 use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
+use eqim_common::outcome::JobOutcomeRecord;
 use eqim_common::schedule::ScheduleConfig;
-use eqim_coordinator::actor::JobOutcome;
-use eqim_coordinator::Coordinator;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::coordinator::{assert_exact_ledger, CoordinatorProcess};
 use tch::Tensor;
+
+mod support;
 
 /// Bound on one whole job in these tests.
 const JOB_TIMEOUT: Duration = Duration::from_secs(90);
@@ -55,7 +57,7 @@ struct Worker {
     final_state: PathBuf,
 }
 
-fn spawn_worker(c: &Coordinator, dir: &Path, name: &str) -> Worker {
+fn spawn_worker(c: &CoordinatorProcess, dir: &Path, name: &str) -> Worker {
     let final_state = dir.join(format!("{name}.safetensors"));
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_eqim"))
@@ -104,21 +106,6 @@ fn log_of(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
 }
 
-async fn wait_for_step(c: &Coordinator, step: u64) {
-    let start = Instant::now();
-    while c.status().await.unwrap().cursor.step < step {
-        assert!(start.elapsed() < JOB_TIMEOUT, "step {step} not reached");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn finish(c: Coordinator) -> JobOutcome {
-    tokio::time::timeout(JOB_TIMEOUT, c.wait())
-        .await
-        .expect("job did not finish in time")
-        .expect("coordinator")
-}
-
 fn load(path: &Path) -> Vec<(String, Tensor)> {
     let mut named = Tensor::read_safetensors(path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
@@ -138,33 +125,14 @@ fn max_abs_diff(a: &Path, b: &Path) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn assert_exact_ledger(outcome: &JobOutcome) {
-    assert!(outcome.finished, "job stopped: {}", outcome.stop_reason);
-    let coverage = outcome.ledger.summary();
-    assert!(!coverage.is_empty());
-    for epoch in coverage {
-        assert!(epoch.is_exact(), "{epoch}");
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Runs one job with `n` workers and returns the final state of worker 0 and every worker's path.
-fn run_job(dir: &Path, n: u32, schedule: ScheduleConfig) -> (JobOutcome, Vec<PathBuf>) {
-    runtime().block_on(async {
-        let c = Coordinator::start(config(&dir.join("job"), n, schedule))
-            .await
-            .unwrap();
+fn run_job(dir: &Path, n: u32, schedule: ScheduleConfig) -> (JobOutcomeRecord, Vec<PathBuf>) {
+    {
+        let c = CoordinatorProcess::start(&config(&dir.join("job"), n, schedule));
         let mut workers: Vec<Worker> = (0..n)
             .map(|i| spawn_worker(&c, dir, &format!("w{i}")))
             .collect();
-        let outcome = finish(c).await;
+        let outcome = c.finish(JOB_TIMEOUT);
         for w in &mut workers {
             let status = wait_exit(w, Duration::from_secs(20));
             assert!(
@@ -178,7 +146,7 @@ fn run_job(dir: &Path, n: u32, schedule: ScheduleConfig) -> (JobOutcome, Vec<Pat
             outcome,
             workers.into_iter().map(|w| w.final_state).collect(),
         )
-    })
+    }
 }
 
 #[test]
@@ -219,33 +187,35 @@ fn signal(w: &Worker, sig: nix::sys::signal::Signal) {
 fn kill_9_of_one_of_three_workers_loses_no_sample_and_survivors_continue() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    runtime().block_on(async {
-        let c = Coordinator::start(config(&dir.join("job"), 3, schedule(480, 6, 6)))
-            .await
-            .unwrap();
+    {
+        let c = CoordinatorProcess::start(&config(&dir.join("job"), 3, schedule(480, 6, 6)));
         let mut workers: Vec<Worker> = (0..3)
             .map(|i| spawn_worker(&c, dir, &format!("w{i}")))
             .collect();
-        wait_for_step(&c, 15).await;
-        let before = c.status().await.unwrap();
+        c.wait_for_step(15, JOB_TIMEOUT);
+        let before = c.status();
         signal(&workers[1], nix::sys::signal::Signal::SIGKILL);
         let killed_at = Instant::now();
         // The survivors go on from their in-memory state in a new generation.
-        wait_for_step(&c, before.cursor.step + 5).await;
+        c.wait_for_step(before.step + 5, JOB_TIMEOUT);
         let recovery = killed_at.elapsed();
-        let after = c.status().await.unwrap();
+        let after = c.status();
         assert!(after.generation > before.generation);
-        assert_eq!(after.members.len(), 2, "{:?}", after.members);
+        assert_eq!(after.world_size, 2, "{after:?}");
         eprintln!(
-            "kill -9 at step {}: 5 more steps committed {recovery:?} later in {} ({} aborted steps)",
-            before.cursor.step, after.generation, after.aborted_steps
+            "kill -9 at step {}: 5 more steps committed {recovery:?} later in generation {}",
+            before.step, after.generation
         );
-        let outcome = finish(c).await;
+        let outcome = c.finish(JOB_TIMEOUT);
         assert_exact_ledger(&outcome);
         assert_eq!(outcome.cursor.step, 80);
         for i in [0, 2] {
             let status = wait_exit(&mut workers[i], Duration::from_secs(20));
-            assert!(status.success(), "w{i}: {status}\n{}", log_of(dir, &format!("w{i}")));
+            assert!(
+                status.success(),
+                "w{i}: {status}\n{}",
+                log_of(dir, &format!("w{i}"))
+            );
             // Survivors were never restarted: one process, one "admitted" line each.
             assert_eq!(log_of(dir, &format!("w{i}")).matches("admitted").count(), 1);
         }
@@ -254,32 +224,25 @@ fn kill_9_of_one_of_three_workers_loses_no_sample_and_survivors_continue() {
             max_abs_diff(&workers[0].final_state, &workers[2].final_state),
             0.0
         );
-    });
+    }
 }
 
 #[test]
 fn a_late_worker_receives_the_state_and_trains() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    runtime().block_on(async {
-        let c = Coordinator::start(config(&dir.join("job"), 2, schedule(720, 6, 6)))
-            .await
-            .unwrap();
+    {
+        let c = CoordinatorProcess::start(&config(&dir.join("job"), 2, schedule(720, 6, 6)));
         let mut workers: Vec<Worker> = (0..2)
             .map(|i| spawn_worker(&c, dir, &format!("w{i}")))
             .collect();
-        wait_for_step(&c, 10).await;
-        let joined_at_step = c.status().await.unwrap().cursor.step;
+        c.wait_for_step(10, JOB_TIMEOUT);
+        let joined_at_step = c.status().step;
         workers.push(spawn_worker(&c, dir, "late"));
-        let start = Instant::now();
-        while c.status().await.unwrap().roster.len() < 3 {
-            assert!(
-                start.elapsed() < JOB_TIMEOUT,
-                "the late worker never joined"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let outcome = finish(c).await;
+        c.wait_until("the late worker in the roster", JOB_TIMEOUT, |s| {
+            s.world_size == 3
+        });
+        let outcome = c.finish(JOB_TIMEOUT);
         assert_exact_ledger(&outcome);
         assert_eq!(outcome.cursor.step, 120);
         for w in &mut workers {
@@ -304,28 +267,26 @@ fn a_late_worker_receives_the_state_and_trains() {
             max_abs_diff(&workers[1].final_state, &workers[2].final_state),
             0.0
         );
-    });
+    }
 }
 
 #[test]
 fn sigterm_makes_a_worker_leave_promptly_and_the_job_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    runtime().block_on(async {
-        let c = Coordinator::start(config(&dir.join("job"), 3, schedule(240, 6, 6)))
-            .await
-            .unwrap();
+    {
+        let c = CoordinatorProcess::start(&config(&dir.join("job"), 3, schedule(240, 6, 6)));
         let mut workers: Vec<Worker> = (0..3)
             .map(|i| spawn_worker(&c, dir, &format!("w{i}")))
             .collect();
-        wait_for_step(&c, 10).await;
+        c.wait_for_step(10, JOB_TIMEOUT);
         signal(&workers[2], nix::sys::signal::Signal::SIGTERM);
         let sent = Instant::now();
         let status = wait_exit(&mut workers[2], Duration::from_secs(5));
         let took = sent.elapsed();
         assert!(status.success(), "{status}\n{}", log_of(dir, "w2"));
         eprintln!("SIGTERM to exit: {took:?}");
-        let outcome = finish(c).await;
+        let outcome = c.finish(JOB_TIMEOUT);
         assert_exact_ledger(&outcome);
         for w in workers.iter_mut().take(2) {
             let status = wait_exit(w, Duration::from_secs(20));
@@ -337,7 +298,7 @@ fn sigterm_makes_a_worker_leave_promptly_and_the_job_goes_on() {
             );
         }
         assert!(log_of(dir, "w2").contains("leaving the job"));
-    });
+    }
 }
 
 fn wait_for_file(path: &Path) {
@@ -372,10 +333,8 @@ fn checkpoints_resume_bitwise_after_kills_a_corrupt_checkpoint_and_a_coordinator
     let crashed = dir.join("crashed");
     let job = crashed.join("job");
     let root = job.join("checkpoints");
-    runtime().block_on(async {
-        let c = Coordinator::start(config(&job, 2, checkpointed(240)))
-            .await
-            .unwrap();
+    {
+        let c = CoordinatorProcess::start(&config(&job, 2, checkpointed(240)));
         let mut workers: Vec<Worker> = (0..2)
             .map(|i| spawn_worker(&c, &crashed, &format!("w{i}")))
             .collect();
@@ -384,8 +343,8 @@ fn checkpoints_resume_bitwise_after_kills_a_corrupt_checkpoint_and_a_coordinator
             signal(w, nix::sys::signal::Signal::SIGKILL);
             let _ = wait_exit(w, Duration::from_secs(5));
         }
-        c.shutdown("test crash").await.unwrap();
-    });
+        c.shutdown();
+    }
     let state = root.join("step-00000020").join("state.safetensors");
     let mut bytes = std::fs::read(&state).unwrap();
     let middle = bytes.len() / 2;
@@ -417,32 +376,15 @@ fn checkpoints_resume_bitwise_after_kills_a_corrupt_checkpoint_and_a_coordinator
     // 2. Restart only the coordinator: the workers keep running, reconnect and reload step 10.
     let restarted = dir.join("restarted");
     let job = restarted.join("job");
-    runtime().block_on(async {
-        let c = Coordinator::start(config(&job, 2, checkpointed(240)))
-            .await
-            .unwrap();
-        let addr = c.local_addr;
+    {
+        let c = CoordinatorProcess::start(&config(&job, 2, checkpointed(240)));
         let mut workers: Vec<Worker> = (0..2)
             .map(|i| spawn_worker(&c, &restarted, &format!("w{i}")))
             .collect();
         wait_for_file(&job.join("checkpoints/step-00000010/manifest.json"));
-        c.shutdown("test restart").await.unwrap();
-        let mut cfg = config(&job, 2, checkpointed(240));
-        cfg.bind = addr;
-        // The old endpoint's socket closes once its connections drain (a real restart is a
-        // new process, where the exit frees it).
-        let start = Instant::now();
-        let c = loop {
-            match Coordinator::start(cfg.clone()).await {
-                Ok(c) => break c,
-                Err(e) if start.elapsed() < Duration::from_secs(10) => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("restarting the coordinator: {e:#}"),
-            }
-        };
-        let outcome = finish(c).await;
+        // A restart is a new process on the same address; the workers reconnect to it.
+        let c = c.restart();
+        let outcome = c.finish(JOB_TIMEOUT);
         assert_exact_ledger(&outcome);
         assert_eq!(outcome.cursor.step, 40);
         for (w, clean) in workers.iter_mut().zip(&clean_paths) {
@@ -456,7 +398,7 @@ fn checkpoints_resume_bitwise_after_kills_a_corrupt_checkpoint_and_a_coordinator
             assert!(log_of(&restarted, &w.name).contains("reconnecting"));
             assert_eq!(max_abs_diff(clean, &w.final_state), 0.0);
         }
-    });
+    }
 }
 
 #[test]
@@ -476,22 +418,21 @@ fn sigterm_of_the_last_worker_takes_a_just_in_time_checkpoint_that_resumes_bitwi
     let preempted = dir.join("preempted");
     let job = preempted.join("job");
     let root = job.join("checkpoints");
-    let (committed, took) = runtime().block_on(async {
-        let c = Coordinator::start(config(&job, 1, no_periodic()))
-            .await
-            .unwrap();
+    let (committed, took) = {
+        let c = CoordinatorProcess::start(&config(&job, 1, no_periodic()));
         let mut w = spawn_worker(&c, &preempted, "w0");
-        wait_for_step(&c, 20).await;
+        c.wait_for_step(20, JOB_TIMEOUT);
         signal(&w, nix::sys::signal::Signal::SIGTERM);
         let sent = Instant::now();
         let status = wait_exit(&mut w, Duration::from_secs(10));
         let took = sent.elapsed();
         assert!(status.success(), "{status}\n{}", log_of(&preempted, "w0"));
-        let after = c.status().await.unwrap();
-        assert!(after.members.is_empty(), "{:?}", after.members);
-        c.shutdown("preempted").await.unwrap();
-        (after.cursor.step, took)
-    });
+        let after = c.status();
+        // The coordinator took it out of the membership at once (it said it was leaving).
+        assert!(c.log_text().contains("worker leaving"), "{}", c.log_text());
+        c.shutdown();
+        (after.step, took)
+    };
     assert!((20..200).contains(&committed), "committed {committed}");
     let log = log_of(&preempted, "w0");
     assert!(log.contains("just-in-time checkpoint written"), "{log}");

@@ -4,14 +4,16 @@
 //! losses, and rank 0 must export weights that `eqim sample-tokens` can load.
 
 use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
+use eqim_common::outcome::JobOutcomeRecord;
 use eqim_common::schedule::ScheduleConfig;
-use eqim_coordinator::actor::JobOutcome;
-use eqim_coordinator::Coordinator;
 use eqim_worker::data::{DataError, LatentCacheWriter, LoaderConfig, SampleSource};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::coordinator::CoordinatorProcess;
 use tch::Tensor;
+
+mod support;
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 const ROWS: u64 = 24;
@@ -142,7 +144,7 @@ struct Worker {
     log: PathBuf,
 }
 
-fn spawn_worker(c: &Coordinator, dir: &Path, config: &Path, name: &str) -> Worker {
+fn spawn_worker(c: &CoordinatorProcess, dir: &Path, config: &Path, name: &str) -> Worker {
     let final_state = dir.join(format!("{name}.safetensors"));
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_eqim"))
@@ -185,31 +187,21 @@ fn wait_exit(w: &mut Worker, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
-fn run_job(dir: &Path, config: &Path, n: u32) -> (JobOutcome, Vec<Worker>) {
+fn run_job(dir: &Path, config: &Path, n: u32) -> (JobOutcomeRecord, Vec<Worker>) {
     std::fs::create_dir_all(dir).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let c = Coordinator::start(coordinator_config(&dir.join("job"), n))
-            .await
-            .unwrap();
+    {
+        let c = CoordinatorProcess::start(&coordinator_config(&dir.join("job"), n));
         let mut workers: Vec<Worker> = (0..n)
             .map(|i| spawn_worker(&c, dir, config, &format!("w{i}")))
             .collect();
-        let outcome = tokio::time::timeout(JOB_TIMEOUT, c.wait())
-            .await
-            .expect("job did not finish in time")
-            .expect("coordinator");
+        let outcome = c.finish(JOB_TIMEOUT);
         for w in &mut workers {
             let status = wait_exit(w, Duration::from_secs(30));
             let log = std::fs::read_to_string(&w.log).unwrap_or_default();
             assert!(status.success(), "{}: {status}\n{log}", w.name);
         }
         (outcome, workers)
-    })
+    }
 }
 
 fn load(path: &Path) -> Vec<(String, Tensor)> {
