@@ -335,6 +335,13 @@ impl Client {
         self.sender.send(msg).await
     }
 
+    /// Hands the coordinator's messages to a reader of the caller's (an actor's pump task);
+    /// afterwards [`Client::recv`] returns `None` at once. The channel ends with the connection.
+    pub fn take_inbox(&mut self) -> mpsc::Receiver<CoordinatorToWorker> {
+        let (_closed, empty) = mpsc::channel(1);
+        std::mem::replace(&mut self.inbox, empty)
+    }
+
     pub fn sender(&self) -> ControlSender {
         self.sender.clone()
     }

@@ -84,6 +84,73 @@ fn pump(
     })
 }
 
+/// Starts one process with its output piped through prefixed log pumps.
+fn start(mut spec: ProcessSpec) -> Result<Running> {
+    spec.command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        // Each process leads its own group, so stopping it also stops what it started (a
+        // shell's children would otherwise keep the log pipes open).
+        .process_group(0);
+    let mut child = spec
+        .command
+        .spawn()
+        .with_context(|| format!("starting {} ({:?})", spec.name, spec.command))?;
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push(pump(spec.name.clone(), out, false));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push(pump(spec.name.clone(), err, true));
+    }
+    Ok(Running {
+        spec_name: spec.name,
+        child,
+        ends_job: spec.ends_job,
+        required: spec.required,
+        worker: spec.worker,
+        status: None,
+        pumps,
+    })
+}
+
+/// Reaps the processes that exited; `Some(reason)` once the cluster should stop: the job is
+/// done, a required process failed, every worker failed, or nothing is left running.
+fn poll(running: &mut [Running]) -> Result<Option<Result<(), String>>> {
+    let mut job_done = false;
+    let mut failure: Option<String> = None;
+    for r in running.iter_mut().filter(|r| r.status.is_none()) {
+        if let Some(status) = r
+            .child
+            .try_wait()
+            .with_context(|| format!("waiting for {}", r.spec_name))?
+        {
+            r.status = Some(status);
+            if r.required && !status.success() {
+                failure = Some(format!("{} exited with {status}", r.spec_name));
+            }
+            if r.ends_job && status.success() {
+                job_done = true;
+            }
+        }
+    }
+    let mut workers = running.iter().filter(|r| r.worker).peekable();
+    if !job_done
+        && failure.is_none()
+        && workers.peek().is_some()
+        && workers.all(|r| r.status.is_some_and(|s| !s.success()))
+    {
+        // (Workers told that the job is over exit 0 while the coordinator finishes up.)
+        failure = Some("every worker failed before the job ended (see their logs above)".into());
+    }
+    Ok(match failure {
+        Some(f) => Some(Err(f)),
+        None if job_done || running.iter().all(|r| r.status.is_some()) => Some(Ok(())),
+        None => None,
+    })
+}
+
 /// Starts every process and supervises them until the job ends, one fails, or `stop` is set.
 pub fn run_cluster(
     specs: Vec<ProcessSpec>,
@@ -91,84 +158,36 @@ pub fn run_cluster(
     grace: Duration,
 ) -> Result<ClusterOutcome> {
     let mut running = Vec::with_capacity(specs.len());
-    for mut spec in specs {
-        spec.command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null())
-            // Each process leads its own group, so stopping it also stops what it started (a
-            // shell's children would otherwise keep the log pipes open).
-            .process_group(0);
-        let mut child = match spec.command.spawn() {
-            Ok(c) => c,
+    for spec in specs {
+        match start(spec) {
+            Ok(r) => running.push(r),
             Err(e) => {
                 shutdown(&mut running, grace);
-                return Err(e)
-                    .with_context(|| format!("starting {} ({:?})", spec.name, spec.command));
+                return Err(e);
             }
-        };
-        let mut pumps = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            pumps.push(pump(spec.name.clone(), out, false));
         }
-        if let Some(err) = child.stderr.take() {
-            pumps.push(pump(spec.name.clone(), err, true));
-        }
-        running.push(Running {
-            spec_name: spec.name,
-            child,
-            ends_job: spec.ends_job,
-            required: spec.required,
-            worker: spec.worker,
-            status: None,
-            pumps,
-        });
     }
-
     let mut interrupted = false;
-    let mut failure: Option<String> = None;
-    loop {
+    let ended = loop {
         if stop.load(Ordering::SeqCst) {
             interrupted = true;
-            break;
+            break Ok(());
         }
-        let mut job_done = false;
-        for r in running.iter_mut().filter(|r| r.status.is_none()) {
-            if let Some(status) = r
-                .child
-                .try_wait()
-                .with_context(|| format!("waiting for {}", r.spec_name))?
-            {
-                r.status = Some(status);
-                if r.required && !status.success() {
-                    failure = Some(format!("{} exited with {status}", r.spec_name));
-                }
-                if r.ends_job && status.success() {
-                    job_done = true;
-                }
+        match poll(&mut running) {
+            Ok(Some(ended)) => break ended,
+            Ok(None) => thread::sleep(POLL_INTERVAL),
+            Err(e) => {
+                shutdown(&mut running, grace);
+                return Err(e);
             }
         }
-        let mut workers = running.iter().filter(|r| r.worker).peekable();
-        if !job_done
-            && failure.is_none()
-            && workers.peek().is_some()
-            && workers.all(|r| r.status.is_some_and(|s| !s.success()))
-        {
-            // (Workers told that the job is over exit 0 while the coordinator finishes up.)
-            failure =
-                Some("every worker failed before the job ended (see their logs above)".into());
-        }
-        if job_done || failure.is_some() || running.iter().all(|r| r.status.is_some()) {
-            break;
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
+    };
     shutdown(&mut running, grace);
     let statuses = running
         .into_iter()
         .map(|r| (r.spec_name, r.status))
         .collect();
-    if let Some(f) = failure {
+    if let Err(f) = ended {
         anyhow::bail!("local cluster stopped: {f}");
     }
     Ok(ClusterOutcome {

@@ -173,8 +173,8 @@ fn main() -> Result<()> {
             eprint!("{}", eqim_worker::convert::run(&args)?);
         }
         Command::VerifyTokenizer(args) => eqim_worker::tokenizer_cli::verify_tokenizer(&args)?,
-        Command::Worker(args) => eqim_worker::runtime::agent::run(*args)?,
-        Command::Launch(args) => eqim_worker::runtime::launch_cmd::run(args)?,
+        Command::Worker(args) => eqim_worker::runtime::agent::run(args.into_config()?)?,
+        Command::Launch(args) => eqim_worker::runtime::launch_cmd::run(&args.into())?,
         Command::Ledger(args) => eqim_worker::runtime::ledger_cmd::run(args)?,
     }
     Ok(())

@@ -714,7 +714,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
         ]
         .map(OsString::from),
     );
-    let launch_args = crate::runtime::launch_cmd::LaunchArgs {
+    let launch_args = crate::runtime::launch_cmd::LaunchConfig {
         config: config_path,
         workers: args.workers,
         final_state_dir: None,

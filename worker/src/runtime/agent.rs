@@ -1,27 +1,21 @@
-//! `eqim worker`: the worker agent. A tokio task speaks the QUIC control plane (through
-//! `eqim_common::client`) and forwards the coordinator's orders to a dedicated training
-//! thread over a channel; the thread's results (group ready, votes) go back the same way.
-//! Workers may start before the coordinator: connecting is retried with backoff until
-//! `--connect-timeout`, and a lost coordinator is reconnected to under the same bound.
+//! `eqim worker`: a worker process. It starts the dedicated training thread (every blocking tch
+//! and c10d call), then runs the agent actor ([`super::agent_actor::WorkerAgent`]) that speaks
+//! the QUIC control plane and orders the thread. Workers may start before the coordinator:
+//! connecting is retried with backoff until the connect timeout, and a lost coordinator is
+//! reconnected to under the same bound.
 
+use super::agent_actor::{AgentArgs, Ended, WorkerAgent};
 use super::generator_trainable::GeneratorTrainable;
 use super::trainable::{SyntheticMlp, Trainable};
 use super::trainer::{Command, Event, Trainer, TrainerConfig};
 use anyhow::{bail, Context, Result};
-use eqim_common::client::{Client, ClientConfig, ClientError, HeartbeatStatus};
+use eqim_common::client::{ClientConfig, ClientError};
 use eqim_common::net::credentials::{parse_fingerprint, ClientCredentials};
-use eqim_common::proto::{
-    CoordinatorToWorker, Generation, StoreEndpoint, WorkerId, WorkerPhase, WorkerToCoordinator,
-    JIT_CHECKPOINT_TIMEOUT,
-};
+use eqim_common::proto::{StoreEndpoint, WorkerId};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
-use tokio::sync::mpsc::UnboundedReceiver;
-use tracing::{info, warn};
-
-/// How long the training thread gets to write its final state at the end of the job.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
+use tracing::info;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
@@ -90,11 +84,6 @@ fn secs(flag: &str, value: f64) -> Result<Duration> {
         .with_context(|| format!("--{flag} must be a positive number of seconds, got {value}"))
 }
 
-/// Reads the token, waiting for the file while the coordinator may still be creating it.
-fn load_credentials(args: &WorkerArgs) -> Result<ClientCredentials> {
-    credentials_from(&args.token, args.fingerprint.as_deref())
-}
-
 /// The job's credentials from a token file and, optionally, a certificate fingerprint given
 /// on the command line (otherwise `coordinator-cert.sha256` next to the token).
 pub fn credentials_from(
@@ -120,90 +109,172 @@ pub fn credentials_from(
     }
 }
 
+/// What a worker process is run with (`eqim worker`'s flags, resolved).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `HOST:PORT` of the coordinator's control plane.
+    pub coordinator: String,
+    /// The job's token file; its directory is the job directory.
+    pub token: PathBuf,
+    /// The coordinator certificate's SHA-256 (hex), else read next to the token.
+    pub fingerprint: Option<String>,
+    pub worker_id: WorkerId,
+    /// This machine's address for the TCPStore and gloo.
+    pub host: String,
+    pub connect_timeout: Duration,
+    pub collective_timeout: Duration,
+    pub checkpoint_dir: Option<PathBuf>,
+    pub final_state: Option<PathBuf>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub threads: Option<i32>,
+    /// Seed and learning rate of the synthetic model.
+    pub seed: i64,
+    pub lr: f64,
+    /// The generator's training config; the synthetic model without one.
+    pub train_config: Option<PathBuf>,
+    pub device: Option<String>,
+    pub export_dir: Option<PathBuf>,
+    pub step_log: Option<PathBuf>,
+}
+
+impl WorkerArgs {
+    /// The resolved config of these flags.
+    pub fn into_config(self) -> Result<AgentConfig> {
+        Ok(AgentConfig {
+            connect_timeout: secs("connect-timeout", self.connect_timeout)?,
+            collective_timeout: secs("collective-timeout", self.collective_timeout)?,
+            worker_id: WorkerId(
+                self.worker_id
+                    .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+            ),
+            coordinator: self.coordinator,
+            token: self.token,
+            fingerprint: self.fingerprint,
+            host: self.host,
+            checkpoint_dir: self.checkpoint_dir,
+            final_state: self.final_state,
+            metrics_addr: self.metrics_addr,
+            threads: self.threads,
+            seed: self.seed,
+            lr: self.lr,
+            train_config: self.train_config,
+            device: self.device,
+            export_dir: self.export_dir,
+            step_log: self.step_log,
+        })
+    }
+}
+
+impl AgentConfig {
+    fn job_dir(&self) -> PathBuf {
+        self.token
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_owned()
+    }
+
+    fn trainer_config(
+        &self,
+        metrics: eqim_common::metrics_registry::WorkerMetrics,
+    ) -> TrainerConfig {
+        let job_dir = self.job_dir();
+        TrainerConfig {
+            export_dir: self.train_config.as_ref().map(|_| {
+                self.export_dir
+                    .clone()
+                    .unwrap_or_else(|| job_dir.join("generator"))
+            }),
+            host: self.host.clone(),
+            collective_timeout: self.collective_timeout,
+            final_state: self.final_state.clone(),
+            metrics: Some(metrics),
+            checkpoint_root: self
+                .checkpoint_dir
+                .clone()
+                .unwrap_or_else(|| job_dir.join("checkpoints")),
+            progress_total: None,
+            step_log: self
+                .step_log
+                .clone()
+                .map(|path| super::trainer::StepLogConfig { path, every: 1 }),
+        }
+    }
+
+    /// A fresh client config per connection attempt: the token is re-read each time (the
+    /// coordinator may not have written it yet).
+    fn client_config(&self, store: StoreEndpoint) -> super::agent_actor::ConfigSource {
+        let (coordinator, token, fingerprint) = (
+            self.coordinator.clone(),
+            self.token.clone(),
+            self.fingerprint.clone(),
+        );
+        let worker_id = self.worker_id.clone();
+        Box::new(move || {
+            let credentials = credentials_from(&token, fingerprint.as_deref())
+                .map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
+            Ok(
+                ClientConfig::new(coordinator.clone(), credentials, worker_id.clone())
+                    .with_store(store.clone())
+                    .with_device(format!("cpu x{}", tch::get_num_threads())),
+            )
+        })
+    }
+}
+
+/// Starts the training thread: the generator of the training config, or the synthetic model.
+/// It hosts the store first and reports the port (or its error) on `port_tx`.
+fn spawn_training(
+    cfg: &AgentConfig,
+    trainer_cfg: TrainerConfig,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    port_tx: mpsc::Sender<Result<u16>>,
+    commands: mpsc::Receiver<Command>,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
+    let (seed, lr) = (cfg.seed, cfg.lr);
+    let train_config = cfg.train_config.clone();
+    let device = cfg.device.clone();
+    let gpu_metrics = trainer_cfg.metrics.clone();
+    std::thread::Builder::new()
+        .name("training".into())
+        .spawn(move || -> Result<()> {
+            let Some(path) = train_config else {
+                let model = SyntheticMlp::new(seed, lr);
+                return run_training(trainer_cfg, model, events, &port_tx, commands);
+            };
+            let overrides = super::generator_trainable::ConfigOverrides {
+                device,
+                precision: None,
+            };
+            match GeneratorTrainable::from_config_file(&path, &overrides) {
+                Ok(model) => {
+                    info!(config = %path.display(), samples = model.dataset_len(), "training the generator");
+                    // GPU memory and utilisation for /metrics while training on a GPU.
+                    let _gpu = gpu_metrics.as_ref().and_then(|m| {
+                        crate::metrics::GpuSampler::for_device(m, model.device())
+                    });
+                    run_training(trainer_cfg, model, events, &port_tx, commands)
+                }
+                Err(e) => {
+                    let _ignored = port_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                    Err(e)
+                }
+            }
+        })
+        .context("spawning the training thread")
+}
+
 /// Runs a worker until the job finishes, SIGTERM, or the coordinator stays unreachable.
-pub fn run(args: WorkerArgs) -> Result<()> {
-    let connect_timeout = secs("connect-timeout", args.connect_timeout)?;
-    let collective_timeout = secs("collective-timeout", args.collective_timeout)?;
-    if let Some(threads) = args.threads {
+pub fn run(cfg: AgentConfig) -> Result<()> {
+    if let Some(threads) = cfg.threads {
         tch::set_num_threads(threads);
     }
-    let worker_id = WorkerId(
-        args.worker_id
-            .clone()
-            .unwrap_or_else(|| format!("worker-{}", std::process::id())),
-    );
     let (metrics, _metrics_server) =
-        crate::metrics::worker_metrics(&worker_id.0, args.metrics_addr)?;
+        crate::metrics::worker_metrics(&cfg.worker_id.0, cfg.metrics_addr)?;
     let (event_tx, event_rx) = tokio::sync::mpsc::unbounded_channel();
     let (command_tx, command_rx) = mpsc::channel::<Command>();
     let (port_tx, port_rx) = mpsc::channel::<Result<u16>>();
-    let job_dir = args
-        .token
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .to_owned();
-    let trainer_cfg = TrainerConfig {
-        export_dir: args.train_config.as_ref().map(|_| {
-            args.export_dir
-                .clone()
-                .unwrap_or_else(|| job_dir.join("generator"))
-        }),
-        host: args.host.clone(),
-        collective_timeout,
-        final_state: args.final_state.clone(),
-        metrics: Some(metrics),
-        checkpoint_root: args
-            .checkpoint_dir
-            .clone()
-            .unwrap_or_else(|| job_dir.join("checkpoints")),
-        progress_total: None,
-        step_log: args
-            .step_log
-            .clone()
-            .map(|path| super::trainer::StepLogConfig { path, every: 1 }),
-    };
-    let gpu_metrics = trainer_cfg.metrics.clone();
-    let seed = args.seed;
-    let lr = args.lr;
-    let train_config = args.train_config.clone();
-    let device = args.device.clone();
-    let training = std::thread::Builder::new()
-        .name("training".into())
-        .spawn(move || -> Result<()> {
-            match train_config {
-                Some(path) => {
-                    let model = GeneratorTrainable::from_config_file(
-                        &path,
-                        &super::generator_trainable::ConfigOverrides {
-                            device: device.clone(),
-                            precision: None,
-                        },
-                    );
-                    match model {
-                        Ok(model) => {
-                            info!(config = %path.display(), samples = model.dataset_len(), "training the generator");
-                            // GPU memory and utilisation for /metrics while training on a GPU.
-                            let _gpu = gpu_metrics.as_ref().and_then(|m| {
-                                crate::metrics::GpuSampler::for_device(m, model.device())
-                            });
-                            run_training(trainer_cfg, model, event_tx, &port_tx, command_rx)
-                        }
-                        Err(e) => {
-                            let _ignored = port_tx.send(Err(anyhow::anyhow!("{e:#}")));
-                            Err(e)
-                        }
-                    }
-                }
-                None => run_training(
-                    trainer_cfg,
-                    SyntheticMlp::new(seed, lr),
-                    event_tx,
-                    &port_tx,
-                    command_rx,
-                ),
-            }
-        })
-        .context("spawning the training thread")?;
+    let trainer_cfg = cfg.trainer_config(metrics);
+    let training = spawn_training(&cfg, trainer_cfg, event_tx, port_tx, command_rx)?;
     let store_port = port_rx
         .recv()
         .context("the training thread ended before hosting its store")??;
@@ -212,17 +283,28 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let store = StoreEndpoint {
-        host: args.host.clone(),
+        host: cfg.host.clone(),
         port: store_port,
     };
-    let ended = runtime.block_on(agent(
-        &args,
-        worker_id,
-        store,
-        connect_timeout,
-        command_tx,
-        event_rx,
-    ))?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let args = AgentArgs {
+        coordinator: cfg.coordinator.clone(),
+        client_config: cfg.client_config(store),
+        connect_timeout: cfg.connect_timeout,
+        commands: command_tx,
+        events: event_rx,
+        done: done_tx,
+    };
+    let ended = runtime.block_on(async {
+        let (_agent, handle) = ractor::Actor::spawn(None, WorkerAgent, args)
+            .await
+            .context("starting the worker agent")?;
+        let ended = done_rx
+            .await
+            .context("the worker agent stopped without a result")?;
+        let _ignored = handle.await;
+        ended
+    })?;
     match ended {
         Ended::Finished => match training.join() {
             Ok(result) => result,
@@ -258,259 +340,4 @@ fn run_training<T: Trainable>(
     };
     let _ignored = port_tx.send(Ok(trainer.store_port()));
     trainer.run(commands)
-}
-
-enum Ended {
-    Finished,
-    Terminated,
-}
-
-enum SessionEnd {
-    Finished,
-    Lost,
-    Terminated,
-}
-
-/// Connects with the one retrying connector, re-reading the credentials on every attempt (the
-/// coordinator may not have written them yet); `None` on SIGTERM while connecting.
-async fn connect_with_retry(
-    args: &WorkerArgs,
-    worker_id: &WorkerId,
-    store: &StoreEndpoint,
-    timeout: Duration,
-    sigterm: &mut tokio::signal::unix::Signal,
-) -> Result<Option<Client>> {
-    let config = || {
-        let credentials =
-            load_credentials(args).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
-        Ok(
-            ClientConfig::new(args.coordinator.clone(), credentials, worker_id.clone())
-                .with_store(store.clone())
-                .with_device(format!("cpu x{}", tch::get_num_threads())),
-        )
-    };
-    tokio::select! {
-        connected = Client::connect_with_retry_from(config, timeout) => match connected {
-            Ok(client) => Ok(Some(client)),
-            Err(ClientError::Refused(reason)) => bail!(
-                "the coordinator at {} refused this worker: {reason}",
-                args.coordinator
-            ),
-            Err(e) => Err(e).with_context(|| {
-                format!(
-                    "cannot reach the coordinator at {} within --connect-timeout {timeout:?}",
-                    args.coordinator
-                )
-            }),
-        },
-        _ = sigterm.recv() => Ok(None),
-    }
-}
-
-async fn agent(
-    args: &WorkerArgs,
-    worker_id: WorkerId,
-    store: StoreEndpoint,
-    connect_timeout: Duration,
-    commands: mpsc::Sender<Command>,
-    mut events: UnboundedReceiver<Event>,
-) -> Result<Ended> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listening for SIGTERM")?;
-    let mut status = HeartbeatStatus {
-        generation: Generation(0),
-        phase: WorkerPhase::Joining,
-        step: 0,
-    };
-    loop {
-        let Some(mut client) =
-            connect_with_retry(args, &worker_id, &store, connect_timeout, &mut sigterm).await?
-        else {
-            info!("SIGTERM while connecting; exiting");
-            return Ok(Ended::Terminated);
-        };
-        status.phase = WorkerPhase::Joining;
-        client.set_status(status);
-        match session(
-            &mut client,
-            &commands,
-            &mut events,
-            &mut sigterm,
-            &mut status,
-        )
-        .await?
-        {
-            SessionEnd::Finished => {
-                client.close().await;
-                return Ok(Ended::Finished);
-            }
-            SessionEnd::Terminated => {
-                info!(generation = %status.generation, "SIGTERM: leaving the job");
-                leave(client, status.generation, &commands, &mut events).await;
-                return Ok(Ended::Terminated);
-            }
-            SessionEnd::Lost => {
-                warn!(reason = ?client.close_reason(), "lost the coordinator; reconnecting");
-                drop(client);
-            }
-        }
-    }
-}
-
-/// Says `Leaving` and keeps the session until the coordinator lets go (closes it), for at most
-/// [`JIT_CHECKPOINT_TIMEOUT`]: when this worker was the last holder of the training state, the
-/// coordinator first orders a just-in-time checkpoint, which the training thread writes and
-/// syncs before it is reported. Commits and aborts still in flight go to the training thread so
-/// that its state is the committed one; votes of the abandoned step are not sent.
-async fn leave(
-    mut client: Client,
-    generation: Generation,
-    commands: &mpsc::Sender<Command>,
-    events: &mut UnboundedReceiver<Event>,
-) {
-    let leaving = WorkerToCoordinator::Leaving {
-        generation,
-        reason: "SIGTERM".into(),
-    };
-    if let Err(e) = client.send(&leaving).await {
-        warn!(cause = %e, "could not say goodbye to the coordinator");
-        client.close().await;
-        return;
-    }
-    let deadline = tokio::time::Instant::now() + JIT_CHECKPOINT_TIMEOUT;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => {
-                warn!(timeout = ?JIT_CHECKPOINT_TIMEOUT, "the coordinator did not let this worker go within JIT_CHECKPOINT_TIMEOUT; leaving anyway");
-                break;
-            }
-            msg = client.recv() => {
-                let command = match msg {
-                    None | Some(CoordinatorToWorker::Finished { .. }) => break,
-                    Some(CoordinatorToWorker::CheckpointNow { generation, steps, name }) => {
-                        info!(%generation, steps, %name, "just-in-time checkpoint ordered");
-                        Command::CheckpointNow { generation, steps, name }
-                    }
-                    Some(CoordinatorToWorker::Commit { generation, step, checkpoint }) => {
-                        Command::Commit { generation, step, checkpoint }
-                    }
-                    Some(CoordinatorToWorker::Abort { generation, step, .. }) => {
-                        Command::Abort { generation, step }
-                    }
-                    Some(other) => {
-                        tracing::debug!(kind = other.kind(), "ignored while leaving");
-                        continue;
-                    }
-                };
-                if forward(commands, command).is_err() {
-                    warn!("the training thread stopped while leaving");
-                    break;
-                }
-            }
-            event = events.recv() => match event {
-                None => break,
-                Some(Event::CheckpointWritten { generation, steps, files }) => {
-                    let written = WorkerToCoordinator::CheckpointWritten { generation, step: steps, files };
-                    if client.send(&written).await.is_err() {
-                        warn!(steps, "could not report the checkpoint; the coordinator is gone");
-                        break;
-                    }
-                }
-                Some(Event::CheckpointFailed { reason }) => {
-                    warn!(%reason, "just-in-time checkpoint not written");
-                    break;
-                }
-                Some(_) => {}
-            },
-        }
-    }
-    client.close().await;
-}
-
-fn forward(commands: &mpsc::Sender<Command>, command: Command) -> Result<()> {
-    commands
-        .send(command)
-        .map_err(|_| anyhow::anyhow!("the training thread stopped (see its error above)"))
-}
-
-async fn session(
-    client: &mut Client,
-    commands: &mpsc::Sender<Command>,
-    events: &mut UnboundedReceiver<Event>,
-    sigterm: &mut tokio::signal::unix::Signal,
-    status: &mut HeartbeatStatus,
-) -> Result<SessionEnd> {
-    loop {
-        tokio::select! {
-            msg = client.recv() => {
-                let Some(msg) = msg else { return Ok(SessionEnd::Lost) };
-                match msg {
-                    CoordinatorToWorker::Welcome { generation, rank, world_size, rendezvous, resume } => {
-                        info!(%generation, rank, world_size, step = resume.step, "welcome");
-                        *status = HeartbeatStatus { generation, phase: WorkerPhase::Syncing, step: resume.step };
-                        client.set_status(*status);
-                        forward(commands, Command::Join { generation, rank, world_size, rendezvous, resume })?;
-                    }
-                    CoordinatorToWorker::Assign(assignment) => forward(commands, Command::Step(assignment))?,
-                    CoordinatorToWorker::Commit { generation, step, checkpoint } => {
-                        forward(commands, Command::Commit { generation, step, checkpoint })?;
-                    }
-                    CoordinatorToWorker::Abort { generation, step, reason } => {
-                        info!(%generation, step, ?reason, "step aborted");
-                        forward(commands, Command::Abort { generation, step })?;
-                    }
-                    CoordinatorToWorker::Paused { reason } => info!(%reason, "paused"),
-                    CoordinatorToWorker::Finished { reason } => {
-                        info!(%reason, "job finished");
-                        forward(commands, Command::Finish)?;
-                        let wait = async {
-                            while let Some(event) = events.recv().await {
-                                if matches!(event, Event::Finished) {
-                                    return true;
-                                }
-                            }
-                            false
-                        };
-                        match tokio::time::timeout(FINISH_TIMEOUT, wait).await {
-                            Ok(true) => return Ok(SessionEnd::Finished),
-                            Ok(false) => bail!("the training thread stopped before finishing"),
-                            Err(_) => bail!("the training thread did not finish within {FINISH_TIMEOUT:?}"),
-                        }
-                    }
-                    other => tracing::debug!(kind = other.kind(), "ignored message"),
-                }
-            }
-            event = events.recv() => {
-                let Some(event) = event else {
-                    bail!("the training thread stopped (see its error above)");
-                };
-                match event {
-                    Event::GroupReady { generation } => {
-                        status.phase = WorkerPhase::Training;
-                        client.set_status(*status);
-                        if client.send(&WorkerToCoordinator::GroupReady { generation }).await.is_err() { return Ok(SessionEnd::Lost); }
-                    }
-                    Event::Vote { generation, step, outcome, .. } => {
-                        if client.send(&WorkerToCoordinator::Vote { generation, step, outcome }).await.is_err() { return Ok(SessionEnd::Lost); }
-                    }
-                    Event::Applied { step } => {
-                        status.step = step + 1;
-                        client.set_status(*status);
-                        if step % 10 == 0 {
-                            info!(step, "step applied");
-                        }
-                    }
-                    Event::CheckpointWritten { generation, steps, files } => {
-                        if client.send(&WorkerToCoordinator::CheckpointWritten { generation, step: steps, files }).await.is_err() { return Ok(SessionEnd::Lost); }
-                    }
-                    Event::CheckpointFailed { reason } => warn!(%reason, "checkpoint not written"),
-                    Event::Finished => return Ok(SessionEnd::Finished),
-                }
-            }
-            _ = sigterm.recv() => {
-                status.phase = WorkerPhase::Draining;
-                return Ok(SessionEnd::Terminated);
-            }
-        }
-    }
 }

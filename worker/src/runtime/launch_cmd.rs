@@ -115,20 +115,48 @@ pub fn check_train_config(
     Ok(())
 }
 
-pub fn run(args: LaunchArgs) -> Result<()> {
-    launch(&args, &|_| Vec::new()).map(|_| ())
+/// What a local cluster is run with (`eqim launch`'s flags).
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// The coordinator config file.
+    pub config: PathBuf,
+    pub workers: u32,
+    pub final_state_dir: Option<PathBuf>,
+    pub metrics_base_port: Option<u16>,
+    pub train_config: Option<PathBuf>,
+    pub export_dir: Option<PathBuf>,
+    /// Seconds each worker waits for the coordinator.
+    pub connect_timeout: f64,
+    /// Plan flags of eval workers (evaluation jobs only).
+    pub eval_worker_args: Vec<std::ffi::OsString>,
 }
 
-/// Runs the local cluster to its end; `extra_worker_args(i)` are appended to worker i's command
-/// line (test hooks). Fails unless the coordinator finished the job.
-pub fn launch(
-    args: &LaunchArgs,
-    extra_worker_args: &dyn Fn(u32) -> Vec<std::ffi::OsString>,
-) -> Result<crate::launch::ClusterOutcome> {
+impl From<LaunchArgs> for LaunchConfig {
+    fn from(a: LaunchArgs) -> Self {
+        LaunchConfig {
+            config: a.config,
+            workers: a.workers,
+            final_state_dir: a.final_state_dir,
+            metrics_base_port: a.metrics_base_port,
+            train_config: a.train_config,
+            export_dir: a.export_dir,
+            connect_timeout: a.connect_timeout,
+            eval_worker_args: a.eval_worker_args,
+        }
+    }
+}
+
+pub fn run(cfg: &LaunchConfig) -> Result<()> {
+    launch(cfg, &|_| Vec::new()).map(|_| ())
+}
+
+/// The coordinator config of a launch, checked against the launch's other inputs; true for an
+/// evaluation job.
+fn checked_job(args: &LaunchConfig) -> Result<(CoordinatorConfig, bool)> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let config = args.config.to_string_lossy().into_owned();
+    let config = args.config.display().to_string();
     let cfg: CoordinatorConfig = load_config(&args.config)
         .with_context(|| format!("loading the coordinator config {config}"))?;
     if let Some(path) = &args.train_config {
@@ -147,50 +175,57 @@ pub fn launch(
     if eval_job && args.train_config.is_some() {
         bail!("--train-config is for training jobs; {config} is an evaluation job");
     }
-    let port = match cfg.bind.port() {
-        0 => free_udp_port()?,
-        p => p,
-    };
-    let exe = std::env::current_exe().context("locating the eqim executable")?;
-    let threads = threads_per_process(args.workers as usize);
-    let workers = args.workers.to_string();
+    Ok((cfg, eval_job))
+}
+
+fn coordinator_spec(args: &LaunchConfig, port: u16) -> Result<ProcessSpec> {
     let mut coordinator = super::coordinator_process::coordinator_command()?;
-    coordinator.args([
-        "--config",
-        &config,
-        "--workers",
-        &workers,
-        "--port",
-        &port.to_string(),
-    ]);
+    coordinator
+        .arg("--config")
+        .arg(&args.config)
+        .args(["--workers", &args.workers.to_string()])
+        .args(["--port", &port.to_string()]);
     if let Some(base) = args.metrics_base_port {
         coordinator
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", metrics_port(base, None)?));
     }
-    let mut specs = vec![ProcessSpec {
+    Ok(ProcessSpec {
         name: "coordinator".into(),
         command: coordinator,
         ends_job: true,
         required: true,
         worker: false,
-    }];
-    let token = cfg.job_dir.join("token");
-    for i in 0..args.workers {
-        let mut worker = Command::new(&exe);
+    })
+}
+
+/// Local worker `i`'s process: `eqim worker` (or `eval-worker`) with this launch's flags.
+struct WorkerSpec<'a> {
+    args: &'a LaunchConfig,
+    exe: &'a std::path::Path,
+    token: &'a std::path::Path,
+    port: u16,
+    threads: usize,
+    eval_job: bool,
+}
+
+impl WorkerSpec<'_> {
+    fn spec(&self, i: u32, extra: Vec<std::ffi::OsString>) -> Result<ProcessSpec> {
+        let args = self.args;
+        let mut worker = Command::new(self.exe);
         worker
-            .arg(if eval_job { "eval-worker" } else { "worker" })
+            .arg(if self.eval_job { "eval-worker" } else { "worker" })
             .arg("--coordinator")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{}", self.port))
             .arg("--token")
-            .arg(&token)
+            .arg(self.token)
             .arg("--worker-id")
             .arg(format!("worker-{i}"))
             .arg("--connect-timeout")
             .arg(args.connect_timeout.to_string());
-        if !eval_job {
+        if !self.eval_job {
             // Eval workers keep their own default (1 thread: bytes independent of the count).
-            worker.arg("--threads").arg(threads.to_string());
+            worker.arg("--threads").arg(self.threads.to_string());
         }
         if let Some(base) = args.metrics_base_port {
             worker
@@ -208,17 +243,43 @@ pub fn launch(
                 .arg("--final-state")
                 .arg(dir.join(format!("worker-{i}.safetensors")));
         }
-        worker
-            .args(&args.eval_worker_args)
-            .args(extra_worker_args(i));
-        specs.push(ProcessSpec {
+        worker.args(&args.eval_worker_args).args(extra);
+        Ok(ProcessSpec {
             name: format!("worker-{i}"),
             command: worker,
             ends_job: false,
             // A lost worker is the runtime's business: the others carry on.
             required: false,
             worker: true,
-        });
+        })
+    }
+}
+
+/// Runs the local cluster to its end; `extra_worker_args(i)` are appended to worker i's command
+/// line (test hooks). Fails unless the coordinator finished the job.
+pub fn launch(
+    args: &LaunchConfig,
+    extra_worker_args: &dyn Fn(u32) -> Vec<std::ffi::OsString>,
+) -> Result<crate::launch::ClusterOutcome> {
+    let (cfg, eval_job) = checked_job(args)?;
+    let port = match cfg.bind.port() {
+        0 => free_udp_port()?,
+        p => p,
+    };
+    let exe = std::env::current_exe().context("locating the eqim executable")?;
+    let threads = threads_per_process(args.workers as usize);
+    let token = cfg.job_dir.join("token");
+    let workers = WorkerSpec {
+        args,
+        exe: &exe,
+        token: &token,
+        port,
+        threads,
+        eval_job,
+    };
+    let mut specs = vec![coordinator_spec(args, port)?];
+    for i in 0..args.workers {
+        specs.push(workers.spec(i, extra_worker_args(i))?);
     }
     tracing::info!(
         workers = args.workers,
@@ -239,10 +300,10 @@ pub fn launch(
 
 #[cfg(test)]
 mod tests {
-    use super::{launch, metrics_port, LaunchArgs};
+    use super::{launch, metrics_port, LaunchConfig};
 
-    fn args(config: std::path::PathBuf, eval_worker_args: &[&str]) -> LaunchArgs {
-        LaunchArgs {
+    fn args(config: std::path::PathBuf, eval_worker_args: &[&str]) -> LaunchConfig {
+        LaunchConfig {
             config,
             workers: 1,
             final_state_dir: None,

@@ -2,6 +2,7 @@
 //! the [`trainable::Trainable`] interface the runtime drives, and `eqim launch`.
 
 pub mod agent;
+pub mod agent_actor;
 pub mod coordinator_process;
 pub mod generator_trainable;
 pub mod launch_cmd;
