@@ -299,6 +299,15 @@ impl GlooDevice {
             _ => Self::Default,
         }
     }
+
+    /// `GLOO_SOCKET_IFNAME` if set (`eqim worker --gloo-interface` sets it), else the address
+    /// this worker advertises to its peers: gloo then binds where the TCPStore does.
+    pub fn for_host(host: &str) -> Self {
+        match Self::from_env() {
+            Self::Default => Self::Hostname(host.to_owned()),
+            interface => interface,
+        }
+    }
 }
 
 /// The collective backend of a process group.

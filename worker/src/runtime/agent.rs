@@ -32,9 +32,14 @@ pub struct WorkerArgs {
     /// Name of this worker, unique in the job (default `worker-PID`).
     #[arg(long)]
     pub worker_id: Option<String>,
-    /// Address of this machine that other workers can reach (TCPStore and gloo).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
+    /// Address of this machine that other workers can reach (TCPStore and gloo); default: the
+    /// address this machine's traffic to the coordinator leaves from.
+    #[arg(long, value_name = "IP")]
+    pub host: Option<String>,
+    /// Network interface for gloo's connections (e.g. eth0); default: `GLOO_SOCKET_IFNAME`, else
+    /// the interface of `--host`.
+    #[arg(long, value_name = "IFNAME")]
+    pub gloo_interface: Option<String>,
     /// Give up when the coordinator cannot be reached for this long (seconds).
     #[arg(long, default_value_t = 60.0)]
     pub connect_timeout: f64,
@@ -121,6 +126,8 @@ pub struct AgentConfig {
     pub worker_id: WorkerId,
     /// This machine's address for the TCPStore and gloo.
     pub host: String,
+    /// gloo's interface, when not the one of `host`.
+    pub gloo_interface: Option<String>,
     pub connect_timeout: Duration,
     pub collective_timeout: Duration,
     pub checkpoint_dir: Option<PathBuf>,
@@ -140,7 +147,16 @@ pub struct AgentConfig {
 impl WorkerArgs {
     /// The resolved config of these flags.
     pub fn into_config(self) -> Result<AgentConfig> {
+        let host = match self.host {
+            Some(host) => host,
+            None => advertised_host(&self.coordinator)?,
+        };
         Ok(AgentConfig {
+            host,
+            gloo_interface: self
+                .gloo_interface
+                .or_else(|| std::env::var("GLOO_SOCKET_IFNAME").ok())
+                .filter(|name| !name.is_empty()),
             connect_timeout: secs("connect-timeout", self.connect_timeout)?,
             collective_timeout: secs("collective-timeout", self.collective_timeout)?,
             worker_id: WorkerId(
@@ -150,7 +166,6 @@ impl WorkerArgs {
             coordinator: self.coordinator,
             token: self.token,
             fingerprint: self.fingerprint,
-            host: self.host,
             checkpoint_dir: self.checkpoint_dir,
             final_state: self.final_state,
             metrics_addr: self.metrics_addr,
@@ -263,8 +278,46 @@ fn spawn_training(
         .context("spawning the training thread")
 }
 
+/// The address this machine's packets to `coordinator` (`HOST:PORT`) leave from: what other
+/// workers can reach us at when they can reach the coordinator. A UDP `connect` only asks the
+/// kernel for the route; nothing is sent.
+pub fn advertised_host(coordinator: &str) -> Result<String> {
+    use std::net::ToSocketAddrs;
+    let target = coordinator
+        .to_socket_addrs()
+        .with_context(|| {
+            format!(
+                "resolving --coordinator {coordinator} (or give this worker's address with --host)"
+            )
+        })?
+        .next()
+        .with_context(|| format!("--coordinator {coordinator} resolves to no address"))?;
+    let unspecified: std::net::SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(unspecified).context("opening a UDP socket")?;
+    socket.connect(target).with_context(|| {
+        format!(
+            "no route to the coordinator at {target} (or give this worker's address with --host)"
+        )
+    })?;
+    Ok(socket
+        .local_addr()
+        .context("reading the route's source address")?
+        .ip()
+        .to_string())
+}
+
 /// Runs a worker until the job finishes, SIGTERM, or the coordinator stays unreachable.
 pub fn run(cfg: AgentConfig) -> Result<()> {
+    if let Some(name) = &cfg.gloo_interface {
+        // gloo reads the interface when a group is created (`GlooDevice::for_host`); set it before
+        // any thread starts.
+        std::env::set_var("GLOO_SOCKET_IFNAME", name);
+    }
+    info!(host = %cfg.host, gloo_interface = ?cfg.gloo_interface, "advertising this worker's address to its peers");
     if let Some(threads) = cfg.threads {
         tch::set_num_threads(threads);
     }
@@ -340,4 +393,17 @@ fn run_training<T: Trainable>(
     };
     let _ignored = port_tx.send(Ok(trainer.store_port()));
     trainer.run(commands)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_host;
+
+    #[test]
+    fn the_advertised_host_is_the_route_source_towards_the_coordinator() {
+        // Loopback routes from loopback.
+        assert_eq!(advertised_host("127.0.0.1:29400").unwrap(), "127.0.0.1");
+        let err = advertised_host("no-such-host.invalid:29400").unwrap_err();
+        assert!(format!("{err:#}").contains("--host"), "{err:#}");
+    }
 }

@@ -214,7 +214,11 @@ impl WorkerSpec<'_> {
         let args = self.args;
         let mut worker = Command::new(self.exe);
         worker
-            .arg(if self.eval_job { "eval-worker" } else { "worker" })
+            .arg(if self.eval_job {
+                "eval-worker"
+            } else {
+                "worker"
+            })
             .arg("--coordinator")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--token")

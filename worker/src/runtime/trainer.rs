@@ -525,7 +525,7 @@ impl<T: Trainable> Trainer<T> {
             .prefixed(&rendezvous.prefix)
             .context("creating the generation's store view")?;
         let options = GroupOptions::gloo(rank as usize, world_size as usize, timeout)
-            .with_gloo_device(GlooDevice::Hostname(self.cfg.host.clone()));
+            .with_gloo_device(GlooDevice::for_host(&self.cfg.host));
         let process_group = ProcessGroup::with_options(&view, &options)
             .with_context(|| format!("creating the process group of {generation}"))?;
         // Newcomers take weights and optimizer moments from rank 0, which (old members come
