@@ -301,21 +301,31 @@ impl Client {
 
     /// [`Client::connect_with_retry`] with the configuration made anew before every attempt by
     /// `config` (it re-reads credentials that may not exist yet; its errors are retried). The one
-    /// connector of every client: cancel it by dropping the future (e.g. on SIGTERM).
+    /// connector of every client: cancel it by dropping the future (e.g. on SIGTERM). The
+    /// deadline holds within an attempt too (a handshake in flight is cut at `patience`);
+    /// `Duration::MAX` never gives up.
     pub async fn connect_with_retry_from(
         mut config: impl FnMut() -> Result<ClientConfig, ClientError>,
         patience: Duration,
     ) -> Result<Client, ClientError> {
         let started = tokio::time::Instant::now();
+        let deadline = started.checked_add(patience);
         let mut backoff = RETRY_BACKOFF_START;
         loop {
             let attempt = match config() {
-                Ok(cfg) => Client::connect(cfg).await,
+                Ok(cfg) => match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, Client::connect(cfg))
+                        .await
+                        .unwrap_or(Err(ClientError::Timeout(patience))),
+                    None => Client::connect(cfg).await,
+                },
                 Err(e) => Err(e),
             };
             match attempt {
                 Ok(client) => return Ok(client),
-                Err(e) if e.is_retryable() && started.elapsed() + backoff < patience => {
+                Err(e)
+                    if e.is_retryable() && started.elapsed().saturating_add(backoff) < patience =>
+                {
                     info!(cause = %e, retry_in = ?backoff, "coordinator not reachable yet");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);

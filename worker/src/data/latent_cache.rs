@@ -140,15 +140,7 @@ impl LatentCacheWriter {
                 }
                 Some(_) => {}
             }
-            // [B, 2, L, C]: both flips of a sample side by side.
-            let rows = Tensor::stack(&[plain, mirrored], 1)
-                .to_kind(Kind::Float)
-                .to_device(tch::Device::Cpu)
-                .contiguous();
-            let mut values = vec![0f32; rows.numel()];
-            let numel = values.len();
-            rows.copy_data(&mut values, numel);
-            write_f32s(&mut out, &values).map_err(io_err(tmp))?;
+            write_rows(&mut out, plain, mirrored).map_err(io_err(tmp))?;
             labels.extend(
                 Vec::<i64>::try_from(&batch.labels).map_err(|e| cache_err(path, e.to_string()))?,
             );
@@ -459,4 +451,16 @@ impl LatentCache {
             .collect();
         self.batch(rows, &flips)
     }
+}
+
+/// Appends a batch's rows, [B, 2, L, C] float32: both flips of a sample side by side.
+fn write_rows(out: &mut impl Write, plain: Tensor, mirrored: Tensor) -> std::io::Result<()> {
+    let rows = Tensor::stack(&[plain, mirrored], 1)
+        .to_kind(Kind::Float)
+        .to_device(tch::Device::Cpu)
+        .contiguous();
+    let mut values = vec![0f32; rows.numel()];
+    let numel = values.len();
+    rows.copy_data(&mut values, numel);
+    write_f32s(out, &values)
 }

@@ -40,9 +40,14 @@ pub struct WorkerArgs {
     /// the interface of `--host`.
     #[arg(long, value_name = "IFNAME")]
     pub gloo_interface: Option<String>,
-    /// Give up when the coordinator cannot be reached for this long (seconds).
+    /// Give up when the coordinator cannot be reached for this long at start (seconds).
     #[arg(long, default_value_t = 60.0)]
     pub connect_timeout: f64,
+    /// Once this worker was in the job, give up when the coordinator stays unreachable for this
+    /// long (seconds); default: never (keep retrying with capped backoff: a coordinator may be
+    /// restarted, a partition may heal).
+    #[arg(long, value_name = "SECONDS")]
+    pub give_up_after: Option<f64>,
     /// Bound on every collective and store wait (seconds): a hung peer is detected after it.
     #[arg(long, default_value_t = 10.0)]
     pub collective_timeout: f64,
@@ -129,6 +134,8 @@ pub struct AgentConfig {
     /// gloo's interface, when not the one of `host`.
     pub gloo_interface: Option<String>,
     pub connect_timeout: Duration,
+    /// After the first admission; `None`: never give up.
+    pub give_up_after: Option<Duration>,
     pub collective_timeout: Duration,
     pub checkpoint_dir: Option<PathBuf>,
     pub final_state: Option<PathBuf>,
@@ -158,6 +165,10 @@ impl WorkerArgs {
                 .or_else(|| std::env::var("GLOO_SOCKET_IFNAME").ok())
                 .filter(|name| !name.is_empty()),
             connect_timeout: secs("connect-timeout", self.connect_timeout)?,
+            give_up_after: self
+                .give_up_after
+                .map(|s| secs("give-up-after", s))
+                .transpose()?,
             collective_timeout: secs("collective-timeout", self.collective_timeout)?,
             worker_id: WorkerId(
                 self.worker_id
@@ -344,6 +355,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         coordinator: cfg.coordinator.clone(),
         client_config: cfg.client_config(store),
         connect_timeout: cfg.connect_timeout,
+        give_up_after: cfg.give_up_after,
         commands: command_tx,
         events: event_rx,
         done: done_tx,

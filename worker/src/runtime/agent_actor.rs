@@ -42,8 +42,10 @@ pub struct AgentArgs {
     /// The coordinator's address, for messages.
     pub coordinator: String,
     pub client_config: ConfigSource,
-    /// Give up when the coordinator cannot be reached for this long.
+    /// Give up when the coordinator cannot be reached for this long at start.
     pub connect_timeout: Duration,
+    /// Once admitted, give up after this long without the coordinator (`None`: never).
+    pub give_up_after: Option<Duration>,
     /// Orders to the training thread.
     pub commands: mpsc::Sender<Command>,
     /// The training thread's events (group ready, votes, checkpoints).
@@ -96,6 +98,9 @@ pub struct AgentState {
     coordinator: String,
     client_config: std::sync::Arc<tokio::sync::Mutex<ConfigSource>>,
     connect_timeout: Duration,
+    give_up_after: Option<Duration>,
+    /// Admitted once: a lost coordinator is then retried for `give_up_after`.
+    admitted_once: bool,
     commands: mpsc::Sender<Command>,
     done: Option<oneshot::Sender<anyhow::Result<Ended>>>,
     pumps: Vec<tokio::task::JoinHandle<()>>,
@@ -145,6 +150,8 @@ impl Actor for WorkerAgent {
             coordinator: args.coordinator,
             client_config: std::sync::Arc::new(tokio::sync::Mutex::new(args.client_config)),
             connect_timeout: args.connect_timeout,
+            give_up_after: args.give_up_after,
+            admitted_once: false,
             commands: args.commands,
             done: Some(args.done),
             pumps: vec![sigterm_pump, trainer_pump],
@@ -202,11 +209,21 @@ impl Actor for WorkerAgent {
 }
 
 impl AgentState {
-    /// Starts a connection attempt (retried until the connect timeout) on its own task.
+    /// How long to keep trying to reach the coordinator now.
+    fn patience(&self) -> Duration {
+        match (self.admitted_once, self.give_up_after) {
+            (false, _) => self.connect_timeout,
+            (true, Some(limit)) => limit,
+            (true, None) => Duration::MAX,
+        }
+    }
+
+    /// Starts a connection attempt (retried with capped backoff for [`Self::patience`]) on its
+    /// own task.
     fn connect(&self, myself: &ActorRef<AgentMsg>) {
         let me = myself.clone();
         let source = self.client_config.clone();
-        let timeout = self.connect_timeout;
+        let timeout = self.patience();
         tokio::spawn(async move {
             let mut source = source.lock().await;
             let result = Client::connect_with_retry_from(&mut *source, timeout).await;
@@ -244,6 +261,7 @@ impl AgentState {
         }
         match result {
             Ok(client) => {
+                self.admitted_once = true;
                 self.start_session(myself, client);
                 Ok(())
             }
@@ -251,10 +269,18 @@ impl AgentState {
                 "the coordinator at {} refused this worker: {reason}",
                 self.coordinator
             )),
-            Err(e) => Err(anyhow::Error::new(e).context(format!(
-                "cannot reach the coordinator at {} within --connect-timeout {:?}",
-                self.coordinator, self.connect_timeout
-            ))),
+            Err(e) => {
+                let limit = if self.admitted_once {
+                    "--give-up-after"
+                } else {
+                    "--connect-timeout"
+                };
+                Err(anyhow::Error::new(e).context(format!(
+                    "cannot reach the coordinator at {} within {limit} {:?}",
+                    self.coordinator,
+                    self.patience()
+                )))
+            }
         }
     }
 

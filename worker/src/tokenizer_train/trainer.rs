@@ -49,12 +49,15 @@ impl Discriminator {
     }
 }
 
+/// The DINO discriminator's backbone: its config, its frozen store and the backbone.
+pub type DinoTeacher = (DinoDiscConfig, nn::VarStore, FrozenDinoSmall);
+
 /// The frozen pretrained networks a config's losses use (loaded by the caller).
 #[derive(Default)]
 pub struct Teachers {
     pub lpips: Option<Lpips>,
     /// For `disc_type: dino`: the backbone's config, its frozen store and the backbone.
-    pub dino: Option<(DinoDiscConfig, nn::VarStore, FrozenDinoSmall)>,
+    pub dino: Option<DinoTeacher>,
     /// For `semantic_loss_w > 0`: the DINOv2 teacher.
     pub dinov2: Option<Dinov2Teacher>,
 }
@@ -123,6 +126,73 @@ fn named_with_prefix(module: &str, params: Vec<(String, Tensor)>) -> Vec<(String
         .collect()
 }
 
+/// The adversarial loss's discriminator under `loss.discriminator`: DINO ViT-S/16 features with
+/// DiffAug (`disc_type: dino`), else the PatchGAN.
+fn build_discriminator(
+    disc_vs: &nn::VarStore,
+    lp: &LossParams,
+    dino: Option<DinoTeacher>,
+) -> Result<Discriminator> {
+    let disc_path = disc_vs.root() / "loss" / "discriminator";
+    Ok(match (lp.disc_type.as_str(), dino) {
+        ("dino", Some((dino_cfg, backbone_vs, backbone))) => Discriminator::Dino {
+            disc: Box::new(DinoDisc::new(disc_path, &dino_cfg, backbone_vs, backbone)),
+            aug: DiffAug::default(),
+        },
+        ("dino", None) => {
+            bail!("disc_type: dino needs the DINO ViT-S/16 backbone (eqim.weights.dino_vits16)")
+        }
+        _ => Discriminator::PatchGan(NLayerDiscriminator::new(
+            disc_path,
+            &NLayerDiscConfig {
+                input_nc: lp.disc_in_channels,
+                ndf: lp.disc_ndf,
+                n_layers: lp.disc_num_layers,
+            },
+        )),
+    })
+}
+
+/// The autoencoder parameters the stage trains, by module. In stage 2 the encoder and
+/// quant_layer are frozen: without gradients they cost no backward pass and stay bitwise
+/// unchanged.
+fn trained_params(vs: &nn::VarStore, stage2: bool) -> Vec<(String, Tensor)> {
+    let trained: Vec<&str> = if stage2 {
+        STAGE2_TRAINED.to_vec()
+    } else {
+        vec![
+            "encoder",
+            "decoder",
+            "semantic_decoder",
+            "quant_layer",
+            "post_quant_layer",
+        ]
+    };
+    let mut params = Vec::new();
+    for m in &trained {
+        params.extend(named_with_prefix(m, module_params(vs, m)));
+    }
+    if stage2 {
+        for (name, v) in vs.variables() {
+            if name.starts_with("encoder.") || name.starts_with("quant_layer.") {
+                let _ = v.set_requires_grad(false); // in place; returns an alias
+            }
+        }
+    }
+    params
+}
+
+/// A store's trainable variables, sorted by name (the optimizer's order).
+fn sorted_trainable(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 impl TokenizerTrainer {
     /// Builds the model, the loss networks and the optimizers. For stage 2, `init` holds the
     /// stage-1 checkpoint: its EMA weights become the live weights (`init_from_ckpt`).
@@ -139,24 +209,7 @@ impl TokenizerTrainer {
         let vs = nn::VarStore::new(device);
         let model = EquivariantTokenizer::new(vs.root(), tok_cfg);
         let disc_vs = nn::VarStore::new(device);
-        let disc_path = disc_vs.root() / "loss" / "discriminator";
-        let discriminator = match (lp.disc_type.as_str(), teachers.dino) {
-            ("dino", Some((dino_cfg, backbone_vs, backbone))) => Discriminator::Dino {
-                disc: Box::new(DinoDisc::new(disc_path, &dino_cfg, backbone_vs, backbone)),
-                aug: DiffAug::default(),
-            },
-            ("dino", None) => {
-                bail!("disc_type: dino needs the DINO ViT-S/16 backbone (eqim.weights.dino_vits16)")
-            }
-            _ => Discriminator::PatchGan(NLayerDiscriminator::new(
-                disc_path,
-                &NLayerDiscConfig {
-                    input_nc: lp.disc_in_channels,
-                    ndf: lp.disc_ndf,
-                    n_layers: lp.disc_num_layers,
-                },
-            )),
-        };
+        let discriminator = build_discriminator(&disc_vs, &lp, teachers.dino)?;
         let stage2 = cfg.model.params.stage2;
         let emas = EMA_MODULES
             .iter()
@@ -174,42 +227,8 @@ impl TokenizerTrainer {
         } else {
             EMA_MODULES.iter().map(|s| (*s).to_owned()).collect()
         };
-        let trained: Vec<&str> = if stage2 {
-            STAGE2_TRAINED.to_vec()
-        } else {
-            vec![
-                "encoder",
-                "decoder",
-                "semantic_decoder",
-                "quant_layer",
-                "post_quant_layer",
-            ]
-        };
-        let vs = vs;
-        let mut trainer_params = Vec::new();
-        for m in &trained {
-            trainer_params.extend(named_with_prefix(m, module_params(&vs, m)));
-        }
-        if stage2 {
-            // The encoder and quant_layer are not stepped in stage 2; without gradients they
-            // cost no backward pass and stay bitwise unchanged.
-            for (name, v) in vs.variables() {
-                if name.starts_with("encoder.") || name.starts_with("quant_layer.") {
-                    let _ = v.set_requires_grad(false); // in place; returns an alias
-                }
-            }
-        }
-        let opt_ae = Adam::new(trainer_params, AdamConfig::tokenizer());
-        let disc_params: Vec<(String, Tensor)> = {
-            let mut v: Vec<(String, Tensor)> = disc_vs
-                .variables()
-                .into_iter()
-                .filter(|(_, t)| t.requires_grad())
-                .collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
-        let opt_disc = Adam::new(disc_params, AdamConfig::tokenizer());
+        let opt_ae = Adam::new(trained_params(&vs, stage2), AdamConfig::tokenizer());
+        let opt_disc = Adam::new(sorted_trainable(&disc_vs), AdamConfig::tokenizer());
         Ok(Self {
             device,
             tok_cfg: tok_cfg.clone(),
@@ -275,6 +294,23 @@ impl TokenizerTrainer {
         Ok((xrec, posterior.mean))
     }
 
+    /// The training forward: reconstruction (from a posterior sample) and posterior mean in
+    /// float32, and the semantic decoder's output when `semantic` (the reference always runs
+    /// it; here it runs only when its loss counts).
+    fn autoencode(&self, x: &Tensor, semantic: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let posterior = self.model.encode(x)?;
+        let z = posterior.sample();
+        let mean = precision::to_fp32(&posterior.mean);
+        let (xrec, semantic_out) = match (&self.loss.dinov2, semantic) {
+            (Some(_), true) => {
+                let (image, semantic) = self.model.decode_with_semantic(&z)?;
+                (image, Some(semantic))
+            }
+            _ => (self.model.decode(&z)?, None),
+        };
+        Ok((precision::to_fp32(&xrec), mean, semantic_out))
+    }
+
     /// One batch: the autoencoder step, then the discriminator step, then the EMAs.
     pub fn train_step(&mut self, x: &Tensor) -> Result<StepLog> {
         let x = x.to_device(self.device).to_kind(Kind::Float);
@@ -295,18 +331,7 @@ impl TokenizerTrainer {
         // bf16: the forwards run under autocast; the losses are reduced in float32 and the
         // backward and optimizer steps run after the guard is dropped.
         let autocast = precision::enter(self.precision, self.device);
-        let posterior = self.model.encode(&x)?;
-        let z = posterior.sample();
-        let mean = precision::to_fp32(&posterior.mean);
-        // The semantic decoder only runs when its loss counts (the reference always runs it).
-        let (xrec, semantic_out) = match (&self.loss.dinov2, semantic_factor > 0.0) {
-            (Some(_), true) => {
-                let (image, semantic) = self.model.decode_with_semantic(&z)?;
-                (image, Some(semantic))
-            }
-            _ => (self.model.decode(&z)?, None),
-        };
-        let xrec = precision::to_fp32(&xrec);
+        let (xrec, mean, semantic_out) = self.autoencode(&x, semantic_factor > 0.0)?;
         let p_loss = self
             .loss
             .lpips
@@ -348,24 +373,7 @@ impl TokenizerTrainer {
 
         // optimizer_idx 1: the discriminator, on a fresh forward pass as Lightning runs it
         self.set_disc_trainable(true);
-        if disc_factor > 0.0 {
-            let autocast = precision::enter(self.precision, self.device);
-            let xrec = tch::no_grad(|| self.reconstruct(&x))?.0;
-            let logits_real = precision::to_fp32(&self.loss.discriminator.forward_t(&x, true));
-            let logits_fake = precision::to_fp32(&self.loss.discriminator.forward_t(&xrec, true));
-            drop(autocast);
-            let d_loss = match lp.disc_loss.as_str() {
-                "vanilla" => losses::vanilla_d_loss(&logits_real, &logits_fake),
-                _ => losses::hinge_d_loss(&logits_real, &logits_fake),
-            } * disc_factor;
-            self.opt_disc.zero_grad();
-            d_loss.backward();
-            self.opt_disc.step(self.base_lr);
-            log.disc_loss = d_loss.double_value(&[]);
-        } else {
-            // The reference backpropagates 0·d_loss: an Adam step with zero gradients.
-            self.opt_disc.step_zero_gradients(self.base_lr);
-        }
+        log.disc_loss = self.discriminator_step(&x, disc_factor)?;
 
         // on_train_batch_end
         for (name, ema) in &mut self.emas {
@@ -375,6 +383,30 @@ impl TokenizerTrainer {
         }
         self.global_step += 1;
         Ok(log)
+    }
+
+    /// optimizer_idx 1: the discriminator on a fresh forward pass (as Lightning runs it); its
+    /// loss, 0 while the discriminator is not yet on.
+    fn discriminator_step(&mut self, x: &Tensor, disc_factor: f64) -> Result<f64> {
+        let lp = &self.loss.params;
+        if disc_factor <= 0.0 {
+            // The reference backpropagates 0·d_loss: an Adam step with zero gradients.
+            self.opt_disc.step_zero_gradients(self.base_lr);
+            return Ok(0.0);
+        }
+        let autocast = precision::enter(self.precision, self.device);
+        let xrec = tch::no_grad(|| self.reconstruct(x))?.0;
+        let logits_real = precision::to_fp32(&self.loss.discriminator.forward_t(x, true));
+        let logits_fake = precision::to_fp32(&self.loss.discriminator.forward_t(&xrec, true));
+        drop(autocast);
+        let d_loss = match lp.disc_loss.as_str() {
+            "vanilla" => losses::vanilla_d_loss(&logits_real, &logits_fake),
+            _ => losses::hinge_d_loss(&logits_real, &logits_fake),
+        } * disc_factor;
+        self.opt_disc.zero_grad();
+        d_loss.backward();
+        self.opt_disc.step(self.base_lr);
+        Ok(d_loss.double_value(&[]))
     }
 
     /// Reconstructions with the posterior mean (no noise) under `no_grad`.

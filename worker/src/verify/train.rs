@@ -123,43 +123,8 @@ fn run_case_with_grad(
 ) -> Result<Vec<CaseReport>> {
     let io = super::to_device(weights::read_safetensors(&files.io)?, opts.device);
     let hp = hparams(&io)?;
-    let steps = (0..)
-        .take_while(|s| io.contains_key(&format!("train.step{s}.x0")))
-        .count();
-    ensure!(steps > 0, "io file has no train.step0.x0");
-    if let Some(n) = json.pointer("/train/steps").and_then(|v| v.as_u64()) {
-        ensure!(
-            n as usize == steps,
-            "{} says train.steps {n}, the io file has {steps} steps",
-            files.json.display()
-        );
-    }
-    let (vs, model) = load_model_on(files, json, opts.device)?;
-    let mut flow = VecDeque::new();
-    for s in 0..steps {
-        let noise = get(&io, &format!("train.step{s}.noise"))?.shallow_clone();
-        let t_raw = get(&io, &format!("train.step{s}.t_raw"))?.shallow_clone();
-        flow.push_back((noise, t_raw));
-    }
-    let fixture_model = FixtureModel {
-        vs,
-        model,
-        flow: RefCell::new(flow),
-    };
-    let cfg = TrainerConfig {
-        optim: hp.optim,
-        schedule: LrSchedule {
-            lr: hp.lr,
-            warmup_epochs: 0.0,
-            kind: ScheduleKind::Constant,
-            min_lr: hp.lr,
-            epochs: 1.0,
-        },
-        clip_grad: Some(hp.clip),
-        ema_rate: hp.ema_rate,
-        seed: 0,
-    };
-    let mut trainer = Trainer::new(fixture_model, cfg)?;
+    let steps = fixture_steps(files, json, &io)?;
+    let mut trainer = fixture_trainer(files, json, opts, &io, &hp, steps)?;
     let tol = opts.tol.min(TRAIN_TOL);
     let small_tol = 2.0 * steps as f64 * hp.lr;
     let mut reports = Vec::new();
@@ -180,17 +145,7 @@ fn run_case_with_grad(
         let mut acc = trainer.accumulator();
         trainer.accumulate(&mut acc, &batch, 0, 1.0)?;
         if s == 0 {
-            let (mut worst, mut worst_name) = (0f64, String::new());
-            for (name, grad) in trainer.params.names.iter().zip(&acc.grads) {
-                let want = get(&io, &format!("train.step0.grad.{name}"))?;
-                let got = grad
-                    .as_ref()
-                    .map_or_else(|| want.zeros_like(), |g| g.detach());
-                let e = max_abs_diff(&got, want).with_context(|| format!("gradient of {name}"))?;
-                if e > worst {
-                    (worst, worst_name) = (e, name.clone());
-                }
-            }
+            let (worst, worst_name) = step0_gradient_error(&io, &trainer.params.names, &acc.grads)?;
             push(
                 "train.step0.grads".into(),
                 worst,
@@ -214,19 +169,7 @@ fn run_case_with_grad(
         ("final", &trainer.params.tensors),
         ("ema", &trainer.ema.shadow),
     ] {
-        let (mut regular, mut small) = ((0f64, String::new()), (0f64, String::new()));
-        for (name, got) in trainer.params.names.iter().zip(tensors.iter()) {
-            let want = get(&io, &format!("train.{what}.{name}"))?;
-            let mask = get(&io, &format!("train.small_grad.{name}"))?;
-            let (r, s) =
-                masked_errors(got, want, mask).with_context(|| format!("train.{what}.{name}"))?;
-            if r > regular.0 {
-                regular = (r, name.clone());
-            }
-            if s > small.0 {
-                small = (s, name.clone());
-            }
-        }
+        let (regular, small) = final_errors(&io, what, &trainer.params.names, tensors)?;
         push(
             format!("train.{what}"),
             regular.0,
@@ -244,4 +187,106 @@ fn run_case_with_grad(
         );
     }
     Ok(reports)
+}
+
+/// The trainer of the fixture: its model and weights, fed the fixture's flow noise and t per
+/// step, with the fixture's optimizer, constant lr, clipping and EMA rate.
+fn fixture_trainer(
+    files: &FixtureFiles,
+    json: &serde_json::Value,
+    opts: &VerifyOptions,
+    io: &BTreeMap<String, Tensor>,
+    hp: &Hparams,
+    steps: usize,
+) -> Result<Trainer<FixtureModel>> {
+    let (vs, model) = load_model_on(files, json, opts.device)?;
+    let mut flow = VecDeque::new();
+    for s in 0..steps {
+        let noise = get(io, &format!("train.step{s}.noise"))?.shallow_clone();
+        let t_raw = get(io, &format!("train.step{s}.t_raw"))?.shallow_clone();
+        flow.push_back((noise, t_raw));
+    }
+    let fixture_model = FixtureModel {
+        vs,
+        model,
+        flow: RefCell::new(flow),
+    };
+    let cfg = TrainerConfig {
+        optim: hp.optim,
+        schedule: LrSchedule {
+            lr: hp.lr,
+            warmup_epochs: 0.0,
+            kind: ScheduleKind::Constant,
+            min_lr: hp.lr,
+            epochs: 1.0,
+        },
+        clip_grad: Some(hp.clip),
+        ema_rate: hp.ema_rate,
+        seed: 0,
+    };
+    Trainer::new(fixture_model, cfg)
+}
+
+/// The worst error (and its parameter) of the final `what` ("final" or "ema") tensors against
+/// the fixture: over the regular elements, and over those with a rounding-level gradient.
+fn final_errors(
+    io: &BTreeMap<String, Tensor>,
+    what: &str,
+    names: &[String],
+    tensors: &[Tensor],
+) -> Result<((f64, String), (f64, String))> {
+    let (mut regular, mut small) = ((0f64, String::new()), (0f64, String::new()));
+    for (name, got) in names.iter().zip(tensors.iter()) {
+        let want = get(io, &format!("train.{what}.{name}"))?;
+        let mask = get(io, &format!("train.small_grad.{name}"))?;
+        let (r, s) =
+            masked_errors(got, want, mask).with_context(|| format!("train.{what}.{name}"))?;
+        if r > regular.0 {
+            regular = (r, name.clone());
+        }
+        if s > small.0 {
+            small = (s, name.clone());
+        }
+    }
+    Ok((regular, small))
+}
+
+/// The worst error of the first step's gradients against the fixture, and its parameter.
+fn step0_gradient_error(
+    io: &BTreeMap<String, Tensor>,
+    names: &[String],
+    grads: &[Option<Tensor>],
+) -> Result<(f64, String)> {
+    let (mut worst, mut worst_name) = (0f64, String::new());
+    for (name, grad) in names.iter().zip(grads) {
+        let want = get(io, &format!("train.step0.grad.{name}"))?;
+        let got = grad
+            .as_ref()
+            .map_or_else(|| want.zeros_like(), |g| g.detach());
+        let e = max_abs_diff(&got, want).with_context(|| format!("gradient of {name}"))?;
+        if e > worst {
+            (worst, worst_name) = (e, name.clone());
+        }
+    }
+    Ok((worst, worst_name))
+}
+
+/// How many training steps the fixture recorded (and its JSON agrees).
+fn fixture_steps(
+    files: &FixtureFiles,
+    json: &serde_json::Value,
+    io: &BTreeMap<String, Tensor>,
+) -> Result<usize> {
+    let steps = (0..)
+        .take_while(|s| io.contains_key(&format!("train.step{s}.x0")))
+        .count();
+    ensure!(steps > 0, "io file has no train.step0.x0");
+    if let Some(n) = json.pointer("/train/steps").and_then(|v| v.as_u64()) {
+        ensure!(
+            n as usize == steps,
+            "{} says train.steps {n}, the io file has {steps} steps",
+            files.json.display()
+        );
+    }
+    Ok(steps)
 }
