@@ -216,37 +216,34 @@ pub async fn run(cfg: CoordinatorConfig) -> Result<JobOutcome> {
 
 #[cfg(test)]
 mod tests {
-    /// The coordinator must run on a head node without libtorch: no torch-sys anywhere in its
-    /// dependency tree (normal and build dependencies).
+    /// The coordinator must run on a head node without libtorch: neither it nor eqim-common
+    /// may reach tch or torch-sys through any edge (normal, build or dev dependencies).
     #[test]
     fn coordinator_dependency_tree_has_no_libtorch() {
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-        let out = std::process::Command::new(env!("CARGO"))
-            .args([
-                "tree",
-                "--manifest-path",
-                manifest,
-                "-p",
-                "eqim-coordinator",
-            ])
-            .args(["-e", "normal,build", "--prefix", "none", "--offline"])
-            .output()
-            .expect("running cargo tree");
-        assert!(
-            out.status.success(),
-            "cargo tree failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let tree = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            tree.contains("eqim-common"),
-            "unexpected cargo tree output:\n{tree}"
-        );
-        for forbidden in ["torch-sys", "tch "] {
+        for package in ["eqim-common", "eqim-coordinator"] {
+            let out = std::process::Command::new(env!("CARGO"))
+                .args(["tree", "--manifest-path", manifest, "-p", package])
+                .args(["-e", "normal,build,dev", "--prefix", "none", "--offline"])
+                .output()
+                .expect("running cargo tree");
             assert!(
-                !tree.lines().any(|l| l.starts_with(forbidden)),
-                "coordinator depends on {forbidden}:\n{tree}"
+                out.status.success(),
+                "cargo tree -p {package} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
             );
+            let tree = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                tree.lines().next().is_some_and(|l| l.starts_with(package))
+                    && tree.lines().any(|l| l.starts_with("tokio ")),
+                "unexpected cargo tree output for {package}:\n{tree}"
+            );
+            for forbidden in ["torch-sys ", "tch "] {
+                assert!(
+                    !tree.lines().any(|l| l.starts_with(forbidden)),
+                    "{package} depends on {forbidden}:\n{tree}"
+                );
+            }
         }
     }
 }
