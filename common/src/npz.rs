@@ -417,9 +417,11 @@ mod torch_pickle {
         }
     }
 
+    type Memo = std::collections::HashMap<u64, Value>;
+
     fn run(r: &mut Reader) -> Result<Value, NpyError> {
         let mut stack: Vec<Value> = Vec::new();
-        let mut memo: std::collections::HashMap<u64, Value> = Default::default();
+        let mut memo = Memo::default();
         loop {
             let op = r.take(1)?[0];
             match op {
@@ -430,154 +432,187 @@ mod torch_pickle {
                     r.take(8)?; // FRAME length
                 }
                 b'.' => return stack.pop().ok_or_else(|| r.bad("STOP on an empty stack")),
-                b'(' => stack.push(Value::Mark),
-                b'N' => stack.push(Value::None),
-                0x88 => stack.push(Value::Bool(true)),
-                0x89 => stack.push(Value::Bool(false)),
-                b'K' => stack.push(Value::Int(r.uint(1)? as i64)),
-                b'M' => stack.push(Value::Int(r.uint(2)? as i64)),
-                b'J' => stack.push(Value::Int(r.uint(4)? as u32 as i32 as i64)),
-                0x8a => {
-                    // LONG1: little-endian two's complement of n <= 8 bytes
-                    let n = r.uint(1)? as usize;
-                    if n > 8 {
-                        return Err(r.bad("integer wider than 64 bits"));
-                    }
-                    let raw = r.uint(n)?;
-                    let shift = 64 - 8 * n as u32;
-                    let v = if n == 0 {
-                        0
-                    } else {
-                        ((raw << shift) as i64) >> shift
-                    };
-                    stack.push(Value::Int(v));
-                }
-                b'G' => {
-                    let raw = r.take(8)?;
-                    stack.push(Value::Float(f64::from_be_bytes(
-                        raw.try_into().expect("8 bytes"),
-                    )));
-                }
-                b'X' => {
-                    let n = r.uint(4)? as usize;
-                    stack.push(Value::Str(r.text(n)?));
-                }
-                0x8c => {
-                    let n = r.uint(1)? as usize;
-                    stack.push(Value::Str(r.text(n)?));
-                }
-                b'B' | b'C' | 0x8e => {
-                    let n = match op {
-                        b'C' => r.uint(1)?,
-                        b'B' => r.uint(4)?,
-                        _ => r.uint(8)?,
-                    } as usize;
-                    stack.push(Value::Bytes(Rc::from(r.take(n)?)));
-                }
-                b'}' => stack.push(Value::Dict(Vec::new())),
-                b']' => stack.push(Value::List(Vec::new())),
-                b')' => stack.push(Value::Tuple(Rc::from(Vec::new()))),
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    let at = stack
-                        .len()
-                        .checked_sub(n)
-                        .ok_or_else(|| r.bad("TUPLEn on a short stack"))?;
-                    let items: Vec<Value> = stack.split_off(at);
-                    stack.push(Value::Tuple(Rc::from(items)));
-                }
-                b't' => {
-                    let items = pop_to_mark(r, &mut stack)?;
-                    stack.push(Value::Tuple(Rc::from(items)));
-                }
-                b'q' | b'r' | 0x94 => {
-                    let key = match op {
-                        b'q' => r.uint(1)?,
-                        b'r' => r.uint(4)?,
-                        _ => memo.len() as u64,
-                    };
-                    let top = stack.last().ok_or_else(|| r.bad("PUT on an empty stack"))?;
-                    memo.insert(key, top.clone());
-                }
-                b'h' | b'j' => {
-                    let key = if op == b'h' { r.uint(1)? } else { r.uint(4)? };
-                    let v = memo
-                        .get(&key)
-                        .ok_or_else(|| r.bad("GET of an unset memo"))?;
-                    stack.push(v.clone());
-                }
-                b'c' => {
-                    let module = r.line()?;
-                    let name = r.line()?;
-                    stack.push(Value::Global(Rc::from(format!("{module}.{name}"))));
-                }
-                0x93 => {
-                    let name = pop(r, &mut stack)?;
-                    let module = pop(r, &mut stack)?;
-                    let (Value::Str(module), Value::Str(name)) = (module, name) else {
-                        return Err(r.bad("STACK_GLOBAL of non-strings"));
-                    };
-                    stack.push(Value::Global(Rc::from(format!("{module}.{name}"))));
-                }
-                b'R' => {
-                    let args = pop(r, &mut stack)?;
-                    let callable = pop(r, &mut stack)?;
-                    stack.push(reduce(r, callable, args)?);
-                }
-                0x81 => {
-                    let _args = pop(r, &mut stack)?;
-                    let class = pop(r, &mut stack)?;
-                    stack.push(Value::Object(Rc::from(format!("{class:?}"))));
-                }
-                b'b' => {
-                    let state = pop(r, &mut stack)?;
-                    let target = stack
-                        .last()
-                        .ok_or_else(|| r.bad("BUILD on an empty stack"))?;
-                    build(r, target, state)?;
-                }
-                b's' => {
-                    let v = pop(r, &mut stack)?;
-                    let k = pop(r, &mut stack)?;
-                    match stack.last_mut() {
-                        Some(Value::Dict(d)) => d.push((k, v)),
-                        _ => return Err(r.bad("SETITEM outside a dict")),
+                _ => {
+                    if let Some(v) = scalar(r, op)? {
+                        stack.push(v);
+                    } else if !collection_op(r, op, &mut stack)? {
+                        object_op(r, op, &mut stack, &mut memo)?;
                     }
                 }
-                b'u' => {
-                    let items = pop_to_mark(r, &mut stack)?;
-                    let Some(Value::Dict(d)) = stack.last_mut() else {
-                        return Err(r.bad("SETITEMS outside a dict"));
-                    };
-                    let mut it = items.into_iter();
-                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                        d.push((k, v));
-                    }
-                }
-                b'a' => {
-                    let v = pop(r, &mut stack)?;
-                    match stack.last_mut() {
-                        Some(Value::List(l)) => l.push(v),
-                        _ => return Err(r.bad("APPEND outside a list")),
-                    }
-                }
-                b'e' => {
-                    let items = pop_to_mark(r, &mut stack)?;
-                    match stack.last_mut() {
-                        Some(Value::List(l)) => l.extend(items),
-                        _ => return Err(r.bad("APPENDS outside a list")),
-                    }
-                }
-                b'Q' | b'P' => {
-                    return Err(r.bad(
-                        "the file holds torch tensors (persistent storages); only dicts of numpy \
-                         arrays (torch-fidelity's cached statistics) are read: save mu and sigma \
-                         with np.savez instead",
-                    ))
-                }
-                _ => return Err(r.bad(format!("unsupported opcode 0x{op:02x}"))),
             }
         }
+    }
+
+    /// Opcodes that push one new value read from the stream (None for other opcodes).
+    fn scalar(r: &mut Reader, op: u8) -> Result<Option<Value>, NpyError> {
+        let v = match op {
+            b'(' => Value::Mark,
+            b'N' => Value::None,
+            0x88 => Value::Bool(true),
+            0x89 => Value::Bool(false),
+            b'K' => Value::Int(r.uint(1)? as i64),
+            b'M' => Value::Int(r.uint(2)? as i64),
+            b'J' => Value::Int(r.uint(4)? as u32 as i32 as i64),
+            0x8a => {
+                // LONG1: little-endian two's complement of n <= 8 bytes
+                let n = r.uint(1)? as usize;
+                if n > 8 {
+                    return Err(r.bad("integer wider than 64 bits"));
+                }
+                let raw = r.uint(n)?;
+                let shift = 64 - 8 * n as u32;
+                let v = if n == 0 {
+                    0
+                } else {
+                    ((raw << shift) as i64) >> shift
+                };
+                Value::Int(v)
+            }
+            b'G' => {
+                let raw = r.take(8)?;
+                Value::Float(f64::from_be_bytes(raw.try_into().expect("8 bytes")))
+            }
+            b'X' => {
+                let n = r.uint(4)? as usize;
+                Value::Str(r.text(n)?)
+            }
+            0x8c => {
+                let n = r.uint(1)? as usize;
+                Value::Str(r.text(n)?)
+            }
+            b'B' | b'C' | 0x8e => {
+                let n = match op {
+                    b'C' => r.uint(1)?,
+                    b'B' => r.uint(4)?,
+                    _ => r.uint(8)?,
+                } as usize;
+                Value::Bytes(Rc::from(r.take(n)?))
+            }
+            b'}' => Value::Dict(Vec::new()),
+            b']' => Value::List(Vec::new()),
+            b')' => Value::Tuple(Rc::from(Vec::new())),
+            _ => return Ok(None),
+        };
+        Ok(Some(v))
+    }
+
+    /// Opcodes that build tuples, dicts and lists from the stack; false for other opcodes.
+    fn collection_op(r: &mut Reader, op: u8, stack: &mut Vec<Value>) -> Result<bool, NpyError> {
+        match op {
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                let at = stack
+                    .len()
+                    .checked_sub(n)
+                    .ok_or_else(|| r.bad("TUPLEn on a short stack"))?;
+                let items: Vec<Value> = stack.split_off(at);
+                stack.push(Value::Tuple(Rc::from(items)));
+            }
+            b't' => {
+                let items = pop_to_mark(r, stack)?;
+                stack.push(Value::Tuple(Rc::from(items)));
+            }
+            b's' => {
+                let v = pop(r, stack)?;
+                let k = pop(r, stack)?;
+                match stack.last_mut() {
+                    Some(Value::Dict(d)) => d.push((k, v)),
+                    _ => return Err(r.bad("SETITEM outside a dict")),
+                }
+            }
+            b'u' => {
+                let items = pop_to_mark(r, stack)?;
+                let Some(Value::Dict(d)) = stack.last_mut() else {
+                    return Err(r.bad("SETITEMS outside a dict"));
+                };
+                let mut it = items.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    d.push((k, v));
+                }
+            }
+            b'a' => {
+                let v = pop(r, stack)?;
+                match stack.last_mut() {
+                    Some(Value::List(l)) => l.push(v),
+                    _ => return Err(r.bad("APPEND outside a list")),
+                }
+            }
+            b'e' => {
+                let items = pop_to_mark(r, stack)?;
+                match stack.last_mut() {
+                    Some(Value::List(l)) => l.extend(items),
+                    _ => return Err(r.bad("APPENDS outside a list")),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The memo, globals and object construction; every other opcode is refused.
+    fn object_op(
+        r: &mut Reader,
+        op: u8,
+        stack: &mut Vec<Value>,
+        memo: &mut Memo,
+    ) -> Result<(), NpyError> {
+        match op {
+            b'q' | b'r' | 0x94 => {
+                let key = match op {
+                    b'q' => r.uint(1)?,
+                    b'r' => r.uint(4)?,
+                    _ => memo.len() as u64,
+                };
+                let top = stack.last().ok_or_else(|| r.bad("PUT on an empty stack"))?;
+                memo.insert(key, top.clone());
+            }
+            b'h' | b'j' => {
+                let key = if op == b'h' { r.uint(1)? } else { r.uint(4)? };
+                let v = memo
+                    .get(&key)
+                    .ok_or_else(|| r.bad("GET of an unset memo"))?;
+                stack.push(v.clone());
+            }
+            b'c' => {
+                let module = r.line()?;
+                let name = r.line()?;
+                stack.push(Value::Global(Rc::from(format!("{module}.{name}"))));
+            }
+            0x93 => {
+                let name = pop(r, stack)?;
+                let module = pop(r, stack)?;
+                let (Value::Str(module), Value::Str(name)) = (module, name) else {
+                    return Err(r.bad("STACK_GLOBAL of non-strings"));
+                };
+                stack.push(Value::Global(Rc::from(format!("{module}.{name}"))));
+            }
+            b'R' => {
+                let args = pop(r, stack)?;
+                let callable = pop(r, stack)?;
+                stack.push(reduce(r, callable, args)?);
+            }
+            0x81 => {
+                let _args = pop(r, stack)?;
+                let class = pop(r, stack)?;
+                stack.push(Value::Object(Rc::from(format!("{class:?}"))));
+            }
+            b'b' => {
+                let state = pop(r, stack)?;
+                let target = stack
+                    .last()
+                    .ok_or_else(|| r.bad("BUILD on an empty stack"))?;
+                build(r, target, state)?;
+            }
+            b'Q' | b'P' => {
+                return Err(r.bad(
+                    "the file holds torch tensors (persistent storages); only dicts of numpy \
+                     arrays (torch-fidelity's cached statistics) are read: save mu and sigma \
+                     with np.savez instead",
+                ))
+            }
+            _ => return Err(r.bad(format!("unsupported opcode 0x{op:02x}"))),
+        }
+        Ok(())
     }
 
     fn pop(r: &Reader, stack: &mut Vec<Value>) -> Result<Value, NpyError> {
@@ -851,5 +886,38 @@ mod tests {
         let err = write_image_npz(&bad, "arr_0", 2, 2, 2, |_| Ok(vec![0; 5])).expect_err("size");
         assert!(err.to_string().contains("expected 2x2x3"), "{err}");
         assert!(!bad.exists() && !bad.with_extension("npz.tmp").exists());
+    }
+
+    /// The pickle reader on torch.save archives written by torch-fidelity's caching (fixtures
+    /// shared with the worker's FID tests): f8 and f4/Fortran-order copies of the same
+    /// statistics read alike, other keys are listed, big-endian arrays are refused.
+    #[test]
+    fn torch_save_dicts_of_arrays_read_through_the_pickle_reader() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../worker/tests/fixtures/fidelity");
+        let read = |name: &str| read_named_arrays(&dir.join(name), &["mu", "sigma"]);
+        let f8 = read("small-inception-v3-compat-stat-fid-8.pt").expect("f8 stats");
+        let f4 = read("f4-fortran-stat.pt").expect("f4 Fortran stats");
+        assert_eq!(f8.keys, vec!["mu", "sigma"]);
+        let (mu, sigma) = (&f8.arrays["mu"], &f8.arrays["sigma"]);
+        assert_eq!(mu.shape, vec![8]);
+        assert_eq!(sigma.shape, vec![8, 8]);
+        for key in ["mu", "sigma"] {
+            let (a, b) = (&f8.arrays[key], &f4.arrays[key]);
+            assert_eq!(a.shape, b.shape, "{key}");
+            for (x, y) in a.data.iter().zip(&b.data) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                    "{key}: {x} vs {y}"
+                );
+            }
+        }
+        let other = read("not-stats.pt").expect("other arrays");
+        assert_eq!(other.keys, vec!["mean", "cov"]);
+        assert!(other.arrays.is_empty());
+        let err = read("big-endian-stat.pt")
+            .expect_err("big-endian")
+            .to_string();
+        assert!(err.contains(">f8"), "{err}");
     }
 }

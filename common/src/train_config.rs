@@ -156,7 +156,28 @@ fn default_log_every() -> u64 {
 
 impl Validate for GeneratorTrainConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, msg: String| Err((key.to_string(), msg));
+        self.validate_optim()?;
+        if self.run.epochs == 0 {
+            return bad("run.epochs", "must be at least 1".into());
+        }
+        if self.run.log_every == 0 {
+            return bad("run.log_every", "must be at least 1".into());
+        }
+        self.validate_data()?;
+        if let Err(e) = self.device.parse::<crate::device::DeviceSpec>() {
+            return bad("device", e.to_string());
+        }
+        Ok(())
+    }
+}
+
+/// A validation failure: the key and what is wrong with it.
+fn bad(key: &str, msg: String) -> Result<(), (String, String)> {
+    Err((key.to_string(), msg))
+}
+
+impl GeneratorTrainConfig {
+    fn validate_optim(&self) -> Result<(), (String, String)> {
         let o = &self.optim;
         if o.batch == 0 {
             return bad("optim.batch", "must be at least 1".into());
@@ -200,12 +221,11 @@ impl Validate for GeneratorTrainConfig {
                 "must be shorter than run.epochs for the cosine schedule".into(),
             );
         }
-        if self.run.epochs == 0 {
-            return bad("run.epochs", "must be at least 1".into());
-        }
-        if self.run.log_every == 0 {
-            return bad("run.log_every", "must be at least 1".into());
-        }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<(), (String, String)> {
+        let o = &self.optim;
         match &self.data {
             DataConfig::Synthetic { samples, noise } => {
                 if *samples < o.batch {
@@ -233,9 +253,6 @@ impl Validate for GeneratorTrainConfig {
                     );
                 }
             }
-        }
-        if let Err(e) = self.device.parse::<crate::device::DeviceSpec>() {
-            return bad("device", e.to_string());
         }
         Ok(())
     }

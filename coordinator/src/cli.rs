@@ -215,7 +215,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
 /// One line for the end of a training job: steps, throughput, recoveries, the newest good
 /// checkpoint.
 fn job_summary(
-    outcome: &crate::actor::JobOutcome,
+    outcome: &crate::job::JobOutcome,
     global_batch: u64,
     seconds: f64,
     checkpoint_root: &std::path::Path,
@@ -231,7 +231,8 @@ fn job_summary(
         None => format!("no checkpoint in {}", checkpoint_root.display()),
     };
     format!(
-        "job summary: {steps} steps, {samples} samples in {seconds:.1} s ({:.1} samples/s, start-up included); generation {}; {} recoveries ({:.2} s in all); {} aborted steps; {checkpoint}",
+        "job summary: {}; {steps} steps, {samples} samples in {seconds:.1} s ({:.1} samples/s, start-up included); generation {}; {} recoveries ({:.2} s in all); {} aborted steps; {checkpoint}",
+        outcome.stop_reason,
         samples as f64 / seconds.max(1e-9),
         outcome.generation,
         outcome.recoveries,
@@ -261,9 +262,9 @@ mod tests {
     #[test]
     fn the_job_summary_names_steps_throughput_recoveries_and_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let outcome = crate::actor::JobOutcome {
+        let outcome = crate::job::JobOutcome {
             finished: true,
-            stop_reason: "schedule complete".into(),
+            stop_reason: crate::job::StopReason::ScheduleComplete,
             cursor: eqim_common::proto::Cursor {
                 step: 40,
                 epoch: 1,
@@ -277,6 +278,10 @@ mod tests {
             recovery_seconds: 1.5,
         };
         let line = job_summary(&outcome, 8, 4.0, dir.path());
+        assert!(
+            line.starts_with("job summary: schedule complete; 40 steps"),
+            "{line}"
+        );
         assert!(
             line.contains("40 steps, 320 samples in 4.0 s (80.0 samples/s"),
             "{line}"

@@ -7,27 +7,27 @@
 //! `eqim_common::client`.
 #![forbid(unsafe_code)]
 
-pub mod actor;
 pub mod checkpoints;
 pub mod cli;
-pub mod dashboards;
 pub mod eval;
+pub mod job;
 pub mod membership;
-pub mod metrics_expectations;
 pub mod net;
 pub mod steps;
 
 pub mod jit_checkpoint;
 pub mod job_metrics;
 
-use actor::{JobActor, JobArgs, JobMsg, JobOutcome, JobStatus};
 use anyhow::{Context, Result};
 use eqim_common::config::Validate;
 use eqim_common::coordinator_config::CoordinatorConfig;
 use eqim_common::net::credentials::JobCredentials;
 use eqim_common::net::tls::{server_config, TransportTimeouts};
+use job::evaluation::{EvalJobActor, EvalJobArgs};
+use job::training::{TrainingJobActor, TrainingJobArgs};
+use job::{ControlMsg, JobOutcome, JobStatus, PeerMsg, StopReason};
 use net::listener::{accept_loop, Admission};
-use ractor::{Actor, ActorRef};
+use ractor::{Actor, DerivedActorRef, RpcReplyPort};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,7 +47,8 @@ pub struct Coordinator {
     pub metrics_addr: Option<SocketAddr>,
     /// Kept for the job's lifetime; dropping it stops serving `/metrics`.
     metrics_server: Option<eqim_common::metrics_http::MetricsServer>,
-    job: ActorRef<JobMsg>,
+    /// The job actor (training or evaluation), as the handle's status and shutdown see it.
+    job: DerivedActorRef<ControlMsg>,
     endpoint: quinn::Endpoint,
     accept: JoinHandle<()>,
     job_handle: JoinHandle<()>,
@@ -93,18 +94,8 @@ impl Coordinator {
         };
         let metrics_addr = metrics_server.as_ref().map(|s| s.local_addr());
         let (done_tx, done) = oneshot::channel();
-        let (job, job_handle) = Actor::spawn(
-            None,
-            JobActor,
-            JobArgs {
-                cfg: Arc::new(cfg),
-                done: done_tx,
-                metrics,
-            },
-        )
-        .await
-        .context("starting the job actor")?;
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), admission, job.clone()));
+        let (job, peers, job_handle) = spawn_job(cfg, done_tx, metrics).await?;
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), admission, peers));
         info!(%local_addr, cert_sha256 = %hex::encode(creds.fingerprint), token = %creds.token_path.display(), "coordinator listening");
         Ok(Self {
             local_addr,
@@ -122,15 +113,16 @@ impl Coordinator {
 
     /// A snapshot of the job.
     pub async fn status(&self) -> Result<JobStatus> {
-        let answer = self
-            .job
-            .call(
-                |reply| JobMsg::Status { reply },
-                Some(Duration::from_secs(5)),
-            )
-            .await
-            .context("asking the job actor for its status")?;
-        answer.success_or_else(|| anyhow::anyhow!("the job actor did not answer within 5 s"))
+        let (reply, answer) = oneshot::channel();
+        self.job
+            .send_message(ControlMsg::Status {
+                reply: RpcReplyPort::from(reply),
+            })
+            .map_err(|_| anyhow::anyhow!("the job actor has stopped"))?;
+        match tokio::time::timeout(STATUS_TIMEOUT, answer).await {
+            Ok(answer) => answer.context("the job actor stopped before answering"),
+            Err(_) => anyhow::bail!("the job actor did not answer within {STATUS_TIMEOUT:?}"),
+        }
     }
 
     /// Waits until the job ends (schedule complete or shut down).
@@ -155,8 +147,8 @@ impl Coordinator {
     pub async fn shutdown(self, reason: &str) -> Result<JobOutcome> {
         if self
             .job
-            .cast(JobMsg::Shutdown {
-                reason: reason.to_owned(),
+            .send_message(ControlMsg::Shutdown {
+                reason: StopReason::Shutdown(reason.to_owned()),
             })
             .is_err()
         {
@@ -166,6 +158,42 @@ impl Coordinator {
     }
 }
 
+/// How long [`Coordinator::status`] waits for the job actor's answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+type JobRefs = (
+    DerivedActorRef<ControlMsg>,
+    DerivedActorRef<PeerMsg>,
+    JoinHandle<()>,
+);
+
+/// Starts the job actor the config asks for: an evaluation job when it has an `eval:` section,
+/// otherwise a training job.
+async fn spawn_job(
+    cfg: CoordinatorConfig,
+    done: oneshot::Sender<JobOutcome>,
+    metrics: Option<eqim_common::metrics_registry::CoordinatorMetrics>,
+) -> Result<JobRefs> {
+    let cfg = Arc::new(cfg);
+    if let Some(eval) = cfg.eval.clone() {
+        let args = EvalJobArgs {
+            cfg,
+            eval,
+            done,
+            metrics,
+        };
+        let (job, handle) = Actor::spawn(None, EvalJobActor, args)
+            .await
+            .context("starting the evaluation job actor")?;
+        return Ok((job.get_derived(), job.get_derived(), handle));
+    }
+    let args = TrainingJobArgs { cfg, done, metrics };
+    let (job, handle) = Actor::spawn(None, TrainingJobActor, args)
+        .await
+        .context("starting the training job actor")?;
+    Ok((job.get_derived(), job.get_derived(), handle))
+}
+
 /// Runs a coordinator until its schedule is complete or Ctrl-C.
 pub async fn run(cfg: CoordinatorConfig) -> Result<JobOutcome> {
     let coordinator = Coordinator::start(cfg).await?;
@@ -173,8 +201,8 @@ pub async fn run(cfg: CoordinatorConfig) -> Result<JobOutcome> {
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok()
             && job
-                .cast(JobMsg::Shutdown {
-                    reason: "interrupted (Ctrl-C)".into(),
+                .send_message(ControlMsg::Shutdown {
+                    reason: StopReason::Interrupted,
                 })
                 .is_err()
         {
@@ -188,37 +216,34 @@ pub async fn run(cfg: CoordinatorConfig) -> Result<JobOutcome> {
 
 #[cfg(test)]
 mod tests {
-    /// The coordinator must run on a head node without libtorch: no torch-sys anywhere in its
-    /// dependency tree (normal and build dependencies).
+    /// The coordinator must run on a head node without libtorch: neither it nor eqim-common
+    /// may reach tch or torch-sys through any edge (normal, build or dev dependencies).
     #[test]
     fn coordinator_dependency_tree_has_no_libtorch() {
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-        let out = std::process::Command::new(env!("CARGO"))
-            .args([
-                "tree",
-                "--manifest-path",
-                manifest,
-                "-p",
-                "eqim-coordinator",
-            ])
-            .args(["-e", "normal,build", "--prefix", "none", "--offline"])
-            .output()
-            .expect("running cargo tree");
-        assert!(
-            out.status.success(),
-            "cargo tree failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let tree = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            tree.contains("eqim-common"),
-            "unexpected cargo tree output:\n{tree}"
-        );
-        for forbidden in ["torch-sys", "tch "] {
+        for package in ["eqim-common", "eqim-coordinator"] {
+            let out = std::process::Command::new(env!("CARGO"))
+                .args(["tree", "--manifest-path", manifest, "-p", package])
+                .args(["-e", "normal,build,dev", "--prefix", "none", "--offline"])
+                .output()
+                .expect("running cargo tree");
             assert!(
-                !tree.lines().any(|l| l.starts_with(forbidden)),
-                "coordinator depends on {forbidden}:\n{tree}"
+                out.status.success(),
+                "cargo tree -p {package} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
             );
+            let tree = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                tree.lines().next().is_some_and(|l| l.starts_with(package))
+                    && tree.lines().any(|l| l.starts_with("tokio ")),
+                "unexpected cargo tree output for {package}:\n{tree}"
+            );
+            for forbidden in ["torch-sys ", "tch "] {
+                assert!(
+                    !tree.lines().any(|l| l.starts_with(forbidden)),
+                    "{package} depends on {forbidden}:\n{tree}"
+                );
+            }
         }
     }
 }

@@ -66,7 +66,7 @@ async fn wait_for(
     c: &Coordinator,
     limit: Duration,
     what: &str,
-    done: impl Fn(&eqim_coordinator::actor::JobStatus) -> bool,
+    done: impl Fn(&eqim_coordinator::job::JobStatus) -> bool,
 ) -> Duration {
     let started = Instant::now();
     loop {

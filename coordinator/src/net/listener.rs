@@ -3,13 +3,13 @@
 //! refuses the connection or hands it to the job actor for admission. A misbehaving client only
 //! ever costs its own task.
 
-use crate::actor::JobMsg;
+use crate::job::{AdmittedConnection, PeerMsg};
 use eqim_common::framing::{read_message, write_message, FrameError};
 use eqim_common::net::close_code;
 use eqim_common::proto::{
     join_proof, CoordinatorToWorker, Hello, Refusal, WorkerToCoordinator, PROTOCOL_VERSION,
 };
-use ractor::ActorRef;
+use ractor::DerivedActorRef;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +42,7 @@ enum HandshakeError {
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     admission: Arc<Admission>,
-    job: ActorRef<JobMsg>,
+    job: DerivedActorRef<PeerMsg>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
@@ -64,7 +64,7 @@ async fn handshake(
     incoming: quinn::Incoming,
     remote: SocketAddr,
     admission: &Admission,
-    job: ActorRef<JobMsg>,
+    job: DerivedActorRef<PeerMsg>,
 ) -> Result<(), HandshakeError> {
     let deadline = admission.handshake_timeout;
     let connection = incoming.await?;
@@ -99,12 +99,14 @@ async fn handshake(
     }
     // Admission beyond version and token (job full, job finished) is the membership's call.
     if job
-        .cast(JobMsg::Admit {
-            hello,
-            remote,
-            connection: connection.clone(),
-            control_send: send,
-            control_recv: recv,
+        .send_message(PeerMsg::Admit {
+            connection: AdmittedConnection {
+                hello,
+                remote,
+                connection: connection.clone(),
+                control_send: send,
+                control_recv: recv,
+            },
         })
         .is_err()
     {

@@ -3,12 +3,12 @@
 //! spawn-links it, so the session's end (clean close, bad frame, lost connection) arrives there
 //! as a supervision event and becomes a membership event.
 
-use crate::actor::JobMsg;
+use crate::job::PeerMsg;
 use crate::membership::SessionKey;
 use eqim_common::framing::{read_message, write_message, FrameError};
 use eqim_common::net::close_code;
 use eqim_common::proto::{CoordinatorToWorker, WorkerId, WorkerToCoordinator};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use std::fmt;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -25,7 +25,7 @@ pub struct SessionArgs {
     pub connection: quinn::Connection,
     pub control_send: quinn::SendStream,
     pub control_recv: quinn::RecvStream,
-    pub job: ActorRef<JobMsg>,
+    pub job: DerivedActorRef<PeerMsg>,
     /// First message written (the handshake's answer).
     pub admitted: CoordinatorToWorker,
 }
@@ -198,7 +198,7 @@ struct ReadLoop {
     key: SessionKey,
     connection: quinn::Connection,
     control_recv: quinn::RecvStream,
-    job: ActorRef<JobMsg>,
+    job: DerivedActorRef<PeerMsg>,
     session: ActorRef<SessionMsg>,
 }
 
@@ -225,7 +225,7 @@ async fn forward_stream(
     worker: &WorkerId,
     key: SessionKey,
     recv: &mut quinn::RecvStream,
-    job: &ActorRef<JobMsg>,
+    job: &DerivedActorRef<PeerMsg>,
 ) -> Result<(), ReadEnd> {
     loop {
         let msg: WorkerToCoordinator = match read_message(recv).await {
@@ -241,7 +241,7 @@ async fn forward_stream(
             }
             Err(e) => return Err(ReadEnd::Frame(e)),
         };
-        job.cast(JobMsg::FromWorker {
+        job.send_message(PeerMsg::FromWorker {
             worker: worker.clone(),
             session: key,
             msg,

@@ -131,6 +131,39 @@ fn int_field(v: &Value, key: &str, what: &str) -> Result<i64, String> {
 }
 
 fn check_dashboard(path: &Path, json: &Value) -> Result<Dashboard, String> {
+    let (title, uid) = check_header(json)?;
+    let mut queries = Vec::new();
+    let variables = check_templating(json, &mut queries)?;
+    let panels = json
+        .get("panels")
+        .and_then(Value::as_array)
+        .filter(|p| !p.is_empty())
+        .ok_or("the dashboard needs a non-empty `panels` array")?;
+    let mut all_panels = Vec::new();
+    for panel in panels {
+        all_panels.push(panel);
+        if let Some(nested) = panel.get("panels").and_then(Value::as_array) {
+            all_panels.extend(nested);
+        }
+    }
+    let mut seen = SeenPanels {
+        ids: BTreeSet::new(),
+        boxes: Vec::new(),
+        queries,
+    };
+    for panel in all_panels {
+        check_panel(panel, &variables, &mut seen)?;
+    }
+    Ok(Dashboard {
+        path: path.to_path_buf(),
+        title,
+        uid,
+        queries: seen.queries,
+    })
+}
+
+/// The dashboard-level fields: title, uid, schema version, id, tooltip and links.
+fn check_header(json: &Value) -> Result<(String, String), String> {
     let title = str_field(json, "title", "the dashboard")?.to_string();
     let uid = str_field(json, "uid", "the dashboard")?.to_string();
     if uid.len() > 40
@@ -169,80 +202,75 @@ fn check_dashboard(path: &Path, json: &Value) -> Result<Dashboard, String> {
             ));
         }
     }
-    let mut queries = Vec::new();
-    let variables = check_templating(json, &mut queries)?;
-    let panels = json
-        .get("panels")
+    Ok((title, uid))
+}
+
+/// What the panels checked so far used: ids, grid boxes (title and [h, w, x, y]) and queries.
+struct SeenPanels {
+    ids: BTreeSet<i64>,
+    boxes: Vec<(String, [i64; 4])>,
+    queries: Vec<DashboardQuery>,
+}
+
+/// One panel: title, unique id, known type, a grid box that fits and overlaps no other, and
+/// (unless a row or text) a datasource and targets whose expressions use only known variables.
+fn check_panel(
+    panel: &Value,
+    variables: &BTreeSet<String>,
+    seen: &mut SeenPanels,
+) -> Result<(), String> {
+    let title = str_field(panel, "title", "every panel")?;
+    let what = format!("panel \"{title}\"");
+    let id = int_field(panel, "id", &what)?;
+    if !seen.ids.insert(id) {
+        return Err(format!("{what} reuses panel id {id}"));
+    }
+    let kind = str_field(panel, "type", &what)?;
+    if !PANEL_TYPES.contains(&kind) {
+        return Err(format!("{what} has unknown type `{kind}`"));
+    }
+    let grid = panel
+        .get("gridPos")
+        .ok_or(format!("{what} needs `gridPos`"))?;
+    let [h, w, x, y] = ["h", "w", "x", "y"].map(|k| int_field(grid, k, &what));
+    let (h, w, x, y) = (h?, w?, x?, y?);
+    if h < 1 || w < 1 || x < 0 || y < 0 || x + w > GRID_COLUMNS {
+        return Err(format!(
+            "{what} gridPos {{h:{h},w:{w},x:{x},y:{y}}} is outside the 24-column grid"
+        ));
+    }
+    if let Some((other, _)) = seen
+        .boxes
+        .iter()
+        .find(|(_, [oh, ow, ox, oy])| x < ox + ow && *ox < x + w && y < oy + oh && *oy < y + h)
+    {
+        return Err(format!("{what} overlaps panel \"{other}\""));
+    }
+    seen.boxes.push((title.to_string(), [h, w, x, y]));
+    if kind == "row" || kind == "text" {
+        return Ok(());
+    }
+    check_datasource(panel.get("datasource"), &what)?;
+    let targets = panel
+        .get("targets")
         .and_then(Value::as_array)
-        .filter(|p| !p.is_empty())
-        .ok_or("the dashboard needs a non-empty `panels` array")?;
-    let mut all_panels = Vec::new();
-    for panel in panels {
-        all_panels.push(panel);
-        if let Some(nested) = panel.get("panels").and_then(Value::as_array) {
-            all_panels.extend(nested);
+        .filter(|t| !t.is_empty())
+        .ok_or(format!("{what} needs a non-empty `targets` array"))?;
+    let mut ref_ids = BTreeSet::new();
+    for target in targets {
+        let ref_id = str_field(target, "refId", &what)?;
+        if !ref_ids.insert(ref_id) {
+            return Err(format!("{what} reuses refId {ref_id}"));
         }
+        let expr = str_field(target, "expr", &what)?;
+        check_variables_used(expr, variables, &what)?;
+        seen.queries.push(DashboardQuery {
+            location: what.clone(),
+            expr: expr.to_string(),
+            is_variable: false,
+        });
     }
-    let mut ids = BTreeSet::new();
-    let mut boxes: Vec<(String, [i64; 4])> = Vec::new();
-    for panel in all_panels {
-        let title = str_field(panel, "title", "every panel")?;
-        let what = format!("panel \"{title}\"");
-        let id = int_field(panel, "id", &what)?;
-        if !ids.insert(id) {
-            return Err(format!("{what} reuses panel id {id}"));
-        }
-        let kind = str_field(panel, "type", &what)?;
-        if !PANEL_TYPES.contains(&kind) {
-            return Err(format!("{what} has unknown type `{kind}`"));
-        }
-        let grid = panel
-            .get("gridPos")
-            .ok_or(format!("{what} needs `gridPos`"))?;
-        let [h, w, x, y] = ["h", "w", "x", "y"].map(|k| int_field(grid, k, &what));
-        let (h, w, x, y) = (h?, w?, x?, y?);
-        if h < 1 || w < 1 || x < 0 || y < 0 || x + w > GRID_COLUMNS {
-            return Err(format!(
-                "{what} gridPos {{h:{h},w:{w},x:{x},y:{y}}} is outside the 24-column grid"
-            ));
-        }
-        if let Some((other, _)) = boxes
-            .iter()
-            .find(|(_, [oh, ow, ox, oy])| x < ox + ow && *ox < x + w && y < oy + oh && *oy < y + h)
-        {
-            return Err(format!("{what} overlaps panel \"{other}\""));
-        }
-        boxes.push((title.to_string(), [h, w, x, y]));
-        if kind == "row" || kind == "text" {
-            continue;
-        }
-        check_datasource(panel.get("datasource"), &what)?;
-        let targets = panel
-            .get("targets")
-            .and_then(Value::as_array)
-            .filter(|t| !t.is_empty())
-            .ok_or(format!("{what} needs a non-empty `targets` array"))?;
-        let mut ref_ids = BTreeSet::new();
-        for target in targets {
-            let ref_id = str_field(target, "refId", &what)?;
-            if !ref_ids.insert(ref_id) {
-                return Err(format!("{what} reuses refId {ref_id}"));
-            }
-            let expr = str_field(target, "expr", &what)?;
-            check_variables_used(expr, &variables, &what)?;
-            queries.push(DashboardQuery {
-                location: what.clone(),
-                expr: expr.to_string(),
-                is_variable: false,
-            });
-        }
-    }
-    Ok(Dashboard {
-        path: path.to_path_buf(),
-        title,
-        uid,
-        queries,
-    })
+    Ok(())
 }
 
 /// Panels and query variables read from the `datasource` variable, so import asks for nothing.

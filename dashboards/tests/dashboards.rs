@@ -5,12 +5,10 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use eqim_common::metrics::{self as names, resolve_series, METRICS};
-use eqim_coordinator::dashboards::{
-    dashboard_files, load_dashboard, metrics_markdown_table, Dashboard,
-};
+use eqim_dashboards::{dashboard_files, load_dashboard, metrics_markdown_table, Dashboard};
 
 fn dashboards() -> Vec<Dashboard> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards"));
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let files = dashboard_files(&dir).expect("dashboards/ is readable");
     assert!(
         files.len() >= 2,
@@ -73,14 +71,11 @@ fn every_exported_metric_appears_on_some_dashboard() {
 
 #[test]
 fn the_readme_shows_the_current_metric_table() {
-    let readme = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../dashboards/README.md"
-    ))
-    .expect("dashboards/README.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("dashboards/README.md");
     assert!(
         readme.contains(&metrics_markdown_table()),
         "dashboards/README.md's metric table is stale: regenerate it with \
-         `cargo run -p eqim-coordinator --bin eqim-metrics-demo -- table`"
+         `cargo run -p eqim-dashboards --bin eqim-metrics-demo -- table`"
     );
 }

@@ -2,7 +2,7 @@
 //! `serve` exposes every metric of one role with changing, clearly synthetic values (no training
 //! happens; `check-prometheus --synthetic`); `check` asks a running Prometheus whether every
 //! series and every panel expression of the dashboards has samples and, with `--phase training`
-//! (a real training job), whether each metric moved as `metrics_expectations` says it must.
+//! (a real training job), whether each metric moved as `eqim_dashboards::expectations` says it must.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,11 +14,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use eqim_common::metrics as names;
 use eqim_common::metrics_http::MetricsServer;
 use eqim_common::metrics_registry::{CoordinatorMetrics, WorkerMetrics};
-use eqim_coordinator::dashboards::{
+use eqim_dashboards::expectations::TrainingExpectation;
+use eqim_dashboards::{
     dashboard_files, load_dashboard, metrics_markdown_table, substitute_variables,
     variable_query_expr,
 };
-use eqim_coordinator::metrics_expectations::TrainingExpectation;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How often `serve` changes the values (and how often `check` polls Prometheus).
@@ -39,7 +39,7 @@ struct Cli {
 enum Phase {
     /// `serve`'s synthetic exporters: existence and samples only.
     Synthetic,
-    /// A real training job: also, each metric moved as `metrics_expectations` requires.
+    /// A real training job: also, each metric moved as `eqim_dashboards::expectations` requires.
     Training,
     /// The same job after one worker was killed: deaths and recoveries moved.
     Recovery,
@@ -358,7 +358,7 @@ fn probes(dashboards: &Path, job: &str) -> Result<Vec<Probe>> {
 /// metric of the table is covered: moved, rightly at its start, skipped for want of a GPU, or
 /// left to the evaluation phase.
 fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
-    use eqim_coordinator::metrics_expectations::{
+    use eqim_dashboards::expectations::{
         moved_query, training_expectation, TrainingExpectation as E,
     };
     let mut probes = Vec::new();
@@ -429,10 +429,10 @@ fn training_probes(job: &str, no_gpu: Option<&str>) -> Vec<Probe> {
 fn moved_probes(
     job: &str,
     phase: &str,
-    expectation: eqim_coordinator::metrics_expectations::TrainingExpectation,
+    expectation: eqim_dashboards::expectations::TrainingExpectation,
     when: &str,
 ) -> Vec<Probe> {
-    use eqim_coordinator::metrics_expectations::{moved_query, training_expectation};
+    use eqim_dashboards::expectations::{moved_query, training_expectation};
     let metrics: Vec<_> = names::METRICS
         .iter()
         .filter(|d| training_expectation(d.name) == Some(expectation))

@@ -105,7 +105,7 @@ mod tests {
             .collect();
         assert!(
             missing.is_empty(),
-            "classify these in metrics_expectations: {missing:?}"
+            "classify these in eqim_dashboards::expectations: {missing:?}"
         );
     }
 
