@@ -217,10 +217,21 @@ pub struct EvalPlanInfo {
 /// Why a connection was refused at the handshake.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {
-    ProtocolVersion { expected: u32, got: u32 },
+    ProtocolVersion {
+        expected: u32,
+        got: u32,
+    },
     BadToken,
-    JobFull { max_workers: u32 },
+    JobFull {
+        max_workers: u32,
+    },
     JobFinished,
+    /// The worker advertises a loopback store address but connects from another host: its
+    /// peers could not reach its TCPStore.
+    LoopbackStore {
+        store_host: String,
+        peer: String,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -237,6 +248,12 @@ impl fmt::Display for Refusal {
                 write!(f, "the job already has its maximum of {max_workers} workers")
             }
             Refusal::JobFinished => f.write_str("the job has finished"),
+            Refusal::LoopbackStore { store_host, peer } => write!(
+                f,
+                "this worker advertises its store at {store_host} (loopback) but connects from {peer}: \
+                 start it with --host set to an address its peers can reach (or leave --host out \
+                 to use the address of its route to the coordinator)"
+            ),
         }
     }
 }

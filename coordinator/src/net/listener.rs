@@ -93,7 +93,7 @@ async fn handshake(
         }
         None => return Err(HandshakeError::Closed),
     };
-    if let Err(reason) = check_hello(&hello, admission) {
+    if let Err(reason) = check_hello(&hello, admission).and_then(|()| check_store(&hello, remote)) {
         refuse(&connection, &mut send, reason.clone()).await;
         return Err(HandshakeError::Refused(reason));
     }
@@ -112,6 +112,22 @@ async fn handshake(
     {
         warn!("job actor is gone; closing the connection");
         connection.close(close_code::SHUTDOWN.into(), b"coordinator shutting down");
+    }
+    Ok(())
+}
+
+/// A worker on another host that advertises a loopback store address would leave its peers
+/// waiting out the rendezvous timeout: refuse it at once, naming the fix.
+pub fn check_store(hello: &Hello, remote: SocketAddr) -> Result<(), Refusal> {
+    let loopback = match hello.store.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => hello.store.host == "localhost",
+    };
+    if loopback && !remote.ip().is_loopback() {
+        return Err(Refusal::LoopbackStore {
+            store_host: hello.store.host.clone(),
+            peer: remote.ip().to_string(),
+        });
     }
     Ok(())
 }
@@ -154,4 +170,35 @@ pub async fn refuse(connection: &quinn::Connection, send: &mut quinn::SendStream
         debug!("client did not close after refusal");
     }
     connection.close(close_code::REFUSED.into(), reason.to_string().as_bytes());
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::check_store;
+    use eqim_common::proto::{Hello, Refusal, StoreEndpoint, WorkerId, PROTOCOL_VERSION};
+
+    fn hello(store_host: &str) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: WorkerId("w".into()),
+            token_proof: [0; 32],
+            store: StoreEndpoint {
+                host: store_host.into(),
+                port: 1,
+            },
+            device: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_loopback_store_is_refused_only_from_another_host() {
+        let local = "127.0.0.1:5000".parse().unwrap();
+        let remote = "10.77.0.3:5000".parse().unwrap();
+        assert_eq!(check_store(&hello("127.0.0.1"), local), Ok(()));
+        assert_eq!(check_store(&hello("10.77.0.3"), remote), Ok(()));
+        let refusal = check_store(&hello("127.0.0.1"), remote).unwrap_err();
+        assert!(matches!(refusal, Refusal::LoopbackStore { .. }));
+        assert!(refusal.to_string().contains("--host"), "{refusal}");
+        assert!(check_store(&hello("localhost"), remote).is_err());
+    }
 }
