@@ -200,7 +200,8 @@ impl JobMetrics {
         self.worker_lost(now, names::DEATH_LEFT, membership);
     }
 
-    /// [`crate::membership::decide`] declared a member dead for `reason`.
+    /// [`crate::membership::decide`] declared a member dead for `reason`; `now` is when the
+    /// fault's effect began (recoveries are timed from it).
     pub fn worker_declared_dead(&mut self, now: Instant, reason: &Reason, m: &MembershipState) {
         self.worker_lost(now, declared_dead_reason(reason), m);
     }

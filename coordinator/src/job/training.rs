@@ -441,7 +441,9 @@ impl TrainingState {
                     for worker in workers {
                         warn!(worker_id = %worker, reason = %decision.reason, "declared dead");
                         let m = &self.membership;
-                        self.metrics.worker_declared_dead(now, &decision.reason, m);
+                        let since = fault_onset(now, &decision.reason, m, &worker, &self.cfg);
+                        self.metrics
+                            .worker_declared_dead(since, &decision.reason, m);
                         self.remove_member(&worker, CloseReason::DeclaredDead);
                     }
                 }
@@ -566,5 +568,23 @@ impl TrainingState {
 pub(super) fn member_lost(worker: &WorkerId) -> AbortReason {
     AbortReason::MemberLost {
         worker: worker.clone(),
+    }
+}
+
+/// When a death's effect began, which is where its recovery is timed from: for a heartbeat
+/// timeout, the first heartbeat that did not arrive (the last one seen plus one interval), not
+/// the moment the timeout expired; otherwise now (a failed vote already started the clock).
+fn fault_onset(
+    now: Instant,
+    reason: &Reason,
+    membership: &MembershipState,
+    worker: &WorkerId,
+    cfg: &CoordinatorConfig,
+) -> Instant {
+    match (reason, membership.members.get(worker)) {
+        (Reason::HeartbeatTimeout, Some(member)) => {
+            (member.last_heartbeat + cfg.timeouts.heartbeat_interval).min(now)
+        }
+        _ => now,
     }
 }
