@@ -9,40 +9,6 @@ use eqim_common::coordinator_config::CoordinatorConfig;
 use std::path::PathBuf;
 use std::process::Command;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct LaunchArgs {
-    /// Coordinator config (YAML or TOML), e.g. configs/coordinator-demo.yaml.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
-    /// Number of local worker processes.
-    #[arg(long, default_value_t = 2)]
-    pub workers: u32,
-    /// Directory for each worker's final state (`worker-I.safetensors`).
-    #[arg(long, value_name = "DIR")]
-    pub final_state_dir: Option<PathBuf>,
-    /// Serve Prometheus `/metrics` on 127.0.0.1: the coordinator at this port, worker i at
-    /// this port + 1 + i (9400 matches configs/prometheus.yml).
-    #[arg(long, value_name = "PORT")]
-    pub metrics_base_port: Option<u16>,
-    /// Train the generator of this training config (e.g. configs/demo-generator.toml) instead
-    /// of the synthetic model; its data must have `schedule.dataset_len` rows and its
-    /// `optim.batch` must equal `schedule.global_batch`.
-    #[arg(long, value_name = "FILE")]
-    pub train_config: Option<PathBuf>,
-    /// Where the trained generator is written at the end (default: JOB_DIR/generator).
-    #[arg(long, value_name = "DIR")]
-    pub export_dir: Option<PathBuf>,
-    /// Extra seconds each worker waits for the coordinator.
-    #[arg(long, default_value_t = 60.0)]
-    pub connect_timeout: f64,
-    /// With a coordinator config that has an `eval:` section, the workers are `eqim eval-worker`s
-    /// and these arguments (after `--`) are their plan flags, e.g.
-    /// `-- --weights G.safetensors --config generator.json --tokenizer-checkpoint T.safetensors
-    /// --num-images 3000 --cfg 7.0 --out DIR`.
-    #[arg(last = true, value_name = "EVAL_WORKER_ARGS")]
-    pub eval_worker_args: Vec<std::ffi::OsString>,
-}
-
 /// A free UDP port on loopback for the coordinator's QUIC endpoint.
 /// A UDP port that was free a moment ago (the coordinator binds it next).
 pub fn free_udp_port() -> Result<u16> {
@@ -129,21 +95,6 @@ pub struct LaunchConfig {
     pub connect_timeout: f64,
     /// Plan flags of eval workers (evaluation jobs only).
     pub eval_worker_args: Vec<std::ffi::OsString>,
-}
-
-impl From<LaunchArgs> for LaunchConfig {
-    fn from(a: LaunchArgs) -> Self {
-        LaunchConfig {
-            config: a.config,
-            workers: a.workers,
-            final_state_dir: a.final_state_dir,
-            metrics_base_port: a.metrics_base_port,
-            train_config: a.train_config,
-            export_dir: a.export_dir,
-            connect_timeout: a.connect_timeout,
-            eval_worker_args: a.eval_worker_args,
-        }
-    }
 }
 
 pub fn run(cfg: &LaunchConfig) -> Result<()> {

@@ -5,12 +5,6 @@ use anyhow::{bail, Context, Result};
 use eqim_common::checkpoint;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct LedgerArgs {
-    /// A job's checkpoint root (`<job_dir>/checkpoints`) or one checkpoint directory in it.
-    pub checkpoint_dir: PathBuf,
-}
-
 /// The report lines; an error when no checkpoint verifies.
 pub fn report(dir: &Path) -> Result<Vec<String>> {
     let mut lines = Vec::new();
@@ -42,11 +36,4 @@ pub fn report(dir: &Path) -> Result<Vec<String>> {
         lines.push(coverage.to_string());
     }
     Ok(lines)
-}
-
-pub fn run(args: LedgerArgs) -> Result<()> {
-    for line in report(&args.checkpoint_dir)? {
-        println!("{line}");
-    }
-    Ok(())
 }
