@@ -16,7 +16,6 @@
 //! seed derived from (run seed, step, micro-batch slot); see [`rng`]. Nothing else is random, so
 //! the state to save is the weights, EMA, optimizer moments and counters: no generator state.
 
-pub mod cli;
 pub mod clip;
 pub mod ema;
 pub mod generator;
@@ -25,6 +24,7 @@ pub mod params;
 pub mod progress;
 pub mod rng;
 pub mod schedule;
+pub mod setup;
 pub mod source;
 pub mod trainer;
 
@@ -36,6 +36,10 @@ pub use progress::Progress;
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use source::{Batch, BatchSource};
 pub use trainer::{GradAccumulator, StepReport, TrainModel, Trainer, TrainerConfig};
+
+/// The old path of [`setup`]: `runtime/` still imports it by this name until its re-cut (issue
+/// 17) moves those imports; new code uses `train::setup`.
+pub use self::setup as cli;
 
 /// Errors of the training core.
 #[derive(Debug, thiserror::Error)]
