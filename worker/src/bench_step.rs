@@ -116,6 +116,135 @@ fn trainer_config(seed: u64) -> TrainerConfig {
     }
 }
 
+/// A batch of random latents with labels 0, 1, ... mod the class count.
+fn random_batch(opts: &BenchStepOptions) -> Batch {
+    let (cfg, device) = (&opts.model, opts.device);
+    Batch {
+        latents: Tensor::randn(
+            [opts.batch, cfg.token_num, cfg.vae_embed_dim],
+            (Kind::Float, device),
+        ),
+        labels: Tensor::arange(opts.batch, (Kind::Int64, device)).remainder(cfg.class_num),
+    }
+}
+
+/// Forward + backward only, gradients dropped (what the PyTorch baseline times): the timed
+/// passes' seconds.
+fn time_fwd_bwd(
+    trainer: &mut Trainer<GeneratorTrainModel>,
+    opts: &BenchStepOptions,
+) -> Result<Vec<f64>> {
+    let mut fwd_bwd = Vec::new();
+    for i in 0..opts.warmup + opts.steps {
+        let b = random_batch(opts);
+        sync(opts.device);
+        let start = Instant::now();
+        let out = trainer
+            .model
+            .model
+            .forward_loss(&b.latents, &b.labels, None, Mode::Train)?;
+        let grads = Tensor::f_run_backward(&[&out.loss], &trainer.params.tensors, false, false)
+            .context("backward pass")?;
+        sync(opts.device);
+        drop(grads);
+        if i >= opts.warmup {
+            fwd_bwd.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(fwd_bwd)
+}
+
+/// Whole optimizer steps, with the peak memory over the timed ones (the optimizer state is
+/// allocated by then).
+struct StepTimes {
+    seconds: Vec<f64>,
+    losses: Vec<f64>,
+    peak_allocated: Option<i64>,
+    peak_reserved: Option<i64>,
+    peak_rss: Option<u64>,
+}
+
+fn time_steps(
+    trainer: &mut Trainer<GeneratorTrainModel>,
+    opts: &BenchStepOptions,
+) -> Result<StepTimes> {
+    let device = opts.device;
+    let (mut seconds, mut losses) = (Vec::new(), Vec::new());
+    for i in 0..opts.warmup + opts.steps {
+        if i == opts.warmup {
+            match device {
+                Device::Cuda(index) => {
+                    cuda_memory_stats(index, true)?;
+                }
+                _ => reset_peak_rss()?,
+            }
+        }
+        let b = random_batch(opts);
+        sync(device);
+        let start = Instant::now();
+        let report = trainer.train_step(&[b], 1_000_000)?;
+        sync(device);
+        if i >= opts.warmup {
+            seconds.push(start.elapsed().as_secs_f64());
+            losses.push(report.loss);
+        }
+    }
+    let (peak_allocated, peak_reserved, peak_rss) = match device {
+        Device::Cuda(index) => {
+            let s = cuda_memory_stats(index, false)?;
+            (Some(s.allocated_peak), Some(s.reserved_peak), None)
+        }
+        _ => (None, None, Some(peak_rss_bytes()?)),
+    };
+    Ok(StepTimes {
+        seconds,
+        losses,
+        peak_allocated,
+        peak_reserved,
+        peak_rss,
+    })
+}
+
+/// KV-cached sampling: images/s, and in bf16 the max abs and relative difference from fp32.
+fn time_sampling(
+    model: &mut crate::model::generator::EquivariantGenerativeModel,
+    opts: &BenchStepOptions,
+) -> Result<(f64, Option<f64>, Option<f64>)> {
+    let (cfg, device, tokens) = (&opts.model, opts.device, opts.model.token_num);
+    let labels = Tensor::arange(opts.sample_batch, (Kind::Int64, device)).remainder(cfg.class_num);
+    let spec = SampleSpec {
+        batch: opts.sample_batch,
+        labels: Some(&labels),
+        prefix: None,
+        num_iter: tokens,
+        cfg: 4.0,
+        cfg_schedule: CfgSchedule::Linear,
+        num_steps: opts.sample_steps,
+        temperature: 1.0,
+    };
+    let sample = |model: &crate::model::generator::EquivariantGenerativeModel| {
+        let mut noise = seeded_noise(1, tokens, opts.sample_batch, cfg.vae_embed_dim);
+        sync(device);
+        let start = Instant::now();
+        let out = sample_cached(model, &spec, &mut noise, &mut |_| {});
+        sync(device);
+        out.map(|t| (t, start.elapsed().as_secs_f64()))
+    };
+    let _warm = sample(model)?;
+    let (tokens_here, seconds) = sample(model)?;
+    let ips = opts.sample_batch as f64 / seconds;
+    if cfg.precision.is_fp32() {
+        return Ok((ips, None, None));
+    }
+    model.cfg.precision = Precision::Fp32;
+    let (reference, _) = sample(model)?;
+    model.cfg.precision = cfg.precision;
+    let diff = crate::verify::max_abs_diff(&tokens_here, &reference)?;
+    let scale = reference.abs().max().double_value(&[]);
+    Ok((ips, Some(diff), Some(diff / scale.max(f64::MIN_POSITIVE))))
+}
+
+/// Builds the model with random weights and measures it.
 pub fn run(opts: &BenchStepOptions) -> Result<BenchStepReport> {
     ensure!(opts.batch >= 1, "--batch must be at least 1");
     ensure!(opts.steps >= 1, "--steps must be at least 1");
@@ -131,99 +260,17 @@ pub fn run(opts: &BenchStepOptions) -> Result<BenchStepReport> {
     });
     let mut trainer = Trainer::new(train_model, trainer_config(opts.seed))?;
     let tokens = cfg.token_num;
-    let batch = || Batch {
-        latents: Tensor::randn(
-            [opts.batch, tokens, cfg.vae_embed_dim],
-            (Kind::Float, device),
-        ),
-        labels: Tensor::arange(opts.batch, (Kind::Int64, device)).remainder(cfg.class_num),
+    let fwd_bwd = time_fwd_bwd(&mut trainer, opts)?;
+    let steps = time_steps(&mut trainer, opts)?;
+    let (step_times, losses) = (steps.seconds, steps.losses);
+    let (peak_allocated, peak_reserved, peak_rss) =
+        (steps.peak_allocated, steps.peak_reserved, steps.peak_rss);
+    let (sample_ips, max_diff, rel_diff) = if opts.sample_batch > 0 {
+        let (ips, max, rel) = time_sampling(&mut trainer.model.model, opts)?;
+        (Some(ips), max, rel)
+    } else {
+        (None, None, None)
     };
-
-    // Forward + backward only, gradients dropped (what the PyTorch baseline times).
-    let mut fwd_bwd = Vec::new();
-    for i in 0..opts.warmup + opts.steps {
-        let b = batch();
-        sync(device);
-        let start = Instant::now();
-        let out = trainer
-            .model
-            .model
-            .forward_loss(&b.latents, &b.labels, None, Mode::Train)?;
-        let grads = Tensor::f_run_backward(&[&out.loss], &trainer.params.tensors, false, false)
-            .context("backward pass")?;
-        sync(device);
-        drop(grads);
-        if i >= opts.warmup {
-            fwd_bwd.push(start.elapsed().as_secs_f64());
-        }
-    }
-
-    // Whole optimizer steps; peak memory over the timed ones (optimizer state allocated by then).
-    let mut step_times = Vec::new();
-    let mut losses = Vec::new();
-    for i in 0..opts.warmup + opts.steps {
-        if i == opts.warmup {
-            match device {
-                Device::Cuda(index) => {
-                    cuda_memory_stats(index, true)?;
-                }
-                _ => reset_peak_rss()?,
-            }
-        }
-        let b = batch();
-        sync(device);
-        let start = Instant::now();
-        let report = trainer.train_step(&[b], 1_000_000)?;
-        sync(device);
-        if i >= opts.warmup {
-            step_times.push(start.elapsed().as_secs_f64());
-            losses.push(report.loss);
-        }
-    }
-    let (peak_allocated, peak_reserved, peak_rss) = match device {
-        Device::Cuda(index) => {
-            let s = cuda_memory_stats(index, false)?;
-            (Some(s.allocated_peak), Some(s.reserved_peak), None)
-        }
-        _ => (None, None, Some(peak_rss_bytes()?)),
-    };
-
-    let (mut sample_ips, mut max_diff, mut rel_diff) = (None, None, None);
-    if opts.sample_batch > 0 {
-        let model = &mut trainer.model.model;
-        let labels =
-            Tensor::arange(opts.sample_batch, (Kind::Int64, device)).remainder(cfg.class_num);
-        let spec = SampleSpec {
-            batch: opts.sample_batch,
-            labels: Some(&labels),
-            prefix: None,
-            num_iter: tokens,
-            cfg: 4.0,
-            cfg_schedule: CfgSchedule::Linear,
-            num_steps: opts.sample_steps,
-            temperature: 1.0,
-        };
-        let sample = |model: &crate::model::generator::EquivariantGenerativeModel| {
-            let mut noise = seeded_noise(1, tokens, opts.sample_batch, cfg.vae_embed_dim);
-            sync(device);
-            let start = Instant::now();
-            let out = sample_cached(model, &spec, &mut noise, &mut |_| {});
-            sync(device);
-            out.map(|t| (t, start.elapsed().as_secs_f64()))
-        };
-        let _warm = sample(model)?;
-        let (tokens_here, seconds) = sample(model)?;
-        sample_ips = Some(opts.sample_batch as f64 / seconds);
-        if !cfg.precision.is_fp32() {
-            model.cfg.precision = Precision::Fp32;
-            let (reference, _) = sample(model)?;
-            model.cfg.precision = cfg.precision;
-            let diff = crate::verify::max_abs_diff(&tokens_here, &reference)?;
-            let scale = reference.abs().max().double_value(&[]);
-            max_diff = Some(diff);
-            rel_diff = Some(diff / scale.max(f64::MIN_POSITIVE));
-        }
-    }
 
     let fwd_bwd_seconds = median(fwd_bwd);
     let step_seconds = median(step_times);

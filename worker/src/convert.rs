@@ -1,23 +1,23 @@
-//! `eqim convert-checkpoint IN OUT.safetensors`: turns a reference PyTorch checkpoint (a
-//! torch.save zip with a pickle that also holds non-tensor objects) into safetensors with the same
-//! key names, by running `scripts/convert-checkpoint` (Python standard library only, no torch).
+//! Checkpoint conversion (`eqim convert-checkpoint IN OUT.safetensors`): turns a reference
+//! PyTorch checkpoint (a torch.save zip with a pickle that also holds non-tensor objects) into
+//! safetensors with the same key names, by running `scripts/convert-checkpoint` (Python
+//! standard library only, no torch).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct ConvertArgs {
+/// What `eqim convert-checkpoint` converts, and how.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
     /// The checkpoint: tokenizer.ckpt (Lightning, `state_dict`) or a generator checkpoint
     /// (`model` / `model_ema`).
     pub input: PathBuf,
     /// The safetensors file to write.
     pub output: PathBuf,
-    /// Generator checkpoints: convert `model_ema` (ema, what sampling uses) or `model` (live).
-    #[arg(long, default_value = "ema", value_parser = ["ema", "live"])]
+    /// Generator checkpoints: `ema` converts `model_ema`, `live` converts `model`.
     pub generator_weights: String,
-    /// Keep the `loss.*` keys of a Lightning checkpoint (dropped by default; loaders ignore them).
-    #[arg(long)]
+    /// Keep the `loss.*` keys of a Lightning checkpoint.
     pub keep_loss: bool,
 }
 
@@ -30,7 +30,7 @@ pub fn script_path() -> PathBuf {
 }
 
 /// Runs the converter; returns its report (stderr), which lists the ignored keys.
-pub fn run(args: &ConvertArgs) -> Result<String> {
+pub fn run(args: &ConvertOptions) -> Result<String> {
     let script = script_path();
     if !script.exists() {
         bail!(
@@ -124,7 +124,7 @@ mod tests {
         make_checkpoint(&src, &ckpt, "lightning");
 
         let out = dir.path().join("tokenizer.safetensors");
-        let args = ConvertArgs {
+        let args = ConvertOptions {
             input: ckpt.clone(),
             output: out.clone(),
             generator_weights: "ema".into(),
@@ -145,7 +145,7 @@ mod tests {
 
         // Kept loss keys are ignored and reported by the loader; other strays are refused.
         let kept = dir.path().join("kept.safetensors");
-        run(&ConvertArgs {
+        run(&ConvertOptions {
             output: kept.clone(),
             keep_loss: true,
             ..args.clone()
@@ -157,7 +157,7 @@ mod tests {
         with_loss.insert("discriminator.w".into(), Tensor::from(1f32));
         assert!(EquivariantTokenizer::load(&fresh, &with_loss, "kept", None).is_err());
 
-        let err = run(&ConvertArgs { input: src, ..args }).unwrap_err();
+        let err = run(&ConvertOptions { input: src, ..args }).unwrap_err();
         assert!(
             format!("{err:#}").contains("not a torch zip archive"),
             "{err:#}"
@@ -195,7 +195,7 @@ mod tests {
         let source: BTreeMap<String, Tensor> = named.into_iter().collect();
         for (which, prefix) in [("ema", "model_ema."), ("live", "model.")] {
             let out = dir.path().join(format!("{which}.safetensors"));
-            let report = run(&ConvertArgs {
+            let report = run(&ConvertOptions {
                 input: ckpt.clone(),
                 output: out.clone(),
                 generator_weights: which.into(),

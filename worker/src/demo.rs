@@ -1,4 +1,4 @@
-//! Glue commands of the demo pipeline: `eqim cache-latents` (encode an image folder with a
+//! The demo pipeline's steps: `eqim cache-latents` (encode an image folder with a
 //! tokenizer into a latent cache, and measure the latent scale the generator should use) and
 //! `eqim contact-sheet` (real photos next to samples, one row per class, plus panoramas).
 
@@ -6,27 +6,22 @@ use crate::contact_sheet::{compose, read_rgb, write_png, SheetLayout, SheetRow};
 use crate::data::{
     Augment, ImageDataset, ImageFolder, ImageTransform, LatentCacheWriter, TransformConfig,
 };
-use crate::tokenizer_cli::{load_tokenizer, TokenizerArgs};
+use crate::tokenizer_io::{load_tokenizer, TokenizerOptions};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct CacheLatentsArgs {
+#[derive(Debug, Clone)]
+pub struct CacheLatentsOptions {
     /// Class-per-folder image tree (e.g. the output of scripts/fetch-demo-data).
-    #[arg(long)]
     pub data: PathBuf,
     /// Output latent cache (safetensors).
-    #[arg(long)]
     pub out: PathBuf,
     /// Image side the tokenizer expects (shorter side resized, then centre-cropped square).
-    #[arg(long, default_value_t = 256)]
     pub size: u32,
-    #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    #[command(flatten)]
-    pub tokenizer: TokenizerArgs,
+    pub tokenizer: TokenizerOptions,
 }
 
 /// What `cache-latents` measured: the generator's `vae_norm` should be `1 / latent_std`, as the
@@ -38,7 +33,7 @@ pub struct LatentStats {
     pub suggested_vae_norm: f64,
 }
 
-pub fn cache_latents(args: &CacheLatentsArgs) -> Result<LatentStats> {
+pub fn cache_latents(args: &CacheLatentsOptions) -> Result<LatentStats> {
     let tok = load_tokenizer(&args.tokenizer)?;
     let folder = ImageFolder::open(&args.data)
         .with_context(|| format!("opening image folder {}", args.data.display()))?;
@@ -83,23 +78,17 @@ pub fn cache_latents(args: &CacheLatentsArgs) -> Result<LatentStats> {
     Ok(stats)
 }
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct ContactSheetArgs {
+#[derive(Debug, Clone)]
+pub struct ContactSheetOptions {
     /// Class-per-folder tree of real images; the first --per-row of each class form its row.
-    #[arg(long)]
     pub real: Option<PathBuf>,
     /// One folder of samples per class (sorted by name, aligned with the real classes): each
     /// gives a row.
-    #[arg(long, num_args = 1..)]
     pub samples: Vec<PathBuf>,
     /// Wide images (panoramas), one row each, after the class rows.
-    #[arg(long, num_args = 1..)]
     pub wide: Vec<PathBuf>,
-    #[arg(long, default_value_t = 8)]
     pub per_row: usize,
-    #[arg(long, default_value_t = 3)]
     pub scale: u32,
-    #[arg(long)]
     pub out: PathBuf,
 }
 
@@ -115,7 +104,7 @@ fn first_pngs(dir: &Path, n: usize) -> Result<Vec<PathBuf>> {
 }
 
 /// Builds the sheet: per class a row of real images then a row of samples, then the panoramas.
-pub fn contact_sheet(args: &ContactSheetArgs) -> Result<()> {
+pub fn contact_sheet(args: &ContactSheetOptions) -> Result<()> {
     let read_all = |paths: Vec<PathBuf>| -> Result<Vec<image::RgbImage>> {
         paths.iter().map(|p| read_rgb(p)).collect()
     };

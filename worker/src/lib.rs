@@ -3,6 +3,7 @@
 //! async tasks.
 
 pub mod bench_step;
+pub mod cli;
 pub mod collective;
 pub mod contact_sheet;
 pub mod convert;
@@ -22,7 +23,7 @@ pub mod runtime;
 pub mod sample_images;
 pub mod sample_tokens;
 pub mod sampling;
-pub mod tokenizer_cli;
+pub mod tokenizer_io;
 pub mod tokenizer_train;
 pub mod train;
 pub mod verify;

@@ -1,58 +1,47 @@
-//! `eqim sample`: generator tokens -> latent scaling -> tokenizer decoder -> PNGs, in one command
-//! (the composition of `eqim sample-tokens` and `eqim decode --latent-scale`).
+//! Sampling images (`eqim sample`): generator tokens -> latent scaling -> tokenizer decoder ->
+//! PNGs, the composition of `eqim sample-tokens` and `eqim decode --latent-scale`.
 
 use crate::model::tokenizer::Parts;
-use crate::sample_tokens::{self, SampleTokensArgs};
+use crate::sample_tokens::{self, SampleTokensOptions};
 use crate::sampling::CfgSchedule;
-use crate::tokenizer_cli::{decode_to_pngs, load_tokenizer_parts, read_tokens, TokenizerArgs};
+use crate::tokenizer_io::{decode_to_pngs, load_tokenizer_parts, read_tokens, TokenizerOptions};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
-#[derive(Debug, clap::Args)]
-pub struct SampleArgs {
+/// What `eqim sample` samples and decodes.
+#[derive(Debug)]
+pub struct SampleOptions {
     /// Generator weights (safetensors with the reference's parameter names).
-    #[arg(long)]
     pub generator_weights: PathBuf,
     /// Generator config JSON (the reference constructor's arguments).
-    #[arg(long)]
     pub generator_config: PathBuf,
     /// Comma-separated class labels, one image each.
-    #[arg(long, value_delimiter = ',', conflicts_with = "num")]
     pub labels: Vec<i64>,
     /// Number of unconditional images, when no --labels are given.
-    #[arg(long)]
     pub num: Option<i64>,
     /// Tokens per image: 16 for the training width, 128 for an 8x panorama.
-    #[arg(long)]
     pub length: Option<i64>,
-    #[arg(long, default_value_t = 1.0)]
     pub cfg: f64,
-    #[arg(long, default_value = "linear")]
     pub cfg_schedule: CfgSchedule,
     /// Euler steps per token (default: the config's num_sampling_steps).
-    #[arg(long)]
     pub steps: Option<i64>,
     /// Seed of the per-token noise.
-    #[arg(long, default_value_t = 1)]
     pub sample_seed: i64,
     /// The generator's latent scale (0.05493 for the released tokenizer; the demo prints its own).
-    #[arg(long, default_value_t = 0.05493)]
     pub vae_norm: f64,
     /// Output folder: `tokens.safetensors` and `{i:05}.png`.
-    #[arg(long)]
     pub out: PathBuf,
     /// fp32 or bf16 for the generator (default: its config's `precision`, else fp32).
-    #[arg(long, value_enum)]
     pub precision: Option<crate::precision::Precision>,
-    #[command(flatten)]
-    pub tokenizer: TokenizerArgs,
+    pub tokenizer: TokenizerOptions,
 }
 
-pub fn run(args: SampleArgs) -> Result<Vec<PathBuf>> {
+/// Samples, decodes and writes `out/{i:05}.png` (and `out/tokens.safetensors`).
+pub fn run(args: SampleOptions) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let tokens_path = args.out.join("tokens.safetensors");
-    sample_tokens::run(&SampleTokensArgs {
+    sample_tokens::run(&SampleTokensOptions {
         weights: args.generator_weights,
         config: Some(args.generator_config),
         preset: None,
@@ -67,7 +56,7 @@ pub fn run(args: SampleArgs) -> Result<Vec<PathBuf>> {
         temperature: 1.0,
         exact: false,
         prefix: None,
-        device: args.tokenizer.device.clone(),
+        device: args.tokenizer.device,
         precision: args.precision,
         output: tokens_path.clone(),
     })?;

@@ -1,5 +1,5 @@
-//! `eqim sample-tokens`: samples latent tokens with a generator checkpoint and writes them to a
-//! safetensors file (`tokens` `[B, L, C]`, `labels` `[B]`), until the tokenizer can decode them.
+//! Sampling latent tokens with a generator checkpoint into a safetensors file (`tokens`
+//! `[B, L, C]`, `labels` `[B]`): what `eqim sample-tokens` runs and `eqim sample` decodes.
 
 use crate::model::generator::{EquivariantGenerativeModel, GeneratorConfig};
 use crate::model::weights;
@@ -9,65 +9,45 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
 
-#[derive(Debug, clap::Args)]
-pub struct SampleTokensArgs {
+/// What to sample, with which model, into which file.
+#[derive(Debug)]
+pub struct SampleTokensOptions {
     /// Generator weights (safetensors with the reference's parameter names).
-    #[arg(long)]
     pub weights: PathBuf,
     /// Generator config JSON (the reference constructor's arguments; a fixture JSON works).
-    #[arg(long, conflicts_with = "preset")]
     pub config: Option<PathBuf>,
     /// Size preset instead of --config: small, base, large or huge (README settings).
-    #[arg(long)]
     pub preset: Option<String>,
     /// Number of classes for --preset (1000 for ImageNet, 30 for Places).
-    #[arg(long, default_value_t = 1000, requires = "preset")]
     pub class_num: i64,
     /// Comma-separated class labels, one image each.
-    #[arg(long, value_delimiter = ',', conflicts_with = "num")]
     pub labels: Vec<i64>,
     /// Number of unconditional images (null class), when no --labels are given.
-    #[arg(long)]
     pub num: Option<i64>,
     /// Tokens per image (16 for 256x256; more for wider images). Default: the config's token_num.
-    #[arg(long)]
     pub length: Option<i64>,
     /// Guidance scale (1.0 = no guidance).
-    #[arg(long, default_value_t = 1.0)]
     pub cfg: f64,
     /// linear (1 -> cfg over the tokens) or constant.
-    #[arg(long, default_value = "linear")]
     pub cfg_schedule: CfgSchedule,
     /// Euler steps per token. Default: the config's num_sampling_steps.
-    #[arg(long)]
     pub steps: Option<i64>,
     /// Seed of the CPU generator the per-token noise is drawn from.
-    #[arg(long, default_value_t = 1)]
     pub seed: i64,
     /// Accepted and ignored, as in the reference.
-    #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Recompute the full sequence per token (the reference's algorithm) instead of the KV cache.
-    #[arg(long)]
     pub exact: bool,
     /// Tokens to continue (safetensors with `tokens` `[B, P, C]`).
-    #[arg(long)]
     pub prefix: Option<PathBuf>,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     /// fp32 or bf16 (autocast; default: the config's `precision`, else fp32).
-    #[arg(long, value_enum)]
     pub precision: Option<crate::precision::Precision>,
     /// Output safetensors file.
-    #[arg(long, short)]
     pub output: PathBuf,
 }
 
-/// Parses `cpu`, `cuda`, `cuda:N` or `auto` (one parser for every command).
-pub use crate::device::parse_device;
-
-fn read_config(args: &SampleTokensArgs) -> Result<GeneratorConfig> {
+fn read_config(args: &SampleTokensOptions) -> Result<GeneratorConfig> {
     match (&args.config, &args.preset) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)
@@ -91,13 +71,13 @@ fn read_prefix(path: &Path) -> Result<Tensor> {
         .with_context(|| format!("{} has no `tokens` tensor", path.display()))
 }
 
-pub fn run(args: &SampleTokensArgs) -> Result<()> {
+/// Samples the tokens and writes them to `args.output`.
+pub fn run(args: &SampleTokensOptions) -> Result<()> {
     let mut cfg = read_config(args)?;
     if let Some(p) = args.precision {
         cfg.precision = p;
     }
-    let device = parse_device(&args.device)?;
-    let mut vs = nn::VarStore::new(device);
+    let mut vs = nn::VarStore::new(args.device);
     let model = EquivariantGenerativeModel::new(vs.root(), &cfg)?;
     weights::load_file_strict(&vs, &args.weights)?;
     vs.freeze();

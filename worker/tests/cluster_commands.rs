@@ -9,11 +9,6 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The `eqim` binary's parser, compiled from its own source.
-#[allow(dead_code)]
-#[path = "../src/main.rs"]
-mod eqim_main;
-
 mod support;
 
 /// One command line found in a recipe.
@@ -442,7 +437,7 @@ fn all_commands() -> Vec<Found> {
 /// Parses with the binary's own parser; the error text is clap's.
 fn parse(cmd: &Found) -> Result<(), String> {
     let result = match cmd.program() {
-        "eqim" => eqim_main::Cli::try_parse_from(&cmd.argv).map(drop),
+        "eqim" => eqim_worker::cli::Cli::try_parse_from(&cmd.argv).map(drop),
         "eqim-coordinator" => return parse_with_the_coordinator_binary(cmd),
         other => return Err(format!("unknown program {other}")),
     };

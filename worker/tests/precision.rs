@@ -242,7 +242,7 @@ fn grad_checkpointing_true_is_refused_with_the_reason() {
     table.insert("grad_checkpointing".into(), true.into());
     let err = format!(
         "{:#}",
-        eqim_worker::train::cli::resolve_model(&table).unwrap_err()
+        eqim_worker::train::setup::resolve_model(&table).unwrap_err()
     );
     assert!(
         err.contains("grad_checkpointing: true is not supported"),
@@ -255,12 +255,12 @@ fn precision_is_a_model_config_key() {
     let mut table = serde_json::Map::new();
     table.insert("preset".into(), "small".into());
     table.insert("precision".into(), "bf16".into());
-    let cfg = eqim_worker::train::cli::resolve_model(&table).unwrap();
+    let cfg = eqim_worker::train::setup::resolve_model(&table).unwrap();
     assert_eq!(cfg.precision, Precision::Bf16);
     table.insert("precision".into(), "fp16".into());
     let err = format!(
         "{:#}",
-        eqim_worker::train::cli::resolve_model(&table).unwrap_err()
+        eqim_worker::train::setup::resolve_model(&table).unwrap_err()
     );
     assert!(err.contains("fp16"), "{err}");
 }

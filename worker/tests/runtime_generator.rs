@@ -411,7 +411,7 @@ fn the_demo_configs_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let train: eqim_common::train_config::GeneratorTrainConfig =
         eqim_common::config::load_config(&root.join("configs/demo-generator.toml")).unwrap();
-    let model = eqim_worker::train::cli::resolve_model(&train.model).unwrap();
+    let model = eqim_worker::train::setup::resolve_model(&train.model).unwrap();
     assert_eq!(
         (model.token_num, model.vae_embed_dim, model.class_num),
         (16, 16, 5)

@@ -2,10 +2,10 @@
 //! vae_norm and decoded by the tokenizer, become PNGs whose width follows the token count.
 
 use eqim_worker::model::tokenizer::Parts;
-use eqim_worker::sample_images::{run, SampleArgs};
+use eqim_worker::sample_images::{run, SampleOptions};
 use eqim_worker::sampling::CfgSchedule;
-use eqim_worker::tokenizer_cli::{
-    decode_to_pngs, load_tokenizer_parts, read_tokens, TokenizerArgs,
+use eqim_worker::tokenizer_io::{
+    decode_to_pngs, load_tokenizer_parts, read_tokens, TokenizerOptions,
 };
 use std::path::PathBuf;
 
@@ -25,15 +25,15 @@ fn sample_writes_decoded_pngs_equal_to_decoding_its_tokens() {
     tch::set_num_threads(1);
     let fx = fixtures();
     let out = tempfile::tempdir().unwrap();
-    let tokenizer = TokenizerArgs {
+    let tokenizer = TokenizerOptions {
         config: Some(fx.join("tokenizer_tiny.json")),
         checkpoint: Some(fx.join("tokenizer_tiny.weights.safetensors")),
         weights: None,
         random_weights: false,
         seed: 0,
-        device: "cpu".into(),
+        device: tch::Device::Cpu,
     };
-    let written = run(SampleArgs {
+    let written = run(SampleOptions {
         generator_weights: fx.join("generator_tiny.weights.safetensors"),
         generator_config: fx.join("generator_tiny.json"),
         labels: vec![1, 7],

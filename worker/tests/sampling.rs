@@ -118,7 +118,7 @@ fn sample_tokens_command_writes_the_tokens_of_either_sampler() {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        args: eqim_worker::sample_tokens::SampleTokensArgs,
+        args: eqim_worker::cli::sample::SampleTokensArgs,
     }
     let f = fixtures().join("generator_tiny");
     let dir = tempfile::tempdir().unwrap();
@@ -138,7 +138,7 @@ fn sample_tokens_command_writes_the_tokens_of_either_sampler() {
         if exact {
             argv.push("--exact".into());
         }
-        eqim_worker::sample_tokens::run(&Cli::parse_from(argv).args).unwrap();
+        eqim_worker::cli::sample::sample_tokens(Cli::parse_from(argv).args).unwrap();
         let t = eqim_worker::model::weights::read_safetensors(&out).unwrap();
         assert_eq!(t["tokens"].size(), vec![3, 6, 16]);
         assert_eq!(Vec::<i64>::try_from(&t["labels"]).unwrap(), vec![1, 2, 3]);

@@ -8,8 +8,8 @@
 use anyhow::Result;
 use eqim_common::schedule::epoch_permutation;
 use eqim_worker::data::{DataError, LatentCacheWriter, LoaderConfig, SampleSource};
-use eqim_worker::train::cli::{self, TrainGeneratorArgs};
 use eqim_worker::train::generator::GeneratorTrainModel;
+use eqim_worker::train::setup::{self, TrainGeneratorOptions};
 use eqim_worker::train::source::{BatchSource, SyntheticLatents};
 use eqim_worker::train::{
     rng, AdamWConfig, Batch, LrSchedule, ScheduleKind, TrainModel, Trainer, TrainerConfig,
@@ -279,8 +279,8 @@ fn write_cli_config(dir: &std::path::Path, name: &str, channels: i64, data: &str
     path
 }
 
-fn cli_args(config: PathBuf, max_steps: u64) -> TrainGeneratorArgs {
-    TrainGeneratorArgs {
+fn cli_args(config: PathBuf, max_steps: u64) -> TrainGeneratorOptions {
+    TrainGeneratorOptions {
         config,
         fresh: false,
         max_steps: Some(max_steps),
@@ -332,7 +332,7 @@ fn train_generator_cli_trains_from_a_latent_cache() {
         cache.display()
     );
     let config = write_cli_config(dir.path(), "c", 12, &data);
-    cli::run(&cli_args(config, 4)).unwrap();
+    setup::run(&cli_args(config, 4)).unwrap();
     // 24 rows in batches of 8: the fourth step is the first of epoch 1.
     let checkpoint = dir.path().join("out-c/checkpoints/step-00000004");
     eqim_common::checkpoint::verify(&checkpoint).unwrap();
@@ -352,6 +352,6 @@ fn train_generator_cli_trains_from_a_latent_cache() {
 
     // A cache that does not fit the model is refused by name.
     let wrong = write_cli_config(dir.path(), "d", 16, &data);
-    let err = format!("{:#}", cli::run(&cli_args(wrong, 1)).unwrap_err());
+    let err = format!("{:#}", setup::run(&cli_args(wrong, 1)).unwrap_err());
     assert!(err.contains("vae_embed_dim") && err.contains("12"), "{err}");
 }

@@ -11,35 +11,26 @@ use tch::{Device, Kind, Tensor};
 /// Rendezvous and collective timeout of the benchmark's group.
 const BENCH_TIMEOUT: Duration = Duration::from_secs(120);
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
     /// Number of local processes (ranks).
-    #[arg(long, default_value_t = 2)]
     pub world: usize,
     /// Number of f32 elements per all-reduce.
-    #[arg(long, default_value_t = 1_000_000)]
     pub floats: i64,
     /// Timed all-reduces.
-    #[arg(long, default_value_t = 10)]
     pub iters: usize,
     /// Untimed all-reduces first (connection setup, page faults).
-    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// Collective backend: gloo (CPU tensors) or nccl (CUDA tensors; a `--features cuda` build).
-    #[arg(long, value_enum, default_value_t = BenchBackend::Gloo)]
     pub backend: BenchBackend,
     /// Where gloo's tensor lives: cpu, or cuda (rank r on device r mod the device count; gloo
     /// stages it through host memory). NCCL always uses cuda.
-    #[arg(long, default_value = "cpu")]
     pub gloo_tensor: String,
     /// gloo worker threads per group.
-    #[arg(long, default_value_t = super::DEFAULT_GLOO_THREADS)]
     pub gloo_threads: usize,
     /// Internal: this process is rank N of a benchmark (set by the parent).
-    #[arg(long, hide = true)]
     pub rank: Option<usize>,
     /// Internal: port of the parent's TCPStore.
-    #[arg(long, hide = true)]
     pub store_port: Option<u16>,
 }
 
@@ -59,7 +50,7 @@ impl BenchBackend {
     }
 }
 
-pub fn run(args: &BenchArgs) -> Result<()> {
+pub fn run(args: &BenchOptions) -> Result<()> {
     ensure!(args.world >= 1, "--world must be at least 1");
     ensure!(args.floats >= 1, "--floats must be at least 1");
     ensure!(args.iters >= 1, "--iters must be at least 1");
@@ -70,7 +61,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 }
 
-fn run_parent(args: &BenchArgs) -> Result<()> {
+fn run_parent(args: &BenchOptions) -> Result<()> {
     let store = Store::host("127.0.0.1", 0, BENCH_TIMEOUT).context("hosting the bench store")?;
     let exe = std::env::current_exe().context("finding the eqim binary to re-invoke")?;
     let mut children: Vec<Child> = Vec::new();
@@ -116,7 +107,7 @@ fn cuda_device_of(rank: usize) -> Result<Device> {
     Ok(Device::Cuda(rank % devices as usize))
 }
 
-fn run_rank(args: &BenchArgs, rank: usize, port: u16) -> Result<()> {
+fn run_rank(args: &BenchOptions, rank: usize, port: u16) -> Result<()> {
     let store = Store::connect("127.0.0.1", port, BENCH_TIMEOUT)?;
     let (options, device) = match args.backend {
         BenchBackend::Gloo => (

@@ -15,22 +15,17 @@ use super::loader::{load_batch, BatchLoader, LoaderConfig, SampleSource};
 use super::resize::resize_fast;
 use super::transform::{Augment, ImageTransform, SampleRng, TransformConfig};
 
-#[derive(clap::Args, Debug)]
-pub struct BenchLoaderArgs {
+#[derive(Debug)]
+pub struct BenchLoaderOptions {
     /// A class-per-folder image tree to read.
-    #[arg(long)]
     pub images: PathBuf,
     /// First write this many synthetic 500x375 JPEGs (ImageNet's typical size) into --images,
     /// if it has no images yet.
-    #[arg(long, default_value_t = 0)]
     pub generate: usize,
     /// Output side (the reference trains at 256).
-    #[arg(long, default_value_t = 256)]
     pub size: u32,
-    #[arg(long, default_value_t = 32)]
     pub batch: usize,
     /// Loader threads for the multi-threaded pass (default: all cores but one).
-    #[arg(long)]
     pub threads: Option<usize>,
 }
 
@@ -46,7 +41,7 @@ struct BenchReport {
     loader_images_per_s_per_thread: f64,
 }
 
-pub fn run(args: &BenchLoaderArgs) -> Result<()> {
+pub fn run(args: &BenchLoaderOptions) -> Result<()> {
     if args.generate > 0 && !has_entries(&args.images) {
         generate_jpegs(&args.images, args.generate)?;
     }

@@ -79,23 +79,18 @@ impl DemoDataConfig {
     }
 }
 
-#[derive(clap::Args, Debug)]
-pub struct PrepareDemoDataArgs {
+#[derive(Debug)]
+pub struct PrepareDemoDataOptions {
     /// The photo list and crop settings.
-    #[arg(long, default_value = "configs/demo-data.toml")]
     pub config: PathBuf,
     /// Folder with one unpacked tree per package (`<source>/<package>/usr/...`) and its version in
     /// `<source>/<package>.version` (scripts/fetch-demo-data makes both).
-    #[arg(long)]
     pub source: PathBuf,
     /// Output folder; replaced atomically.
-    #[arg(long)]
     pub out: PathBuf,
     /// Crop side in pixels (overrides the config's crop_size).
-    #[arg(long)]
     pub size: Option<u32>,
     /// Crops per photo (overrides the config's crops_per_photo).
-    #[arg(long)]
     pub crops: Option<usize>,
 }
 
@@ -176,7 +171,7 @@ fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-pub fn run(args: &PrepareDemoDataArgs) -> Result<()> {
+pub fn run(args: &PrepareDemoDataOptions) -> Result<()> {
     let mut cfg = DemoDataConfig::load(&args.config)?;
     if let Some(size) = args.size {
         cfg.crop_size = size;
@@ -207,28 +202,7 @@ fn build(cfg: &DemoDataConfig, source: &Path, out: &Path) -> Result<Manifest> {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut packages = Vec::new();
-    for name in cfg
-        .photo
-        .iter()
-        .map(|p| &p.package)
-        .collect::<BTreeSet<_>>()
-    {
-        let version_file = source.join(format!("{name}.version"));
-        let version = std::fs::read_to_string(&version_file)
-            .with_context(|| {
-                format!(
-                    "reading {} (run scripts/fetch-demo-data, which unpacks the packages)",
-                    version_file.display()
-                )
-            })?
-            .trim()
-            .to_string();
-        packages.push(PackageRecord {
-            name: name.clone(),
-            version,
-        });
-    }
+    let packages = package_records(cfg, source)?;
     let staging = out.with_extension(format!("tmp-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging)
@@ -293,14 +267,46 @@ fn build(cfg: &DemoDataConfig, source: &Path, out: &Path) -> Result<Manifest> {
         photos,
         crops,
     };
-    write_file(
-        &staging.join("classes.txt"),
-        format!("{}\n", classes.join("\n")).as_bytes(),
-    )?;
-    let json = serde_json::to_vec_pretty(&manifest).context("serialising the manifest")?;
-    write_file(&staging.join("manifest.json"), &json)?;
+    write_manifest(&manifest, &staging)?;
     replace_dir(&staging, out)?;
     Ok(manifest)
+}
+
+/// The packages the photos come from, with the versions scripts/fetch-demo-data recorded.
+fn package_records(cfg: &DemoDataConfig, source: &Path) -> Result<Vec<PackageRecord>> {
+    let mut packages = Vec::new();
+    for name in cfg
+        .photo
+        .iter()
+        .map(|p| &p.package)
+        .collect::<BTreeSet<_>>()
+    {
+        let version_file = source.join(format!("{name}.version"));
+        let version = std::fs::read_to_string(&version_file)
+            .with_context(|| {
+                format!(
+                    "reading {} (run scripts/fetch-demo-data, which unpacks the packages)",
+                    version_file.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        packages.push(PackageRecord {
+            name: name.clone(),
+            version,
+        });
+    }
+    Ok(packages)
+}
+
+/// `classes.txt` and `manifest.json` in the staging folder.
+fn write_manifest(manifest: &Manifest, staging: &Path) -> Result<()> {
+    write_file(
+        &staging.join("classes.txt"),
+        format!("{}\n", manifest.classes.join("\n")).as_bytes(),
+    )?;
+    let json = serde_json::to_vec_pretty(manifest).context("serialising the manifest")?;
+    write_file(&staging.join("manifest.json"), &json)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -1,6 +1,5 @@
 //! Evaluation: the FID Inception, feature moments and the Frechet distance, statistics files,
-//! and the `eqim fid-stats` /
-//! `eqim fid` commands.
+//! and what the `eqim fid-stats` / `eqim fid` commands run.
 
 pub mod fid;
 pub mod inception;
@@ -21,28 +20,24 @@ use inception::{
 };
 
 /// Options shared by the FID commands.
-#[derive(clap::Args, Debug, Clone)]
-pub struct InceptionArgs {
+#[derive(Debug, Clone)]
+pub struct InceptionOptions {
     /// TorchScript Inception file [default: $EQIM_INCEPTION or
     /// ${EQIM_CACHE:-~/.cache/eqim}/inception/fid_inception_v3.pt, from scripts/fetch-inception].
-    #[arg(long)]
     pub inception: Option<PathBuf>,
     /// Images per Inception forward.
-    #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// `cpu`, `cuda` or `cuda:N` [default: cuda if available].
-    #[arg(long)]
-    pub device: Option<String>,
+    pub device: Device,
     /// Classifier for the Inception Score on top of pool3: an npz with `weight` [C, 2048], e.g.
     /// the 1008-class `fc.weight` of the standard pt_inception weights (`scripts/make-fidelity-fixture
     /// classifier PTH OUT.npz` extracts it). The IS then follows torch-fidelity's protocol.
-    #[arg(long)]
     pub inception_classifier: Option<PathBuf>,
 }
 
-impl InceptionArgs {
+impl InceptionOptions {
+    /// The Inception network (with the IS classifier when one is given) on `device`.
     pub fn load(&self) -> Result<Inception> {
-        let device = parse_device(self.device.as_deref())?;
+        let device = self.device;
         let path = self
             .inception
             .clone()
@@ -56,38 +51,26 @@ impl InceptionArgs {
 }
 
 /// `eqim fid-stats DIR --out stats.npz`
-#[derive(clap::Args, Debug, Clone)]
-pub struct FidStatsArgs {
+#[derive(Debug, Clone)]
+pub struct FidStatsOptions {
     /// Folder of images (png, jpg; read in name order).
     pub dir: PathBuf,
     /// Statistics file to write (npz with `mu` [2048], `sigma` [2048, 2048], float64).
-    #[arg(long)]
     pub out: PathBuf,
-    #[command(flatten)]
-    pub inception: InceptionArgs,
+    pub inception: InceptionOptions,
 }
 
 /// `eqim fid --images DIR --stats stats.npz`
-#[derive(clap::Args, Debug, Clone)]
-pub struct FidArgs {
+#[derive(Debug, Clone)]
+pub struct FidOptions {
     /// Folder of generated images.
-    #[arg(long)]
     pub images: PathBuf,
     /// Reference statistics: an npz with `mu`, `sigma` (`eqim fid-stats`, pytorch-fid, ADM's
     /// reference batches) or torch-fidelity's cached `*-inception-v3-compat-stat-fid-2048.pt`.
-    #[arg(long)]
     pub stats: PathBuf,
     /// Splits for the Inception Score (only when the Inception file has logits).
-    #[arg(long, default_value_t = 10)]
     pub is_splits: usize,
-    #[command(flatten)]
-    pub inception: InceptionArgs,
-}
-
-/// `--device` of the FID commands: absent means CUDA when available; otherwise the spellings of
-/// every other command (`crate::device::parse_device`).
-pub fn parse_device(spec: Option<&str>) -> Result<Device> {
-    spec.map_or(Ok(Device::cuda_if_available()), crate::device::parse_device)
+    pub inception: InceptionOptions,
 }
 
 /// The image files of a folder (png, jpg, jpeg; any case), sorted by name.
@@ -169,7 +152,7 @@ pub fn warn_if_small(count: u64) {
     }
 }
 
-pub fn run_fid_stats(args: &FidStatsArgs) -> Result<()> {
+pub fn run_fid_stats(args: &FidStatsOptions) -> Result<()> {
     let net = args.inception.load()?;
     let features = folder_features(&net, &args.dir, args.inception.batch_size)?;
     warn_if_small(features.moments.count);
@@ -186,7 +169,7 @@ pub fn run_fid_stats(args: &FidStatsArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn run_fid(args: &FidArgs) -> Result<()> {
+pub fn run_fid(args: &FidOptions) -> Result<()> {
     let reference = FidStats::read(&args.stats)?;
     let net = args.inception.load()?;
     let features = folder_features(&net, &args.images, args.inception.batch_size)?;

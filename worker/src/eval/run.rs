@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use eqim_common::client::{Client, ClientConfig, ClientError, ControlSender};
-use eqim_common::eval_plan::{EvalPlan, DEFAULT_EVAL_LEASE_TIMEOUT};
+use eqim_common::device::DeviceSpec;
+use eqim_common::eval_plan::EvalPlan;
 use eqim_common::proto::{
-    CoordinatorToWorker, EvalPlanInfo, Refusal, WorkerId, WorkerToCoordinator, WrittenFile,
-    MAX_FEATURE_ROWS_PER_FRAME,
+    CoordinatorToWorker, EvalPlanInfo, LeaseId, Refusal, WorkerId, WorkerToCoordinator,
+    WrittenFile, MAX_FEATURE_ROWS_PER_FRAME,
 };
 use sha2::{Digest, Sha256};
 use tch::{nn, Tensor};
@@ -29,7 +30,7 @@ use crate::model::tokenizer::Parts;
 use crate::model::weights;
 use crate::progress::{Activity, Progress};
 use crate::sampling::{sample_cached, seeded_noise, CfgSchedule, FixedNoise, SampleSpec};
-use crate::tokenizer_cli::{load_tokenizer_parts, LoadedTokenizer, TokenizerArgs};
+use crate::tokenizer_io::{load_tokenizer_parts, LoadedTokenizer, TokenizerOptions};
 
 /// Lease renewals are sent on progress, at most this often per lease deadline (a quarter).
 const RENEW_FRACTION: u32 = 4;
@@ -39,59 +40,44 @@ const LEASE_ANSWER_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// What an image set is: the model, the sampler settings and the index layout. Shared by
 /// `eqim eval` and `eqim eval-worker`; every worker of a job must be given the same values.
-#[derive(clap::Args, Debug, Clone)]
-pub struct EvalPlanArgs {
+#[derive(Debug, Clone)]
+pub struct EvalPlanOptions {
     /// Generator weights (safetensors with the reference's parameter names).
-    #[arg(long)]
     pub weights: PathBuf,
     /// Generator config JSON (the reference constructor's arguments).
-    #[arg(long)]
     pub config: PathBuf,
     /// Tokenizer config (reference YAML or fixture JSON) [default: the released tokenizer].
-    #[arg(long)]
     pub tokenizer_config: Option<PathBuf>,
     /// Tokenizer weights (safetensors, see `eqim convert-checkpoint`).
-    #[arg(long)]
     pub tokenizer_checkpoint: PathBuf,
     /// Images in the set; a multiple of the generator's class_num (balanced labels).
-    #[arg(long, default_value_t = 3000)]
     pub num_images: u64,
     /// Guidance scale (1.0 = no guidance).
-    #[arg(long, default_value_t = 7.0)]
     pub cfg: f64,
     /// linear (1 -> cfg over the tokens) or constant.
-    #[arg(long, default_value = "linear")]
     pub cfg_schedule: CfgSchedule,
     /// Tokens per image (more than the training length gives panoramas) [default: token_num].
-    #[arg(long)]
     pub length: Option<i64>,
     /// Euler steps per token [default: the config's num_sampling_steps].
-    #[arg(long)]
     pub steps: Option<i64>,
     /// Base seed; image i's noise seed is derived from (seed, i).
-    #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Generator latents are tokenizer latents times this (the reference's vae_norm).
-    #[arg(long, default_value_t = 0.05493)]
     pub latent_scale: f64,
     /// Images sampled together (cond and uncond in one batch). Batch k is always indices
     /// [k*B, (k+1)*B), whichever worker computes it, so the bytes do not depend on the cluster.
-    #[arg(long, default_value_t = 8)]
     pub batch_size: u64,
     /// Output folder for `{i:05}.png` (and, with `eqim eval`, manifest.json).
-    #[arg(long)]
     pub out: PathBuf,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Where the models run (also given to every worker).
+    pub device: DeviceSpec,
     /// Inception file for the FID features [default: the one scripts/fetch-inception caches].
-    #[arg(long)]
     pub inception: Option<PathBuf>,
 }
 
-impl EvalPlanArgs {
-    /// The same values as command-line flags, for launching workers.
-    fn to_flags(&self) -> Vec<OsString> {
+impl EvalPlanOptions {
+    /// The same values as `eqim eval-worker` flags, for launching workers.
+    pub fn to_flags(&self) -> Vec<OsString> {
         let mut flags: Vec<OsString> = Vec::new();
         let mut push = |k: &str, v: OsString| {
             flags.push(k.into());
@@ -126,7 +112,7 @@ impl EvalPlanArgs {
         push("--latent-scale", self.latent_scale.to_string().into());
         push("--batch-size", self.batch_size.to_string().into());
         push("--out", self.out.clone().into());
-        push("--device", self.device.clone().into());
+        push("--device", self.device.to_string().into());
         if let Some(p) = &self.inception {
             push("--inception", p.clone().into());
         }
@@ -135,86 +121,65 @@ impl EvalPlanArgs {
 }
 
 /// `eqim eval`: the whole evaluation on this machine.
-#[derive(clap::Args, Debug, Clone)]
-pub struct EvalArgs {
-    #[command(flatten)]
-    pub plan: EvalPlanArgs,
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub plan: EvalPlanOptions,
     /// Eval worker processes on this machine (each with its own models).
-    #[arg(long, default_value_t = 1)]
     pub workers: u32,
     /// Intra-op threads per worker. Fixed (not derived from the worker count) so that the
     /// numbers, which on CPU may depend on how work is split over threads, are the same at any
     /// world size.
-    #[arg(long, default_value_t = 1)]
     pub threads: i32,
     /// Most images per lease (whole batches).
-    #[arg(long, default_value_t = 32)]
     pub lease_images: u64,
-    /// Seconds a lease lives without progress before it is handed to another worker.
-    #[arg(long, default_value_t = DEFAULT_EVAL_LEASE_TIMEOUT.as_secs())]
-    pub lease_timeout_s: u64,
+    /// How long a lease lives without progress before it is handed to another worker.
+    pub lease_timeout: Duration,
     /// Reference statistics (npz `mu`, `sigma` as `eqim fid-stats` and ADM write them, or
     /// torch-fidelity's cached `*-stat-fid-2048.pt`): workers compute
     /// Inception features and the coordinator prints the set's FID against them.
-    #[arg(long)]
     pub fid_stats: Option<PathBuf>,
     /// Also write every image into one npz (`arr_0`, uint8 [N, H, W, 3], as the reference's
     /// and ADM's evaluation suites read it).
-    #[arg(long)]
     pub npz: Option<PathBuf>,
     /// A worker silent this long is declared dead and its leases go to the others.
-    #[arg(long, default_value_t = 3000)]
-    pub heartbeat_timeout_ms: u64,
+    pub heartbeat_timeout: Duration,
     /// Serve the coordinator's `/metrics` on 127.0.0.1 at this port and worker i's at port + 1 + i
     /// (the layout of `eqim launch` and configs/prometheus.yml).
-    #[arg(long)]
     pub metrics_base_port: Option<u16>,
-    /// Test hook: worker `W` kills itself (SIGKILL) after `N` images, mid-lease, given as `W:N`.
-    #[arg(long, hide = true)]
-    pub kill_worker_after: Option<String>,
+    /// Test hook: worker `W` kills itself (SIGKILL) after `N` images, mid-lease, as `(W, N)`.
+    pub kill_worker_after: Option<(u32, u64)>,
 }
 
 /// `eqim eval-worker`: one worker of an evaluation job (local or on a cluster).
-#[derive(clap::Args, Debug, Clone)]
-pub struct EvalWorkerArgs {
-    #[command(flatten)]
-    pub plan: EvalPlanArgs,
+#[derive(Debug, Clone)]
+pub struct EvalWorkerOptions {
+    pub plan: EvalPlanOptions,
     /// `HOST:PORT` of the coordinator (started with an `eval:` section in its config).
-    #[arg(long, value_name = "HOST:PORT")]
     pub coordinator: String,
     /// The job's token file (the coordinator writes it into its job directory).
-    #[arg(long, value_name = "FILE")]
     pub token: PathBuf,
     /// SHA-256 of the coordinator's certificate; by default read from `coordinator-cert.sha256`
     /// next to the token file.
-    #[arg(long, value_name = "HEX")]
     pub fingerprint: Option<String>,
     /// Name of this worker, unique in the job (default `eval-PID`).
-    #[arg(long)]
     pub worker_id: Option<String>,
-    /// Give up when the coordinator cannot be reached for this long (seconds).
-    #[arg(long, default_value_t = 60.0)]
-    pub connect_timeout: f64,
+    /// Give up when the coordinator cannot be reached for this long.
+    pub connect_timeout: Duration,
     /// Intra-op threads for libtorch (give every worker of a job the same number).
-    #[arg(long, default_value_t = 1)]
     pub threads: i32,
     /// Batches per lease request.
-    #[arg(long, default_value_t = 4)]
     pub batches_per_lease: u64,
     /// Serve this worker's Prometheus `/metrics` here.
-    #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Test hook: SIGKILL this process after rendering this many images.
-    #[arg(long, hide = true)]
     pub die_after_images: Option<u64>,
     /// Test hook: sleep this long after each image (to stretch a tiny job over seconds).
-    #[arg(long, hide = true)]
-    pub pause_after_each_image_ms: Option<u64>,
+    pub pause_after_each_image: Option<Duration>,
 }
 
 /// The set's layout and sampler settings, resolved from the arguments and the model config.
 struct Plan {
-    args: EvalPlanArgs,
+    args: EvalPlanOptions,
     generator_cfg: GeneratorConfig,
     layout: EvalPlan,
     num_iter: i64,
@@ -224,7 +189,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn resolve(args: &EvalPlanArgs) -> Result<Self> {
+    fn resolve(args: &EvalPlanOptions) -> Result<Self> {
         let text = std::fs::read_to_string(&args.config)
             .with_context(|| format!("reading generator config {}", args.config.display()))?;
         let generator_cfg: GeneratorConfig = serde_json::from_str(&text)
@@ -238,7 +203,7 @@ impl Plan {
         if !(args.latent_scale.is_finite() && args.latent_scale > 0.0) {
             bail!("--latent-scale must be positive, got {}", args.latent_scale);
         }
-        let device = crate::sample_tokens::parse_device(&args.device)?;
+        let device = crate::device::device_of(args.device);
         // Everything that changes the pixels, by content (paths differ between machines).
         let settings = serde_json::json!({
             "generator_weights_sha256": eqim_common::files::sha256_hex(&args.weights)?,
@@ -287,13 +252,13 @@ impl Models {
         weights::load_file_strict(&vs, &args.weights)?;
         vs.freeze();
         let tokenizer = load_tokenizer_parts(
-            &TokenizerArgs {
+            &TokenizerOptions {
                 config: args.tokenizer_config.clone(),
                 checkpoint: Some(args.tokenizer_checkpoint.clone()),
                 weights: None,
                 random_weights: false,
                 seed: 0,
-                device: args.device.clone(),
+                device: plan.device,
             },
             Parts::DecoderOnly,
         )?;
@@ -305,12 +270,12 @@ impl Models {
         })
     }
 
-    fn inception(&mut self, args: &EvalPlanArgs) -> Result<&Inception> {
+    fn inception(&mut self, plan: &Plan) -> Result<&Inception> {
         if self.inception.is_none() {
-            let net = super::InceptionArgs {
-                inception: args.inception.clone(),
+            let net = super::InceptionOptions {
+                inception: plan.args.inception.clone(),
                 batch_size: 1,
-                device: Some(args.device.clone()),
+                device: plan.device,
                 inception_classifier: None,
             }
             .load()?;
@@ -416,7 +381,7 @@ fn send(
 /// Reads the job's credentials, waiting up to `timeout` for a coordinator that is still
 /// starting to write them.
 fn load_credentials(
-    args: &EvalWorkerArgs,
+    args: &EvalWorkerOptions,
     timeout: Duration,
 ) -> Result<eqim_common::net::credentials::ClientCredentials> {
     let deadline = Instant::now() + timeout;
@@ -430,7 +395,7 @@ fn load_credentials(
 }
 
 /// Runs one eval worker until the coordinator says the set is done.
-pub fn run_worker(args: EvalWorkerArgs) -> Result<()> {
+pub fn run_worker(args: EvalWorkerOptions) -> Result<()> {
     tch::set_num_threads(args.threads.max(1));
     let plan = Plan::resolve(&args.plan)?;
     std::fs::create_dir_all(&args.plan.out)
@@ -443,8 +408,7 @@ pub fn run_worker(args: EvalWorkerArgs) -> Result<()> {
     let (metrics, _metrics_server) =
         crate::metrics::worker_metrics(&worker_id.0, args.metrics_addr)?;
     let mut models = Models::load(&plan)?;
-    let connect_timeout = Duration::try_from_secs_f64(args.connect_timeout)
-        .with_context(|| format!("--connect-timeout {}", args.connect_timeout))?;
+    let connect_timeout = args.connect_timeout;
     let credentials = load_credentials(&args, connect_timeout)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -452,7 +416,7 @@ pub fn run_worker(args: EvalWorkerArgs) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let client_cfg = ClientConfig::new(args.coordinator.clone(), credentials, worker_id.clone())
-        .with_device(args.plan.device.clone());
+        .with_device(args.plan.device.to_string());
     let max_images = plan.info.batch_size * args.batches_per_lease.max(1);
     let mut progress = Progress::new(Activity::Evaluation, None);
     let mut rendered = 0u64;
@@ -499,7 +463,7 @@ struct CoordinatorLost(String);
 
 /// One eval worker's lease loop over a connection.
 struct WorkerSession<'a> {
-    args: &'a EvalWorkerArgs,
+    args: &'a EvalWorkerOptions,
     plan: &'a Plan,
     rt: &'a tokio::runtime::Runtime,
     metrics: &'a eqim_common::metrics_registry::WorkerMetrics,
@@ -509,110 +473,154 @@ struct WorkerSession<'a> {
     progress: &'a mut Progress,
 }
 
+/// A lease the coordinator granted.
+struct Grant {
+    lease: LeaseId,
+    indices: Range<u64>,
+    deadline_ms: u64,
+    want_features: bool,
+}
+
 impl WorkerSession<'_> {
     /// Leases, renders and completes until the coordinator says the set is done.
     fn serve(&mut self, client: &mut Client) -> Result<()> {
-        let (plan, rt, args) = (self.plan, self.rt, self.args);
         let sender = client.sender();
-        loop {
+        while let Some(grant) = self.next_lease(client, &sender)? {
+            let files = self.render_lease(&sender, &grant)?;
             send(
-                rt,
+                self.rt,
                 &sender,
-                WorkerToCoordinator::EvalLeaseRequest {
-                    plan: plan.info.clone(),
-                    max_images: self.max_images,
+                WorkerToCoordinator::EvalLeaseComplete {
+                    lease: grant.lease,
+                    files,
                 },
             )?;
-            let answer = rt
-                .block_on(async { tokio::time::timeout(LEASE_ANSWER_TIMEOUT, client.recv()).await })
-                .map_err(|_| {
-                    anyhow::anyhow!("no answer to a lease request within {LEASE_ANSWER_TIMEOUT:?}")
-                })?;
-            let (lease, indices, deadline_ms, want_features) = match answer {
-                Some(CoordinatorToWorker::EvalLeaseGrant {
-                    lease,
-                    indices,
-                    deadline_ms,
-                    want_features,
-                }) => (lease, indices, deadline_ms, want_features),
-                Some(CoordinatorToWorker::EvalDone) | Some(CoordinatorToWorker::Finished { .. }) => {
-                    return Ok(())
-                }
-                Some(CoordinatorToWorker::EvalRefused { reason }) => {
-                    bail!("the coordinator refused this eval worker: {reason}")
-                }
-                Some(other) => bail!(
-                    "unexpected {} from the coordinator (is it running an evaluation job, with an eval: section?)",
-                    other.kind()
-                ),
-                None => {
-                    return Err(CoordinatorLost("the connection closed".into()).into())
-                }
-            };
-            let models = &mut *self.models;
-            let renew_every = Duration::from_millis(deadline_ms) / RENEW_FRACTION;
-            let mut last_renewal = Instant::now();
-            let mut files = Vec::new();
-            let mut start = indices.start;
-            while start < indices.end {
-                let end = (start + plan.info.batch_size).min(indices.end);
-                let mut renew_error = None;
-                let images = render_batch(plan, models, start..end, &mut |_| {
-                    if last_renewal.elapsed() >= renew_every && renew_error.is_none() {
-                        last_renewal = Instant::now();
-                        renew_error =
-                            send(rt, &sender, WorkerToCoordinator::EvalLeaseRenew { lease }).err();
-                    }
-                })?;
-                if let Some(e) = renew_error {
-                    return Err(e);
-                }
-                for (k, image) in images.iter().enumerate() {
-                    let index = start + k as u64;
-                    if args.die_after_images == Some(*self.rendered) {
-                        warn!(
-                            rendered = *self.rendered,
-                            "test hook: killing this eval worker mid-lease"
-                        );
-                        // SIGKILL: no goodbye on the connection, as when a machine is preempted.
-                        nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL)
-                            .context("raising SIGKILL")?;
-                    }
-                    files.push(write_png(image, &args.plan.out, index)?);
-                    *self.rendered += 1;
-                    self.metrics.eval_images.inc();
-                    self.progress.inc(1);
-                    if let Some(ms) = args.pause_after_each_image_ms {
-                        std::thread::sleep(Duration::from_millis(ms));
-                    }
-                }
-                if want_features {
-                    let net = models.inception(&args.plan)?;
-                    let rows = features_of(net, &images)?;
-                    for (c, chunk) in rows
-                        .chunks(MAX_FEATURE_ROWS_PER_FRAME * INCEPTION_DIM)
-                        .enumerate()
-                    {
-                        send(
-                            rt,
-                            &sender,
-                            WorkerToCoordinator::EvalFeatures {
-                                lease,
-                                first_index: start + (c * MAX_FEATURE_ROWS_PER_FRAME) as u64,
-                                dim: INCEPTION_DIM as u32,
-                                rows: chunk.to_vec(),
-                            },
-                        )?;
-                    }
-                }
-                start = end;
+        }
+        Ok(())
+    }
+
+    /// Asks for a lease; `None` when the set is done.
+    fn next_lease(&self, client: &mut Client, sender: &ControlSender) -> Result<Option<Grant>> {
+        send(
+            self.rt,
+            sender,
+            WorkerToCoordinator::EvalLeaseRequest {
+                plan: self.plan.info.clone(),
+                max_images: self.max_images,
+            },
+        )?;
+        let answer = self
+            .rt
+            .block_on(async { tokio::time::timeout(LEASE_ANSWER_TIMEOUT, client.recv()).await })
+            .map_err(|_| {
+                anyhow::anyhow!("no answer to a lease request within {LEASE_ANSWER_TIMEOUT:?}")
+            })?;
+        match answer {
+            Some(CoordinatorToWorker::EvalLeaseGrant {
+                lease,
+                indices,
+                deadline_ms,
+                want_features,
+            }) => Ok(Some(Grant {
+                lease,
+                indices,
+                deadline_ms,
+                want_features,
+            })),
+            Some(CoordinatorToWorker::EvalDone) | Some(CoordinatorToWorker::Finished { .. }) => {
+                Ok(None)
             }
+            Some(CoordinatorToWorker::EvalRefused { reason }) => {
+                bail!("the coordinator refused this eval worker: {reason}")
+            }
+            Some(other) => bail!(
+                "unexpected {} from the coordinator (is it running an evaluation job, with an eval: section?)",
+                other.kind()
+            ),
+            None => Err(CoordinatorLost("the connection closed".into()).into()),
+        }
+    }
+
+    /// Renders a lease batch by batch (renewing it on progress), writes the PNGs and sends
+    /// the features the coordinator asked for; returns the files for the completion.
+    fn render_lease(&mut self, sender: &ControlSender, grant: &Grant) -> Result<Vec<WrittenFile>> {
+        let (plan, rt, lease) = (self.plan, self.rt, grant.lease);
+        let renew_every = Duration::from_millis(grant.deadline_ms) / RENEW_FRACTION;
+        let mut last_renewal = Instant::now();
+        let mut files = Vec::new();
+        let mut start = grant.indices.start;
+        while start < grant.indices.end {
+            let end = (start + plan.info.batch_size).min(grant.indices.end);
+            let mut renew_error = None;
+            let images = render_batch(plan, &*self.models, start..end, &mut |_| {
+                if last_renewal.elapsed() >= renew_every && renew_error.is_none() {
+                    last_renewal = Instant::now();
+                    renew_error =
+                        send(rt, sender, WorkerToCoordinator::EvalLeaseRenew { lease }).err();
+                }
+            })?;
+            if let Some(e) = renew_error {
+                return Err(e);
+            }
+            for (k, image) in images.iter().enumerate() {
+                files.push(self.write_image(image, start + k as u64)?);
+            }
+            if grant.want_features {
+                self.send_features(sender, lease, start, &images)?;
+            }
+            start = end;
+        }
+        Ok(files)
+    }
+
+    /// Writes image `index` (after the test hooks) and counts it.
+    fn write_image(&mut self, image: &image::RgbImage, index: u64) -> Result<WrittenFile> {
+        let args = self.args;
+        if args.die_after_images == Some(*self.rendered) {
+            warn!(
+                rendered = *self.rendered,
+                "test hook: killing this eval worker mid-lease"
+            );
+            // SIGKILL: no goodbye on the connection, as when a machine is preempted.
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL)
+                .context("raising SIGKILL")?;
+        }
+        let file = write_png(image, &args.plan.out, index)?;
+        *self.rendered += 1;
+        self.metrics.eval_images.inc();
+        self.progress.inc(1);
+        if let Some(pause) = args.pause_after_each_image {
+            std::thread::sleep(pause);
+        }
+        Ok(file)
+    }
+
+    /// Sends the Inception features of images `first_index..`, in frames of bounded size.
+    fn send_features(
+        &mut self,
+        sender: &ControlSender,
+        lease: LeaseId,
+        first_index: u64,
+        images: &[image::RgbImage],
+    ) -> Result<()> {
+        let net = self.models.inception(self.plan)?;
+        let rows = features_of(net, images)?;
+        for (c, chunk) in rows
+            .chunks(MAX_FEATURE_ROWS_PER_FRAME * INCEPTION_DIM)
+            .enumerate()
+        {
             send(
-                rt,
-                &sender,
-                WorkerToCoordinator::EvalLeaseComplete { lease, files },
+                self.rt,
+                sender,
+                WorkerToCoordinator::EvalFeatures {
+                    lease,
+                    first_index: first_index + (c * MAX_FEATURE_ROWS_PER_FRAME) as u64,
+                    dim: INCEPTION_DIM as u32,
+                    rows: chunk.to_vec(),
+                },
             )?;
         }
+        Ok(())
     }
 }
 
@@ -631,16 +639,6 @@ async fn connect_with_retry(cfg: ClientConfig, timeout: Duration) -> Result<Opti
     }
 }
 
-fn parse_kill(spec: Option<&str>) -> Result<Option<(u32, u64)>> {
-    let Some(spec) = spec else { return Ok(None) };
-    let parsed = spec
-        .split_once(':')
-        .and_then(|(w, n)| Some((w.parse().ok()?, n.parse().ok()?)));
-    parsed
-        .map(Some)
-        .with_context(|| format!("--kill-worker-after {spec}: expected WORKER:IMAGES"))
-}
-
 /// What an eval run did.
 #[derive(Debug, Clone)]
 pub struct EvalReport {
@@ -656,22 +654,16 @@ fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
 }
 
-/// Runs a whole evaluation on this machine: a coordinator and `--workers` eval workers as child
-/// processes (the same programs as on a cluster), then the optional npz.
-pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
-    if args.workers == 0 || args.lease_images == 0 {
-        bail!("--workers and --lease-images must be positive");
-    }
-    // Fail early, in this process, on a bad config or plan.
-    let plan = Plan::resolve(&args.plan)?;
-    let kill = parse_kill(args.kill_worker_after.as_deref())?;
-    let mut plan_args = args.plan.clone();
-    plan_args.out = absolute(&args.plan.out)?;
-    std::fs::create_dir_all(&plan_args.out)
-        .with_context(|| format!("creating {}", plan_args.out.display()))?;
-    let job_dir = plan_args.out.join(".eval-job");
+/// The shortest heartbeat interval `eqim eval` gives its coordinator.
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Writes the coordinator config of a local evaluation (`<out>/.eval-job/coordinator.yaml`)
+/// and returns its path.
+fn write_coordinator_config(args: &EvalOptions, plan: &Plan, out: &Path) -> Result<PathBuf> {
+    let job_dir = out.join(".eval-job");
     let fid_stats = args.fid_stats.as_deref().map(absolute).transpose()?;
-    let interval_ms = (args.heartbeat_timeout_ms / 6).max(50);
+    let interval = Duration::from_millis(args.heartbeat_timeout.as_millis() as u64 / 6)
+        .max(MIN_HEARTBEAT_INTERVAL);
     let coordinator_cfg = serde_json::json!({
         "bind": "127.0.0.1:0",
         "job_dir": job_dir,
@@ -679,16 +671,16 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
         "min_workers": 1,
         "max_workers": args.workers,
         "timeouts": {
-            "heartbeat_interval": interval_ms as f64 / 1000.0,
-            "heartbeat_timeout": args.heartbeat_timeout_ms as f64 / 1000.0,
-            "quic_idle_timeout": args.heartbeat_timeout_ms as f64 / 1000.0,
+            "heartbeat_interval": interval.as_secs_f64(),
+            "heartbeat_timeout": args.heartbeat_timeout.as_secs_f64(),
+            "quic_idle_timeout": args.heartbeat_timeout.as_secs_f64(),
         },
         "eval": {
             "num_images": plan.info.num_images,
             "lease_images": args.lease_images,
-            "lease_timeout": args.lease_timeout_s as f64,
+            "lease_timeout": args.lease_timeout.as_secs_f64(),
             "fid_stats": fid_stats,
-            "out": plan_args.out,
+            "out": out,
         },
     });
     std::fs::create_dir_all(&job_dir).with_context(|| format!("creating {}", job_dir.display()))?;
@@ -696,11 +688,17 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     // JSON is YAML: the coordinator's loader reads it by extension.
     std::fs::write(&config_path, serde_json::to_vec_pretty(&coordinator_cfg)?)
         .with_context(|| format!("writing {}", config_path.display()))?;
-    let manifest = plan_args.out.join("manifest.json");
-    if manifest.exists() {
-        std::fs::remove_file(&manifest)
-            .with_context(|| format!("removing the old {}", manifest.display()))?;
-    }
+    Ok(config_path)
+}
+
+/// Runs the coordinator and the eval workers as a local cluster; returns the workers that
+/// died (not those stopped after the coordinator finished).
+fn launch_local(
+    args: &EvalOptions,
+    plan: &Plan,
+    plan_args: &EvalPlanOptions,
+    config_path: PathBuf,
+) -> Result<Vec<String>> {
     // The same local cluster as `eqim launch --config <this config> -- <plan flags>`.
     let mut eval_worker_args = plan_args.to_flags();
     eval_worker_args.extend(
@@ -730,13 +728,14 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
         images = plan.info.num_images,
         "launching a local evaluation"
     );
+    let kill = args.kill_worker_after;
     let outcome = crate::runtime::launch_cmd::launch(&launch_args, &|i| match kill {
         Some((w, n)) if w == i => vec!["--die-after-images".into(), n.to_string().into()],
         _ => Vec::new(),
     })?;
     // Workers still running when the coordinator finished were stopped with SIGTERM: late
     // starters with nothing left to do, not deaths.
-    let dead_workers: Vec<String> = outcome
+    Ok(outcome
         .statuses
         .iter()
         .filter(|(name, status)| {
@@ -744,7 +743,28 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
                 && !status.is_some_and(|s| s.success() || s.signal() == Some(libc::SIGTERM))
         })
         .map(|(name, status)| format!("{name}: {status:?}"))
-        .collect();
+        .collect())
+}
+
+/// Runs a whole evaluation on this machine: a coordinator and `--workers` eval workers as child
+/// processes (the same programs as on a cluster), then the optional npz.
+pub fn run_eval(args: &EvalOptions) -> Result<EvalReport> {
+    if args.workers == 0 || args.lease_images == 0 {
+        bail!("--workers and --lease-images must be positive");
+    }
+    // Fail early, in this process, on a bad config or plan.
+    let plan = Plan::resolve(&args.plan)?;
+    let mut plan_args = args.plan.clone();
+    plan_args.out = absolute(&args.plan.out)?;
+    std::fs::create_dir_all(&plan_args.out)
+        .with_context(|| format!("creating {}", plan_args.out.display()))?;
+    let config_path = write_coordinator_config(args, &plan, &plan_args.out)?;
+    let manifest = plan_args.out.join("manifest.json");
+    if manifest.exists() {
+        std::fs::remove_file(&manifest)
+            .with_context(|| format!("removing the old {}", manifest.display()))?;
+    }
+    let dead_workers = launch_local(args, &plan, &plan_args, config_path)?;
     let written: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?,
     )
@@ -800,69 +820,56 @@ pub fn write_images_npz(dir: &Path, n: u64, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The plan every worker of a job must agree on (what the coordinator compares), resolved
+/// from the options and the model config.
+pub fn plan_info(args: &EvalPlanOptions) -> Result<EvalPlanInfo> {
+    Ok(Plan::resolve(args)?.info)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        plan: EvalPlanArgs,
-    }
-
-    fn plan_args(extra: &[&str]) -> EvalPlanArgs {
+    pub(crate) fn tiny_plan() -> EvalPlanOptions {
         let f = crate::verify::tokenizer::fixtures_dir();
-        let mut argv: Vec<String> = vec!["eval".into()];
-        for (k, v) in [
-            ("--weights", f.join("generator_tiny.weights.safetensors")),
-            ("--config", f.join("generator_tiny.json")),
-            ("--tokenizer-config", f.join("tokenizer_tiny.json")),
-            (
-                "--tokenizer-checkpoint",
-                f.join("tokenizer_tiny.weights.safetensors"),
-            ),
-            ("--out", PathBuf::from("/tmp/unused")),
-        ] {
-            argv.push(k.into());
-            argv.push(v.display().to_string());
+        EvalPlanOptions {
+            weights: f.join("generator_tiny.weights.safetensors"),
+            config: f.join("generator_tiny.json"),
+            tokenizer_config: Some(f.join("tokenizer_tiny.json")),
+            tokenizer_checkpoint: f.join("tokenizer_tiny.weights.safetensors"),
+            num_images: 20,
+            cfg: 7.0,
+            cfg_schedule: CfgSchedule::Constant,
+            length: Some(4),
+            steps: None,
+            seed: 1,
+            latent_scale: 0.05493,
+            batch_size: 8,
+            out: PathBuf::from("/tmp/unused"),
+            device: DeviceSpec::Cpu,
+            inception: None,
         }
-        argv.extend(extra.iter().map(|s| s.to_string()));
-        Cli::parse_from(argv).plan
     }
 
     #[test]
-    fn plan_flags_round_trip_and_bad_plans_are_refused() {
-        let args = plan_args(&[
-            "--num-images",
-            "20",
-            "--length",
-            "4",
-            "--cfg-schedule",
-            "constant",
-        ]);
-        let mut argv: Vec<OsString> = vec!["eval".into()];
-        argv.extend(args.to_flags());
-        let again = Cli::parse_from(argv).plan;
-        let (a, b) = (
-            Plan::resolve(&args).expect("plan"),
-            Plan::resolve(&again).expect("plan"),
-        );
-        assert_eq!(a.info, b.info, "workers get exactly the launcher's plan");
-        assert_eq!(a.info.class_num, 10);
-        assert!(a
-            .info
-            .settings_json
-            .contains("\"cfg_schedule\":\"constant\""));
-        let err = Plan::resolve(&plan_args(&["--num-images", "21"]))
-            .err()
-            .expect("21 % 10");
+    fn plans_resolve_from_the_model_config_and_bad_plans_are_refused() {
+        let info = plan_info(&tiny_plan()).expect("plan");
+        assert_eq!(info.class_num, 10);
+        assert!(info.settings_json.contains("\"cfg_schedule\":\"constant\""));
+        let err = plan_info(&EvalPlanOptions {
+            num_images: 21,
+            ..tiny_plan()
+        })
+        .err()
+        .expect("21 % 10");
         assert!(
             format!("{err:#}").contains("multiple of the 10 classes"),
             "{err:#}"
         );
-        assert!(Plan::resolve(&plan_args(&["--batch-size", "0"])).is_err());
-        assert!(parse_kill(Some("x")).is_err());
-        assert_eq!(parse_kill(Some("1:2")).expect("parse"), Some((1, 2)));
+        assert!(plan_info(&EvalPlanOptions {
+            batch_size: 0,
+            ..tiny_plan()
+        })
+        .is_err());
     }
 }

@@ -17,8 +17,8 @@
 
 use super::trainable::Trainable;
 use crate::device::parse_device;
-use crate::train::cli::{batch_source, resolve_model, trainer_config, GENERATOR_JSON};
 use crate::train::generator::GeneratorTrainModel;
+use crate::train::setup::{batch_source, resolve_model, trainer_config, GENERATOR_JSON};
 use crate::train::source::BatchSource;
 use crate::train::{GradAccumulator, Progress, Trainer};
 use anyhow::{ensure, Context, Result};

@@ -65,7 +65,7 @@ pub fn check_train_config(
             train.optim.batch
         );
     }
-    let single = crate::train::cli::schedule_of(&train, rows);
+    let single = crate::train::setup::schedule_of(&train, rows);
     if (schedule.seed, schedule.micro_batch) != (single.seed, single.micro_batch) {
         tracing::warn!(
             "{coordinator_config} sets schedule.seed = {} and micro_batch = {}, {} sets seed = {} \

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use eqim_common::checkpoint;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The report lines; an error when no checkpoint verifies.
 pub fn report(dir: &Path) -> Result<Vec<String>> {

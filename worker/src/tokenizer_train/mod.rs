@@ -29,16 +29,13 @@ use images::ImageBatches;
 use trainer::{Teachers, TokenizerTrainer};
 
 /// `eqim train-tokenizer` arguments.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TrainTokenizerArgs {
+#[derive(Debug, Clone)]
+pub struct TrainTokenizerOptions {
     /// Training config: the reference tokenizer YAML layout plus an `eqim:` section.
-    #[arg(long)]
     pub config: PathBuf,
     /// Override `eqim.train.max_steps`.
-    #[arg(long)]
     pub max_steps: Option<i64>,
     /// Override `eqim.train.precision` (fp32 or bf16).
-    #[arg(long, value_enum)]
     pub precision: Option<crate::precision::Precision>,
 }
 
@@ -200,7 +197,8 @@ pub fn build_trainer(
     Ok(trainer)
 }
 
-pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
+/// The training config with the options' overrides, and the tokenizer architecture in it.
+fn load_configs(args: &TrainTokenizerOptions) -> Result<(TrainTokenizerConfig, TokenizerConfig)> {
     let mut cfg = TrainTokenizerConfig::from_file(&args.config)?;
     if let Some(p) = args.precision {
         cfg.eqim.train.precision = p;
@@ -214,6 +212,58 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
         .with_context(|| format!("parsing {}", args.config.display()))?;
     let tok_cfg = TokenizerConfig::from_value(value)
         .with_context(|| format!("tokenizer architecture in {}", args.config.display()))?;
+    Ok((cfg, tok_cfg))
+}
+
+/// Mean absolute difference of two image batches on the [-1, 1] scale.
+fn mean_l1(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    (a - b).abs().mean(tch::Kind::Float).double_value(&[])
+}
+
+fn log_step(step: i64, log: &trainer::StepLog) {
+    tracing::info!(
+        step,
+        l1 = format!("{:.4}", log.l1),
+        nll = format!("{:.2}", log.nll),
+        kl = format!("{:.2}", log.kl),
+        g_loss = format!("{:.4}", log.g_loss),
+        d_weight = format!("{:.4}", log.d_weight),
+        disc_loss = format!("{:.4}", log.disc_loss),
+        lr = format!("{:.3e}", log.lr),
+        "step"
+    );
+}
+
+/// Trains until `max_steps`, logging and checkpointing on the way.
+fn train_steps(
+    trainer: &mut TokenizerTrainer,
+    schedule: &mut DataSchedule,
+    batches: &ImageBatches,
+    t: &config::TrainLoopConfig,
+    root: &std::path::Path,
+) -> Result<()> {
+    while trainer.global_step < t.max_steps {
+        let samples = schedule
+            .next_step()
+            .context("the data schedule ended before eqim.train.max_steps")?;
+        let x = batches.batch(u64::from(samples.epoch), &samples.samples)?;
+        let log = trainer.train_step(&x)?;
+        schedule.commit(samples, TOKENIZER_GENERATION);
+        let step = trainer.global_step;
+        if t.log_every > 0 && (step % t.log_every == 0 || step == t.max_steps) {
+            log_step(step, &log);
+        }
+        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < t.max_steps {
+            save_tokenizer_checkpoint(trainer, root, schedule)?;
+        }
+    }
+    Ok(())
+}
+
+/// Trains a tokenizer as the config says (resuming when `eqim.train.resume`), then writes the
+/// last checkpoint, `tokenizer.safetensors` and a reconstruction sheet into `eqim.train.out_dir`.
+pub fn run(args: &TrainTokenizerOptions) -> Result<()> {
+    let (cfg, tok_cfg) = load_configs(args)?;
     let t = cfg.eqim.train.clone();
     let d = cfg.eqim.data.clone();
     let device = pick_device(t.device.as_deref())?;
@@ -241,63 +291,32 @@ pub fn run(args: &TrainTokenizerArgs) -> Result<()> {
         "training the tokenizer"
     );
     let sheet_inputs = batches.fixed_batch(t.sheet_images.max(1) as usize)?;
-    let l1 = |trainer: &TokenizerTrainer| -> Result<(tch::Tensor, f64)> {
-        let rec = trainer
-            .reconstruct_mode(&sheet_inputs)?
-            .to_device(Device::Cpu);
-        let l1 = (&rec - &sheet_inputs)
-            .abs()
-            .mean(tch::Kind::Float)
-            .double_value(&[]);
-        Ok((rec, l1))
-    };
-    let (before, l1_before) = l1(&trainer)?;
+    let before = trainer
+        .reconstruct_mode(&sheet_inputs)?
+        .to_device(Device::Cpu);
     let started = Instant::now();
     let first_step = trainer.global_step;
-    while trainer.global_step < t.max_steps {
-        let samples = schedule
-            .next_step()
-            .context("the data schedule ended before eqim.train.max_steps")?;
-        let x = batches.batch(u64::from(samples.epoch), &samples.samples)?;
-        let log = trainer.train_step(&x)?;
-        schedule.commit(samples, TOKENIZER_GENERATION);
-        let step = trainer.global_step;
-        if t.log_every > 0 && (step % t.log_every == 0 || step == t.max_steps) {
-            tracing::info!(
-                step,
-                l1 = format!("{:.4}", log.l1),
-                nll = format!("{:.2}", log.nll),
-                kl = format!("{:.2}", log.kl),
-                g_loss = format!("{:.4}", log.g_loss),
-                d_weight = format!("{:.4}", log.d_weight),
-                disc_loss = format!("{:.4}", log.disc_loss),
-                lr = format!("{:.3e}", log.lr),
-                "step"
-            );
-        }
-        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < t.max_steps {
-            save_tokenizer_checkpoint(&trainer, &root, &schedule)?;
-        }
-    }
+    train_steps(&mut trainer, &mut schedule, &batches, &t, &root)?;
     let elapsed = started.elapsed().as_secs_f64();
     let last = save_tokenizer_checkpoint(&trainer, &root, &schedule)?;
     let model_path = out_dir.join("tokenizer.safetensors");
     trainer.save_model(&model_path)?;
-    let (after, l1_after) = l1(&trainer)?;
+    let after = trainer
+        .reconstruct_mode(&sheet_inputs)?
+        .to_device(Device::Cpu);
     let after_ema = trainer
         .reconstruct_ema(&sheet_inputs)?
         .to_device(Device::Cpu);
-    let l1_ema = (&after_ema - &sheet_inputs)
-        .abs()
-        .mean(tch::Kind::Float)
-        .double_value(&[]);
     let sheet = out_dir.join("reconstructions.png");
     images::write_sheet(&[&sheet_inputs, &before, &after, &after_ema], &sheet)?;
     println!(
         "trained steps {first_step}..{} in {elapsed:.1} s; reconstruction L1 (posterior mean, {} \
-         sheet images, [-1,1] scale): {l1_before:.4} -> {l1_after:.4} (EMA weights {l1_ema:.4})",
+         sheet images, [-1,1] scale): {:.4} -> {:.4} (EMA weights {:.4})",
         trainer.global_step,
         sheet_inputs.size()[0],
+        mean_l1(&before, &sheet_inputs),
+        mean_l1(&after, &sheet_inputs),
+        mean_l1(&after_ema, &sheet_inputs),
     );
     println!(
         "wrote {} (training checkpoint), {} (model + EMA), {} (rows: input, before, after, after with EMA weights)",

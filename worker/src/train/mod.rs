@@ -16,7 +16,6 @@
 //! seed derived from (run seed, step, micro-batch slot); see [`rng`]. Nothing else is random, so
 //! the state to save is the weights, EMA, optimizer moments and counters: no generator state.
 
-pub mod cli;
 pub mod clip;
 pub mod ema;
 pub mod generator;
@@ -25,6 +24,7 @@ pub mod params;
 pub mod progress;
 pub mod rng;
 pub mod schedule;
+pub mod setup;
 pub mod source;
 pub mod trainer;
 

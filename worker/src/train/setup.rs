@@ -1,5 +1,6 @@
-//! `eqim train-generator --config FILE`: trains the generator on one process, as the only rank of
-//! the runtime's training path ([`crate::runtime::local`]): the coordinator's data schedule (one
+//! From a training config to a run: the `[model]` table, the trainer and data settings, the
+//! data schedule, and the single-process run of `eqim train-generator --config FILE`, which
+//! trains the generator on one process, as the only rank of the runtime's training path ([`crate::runtime::local`]): the coordinator's data schedule (one
 //! epoch order, a short last step), the worker's step, accumulation, clipping, EMA, checkpoints
 //! (`OUTPUT_DIR/checkpoints/step-NNNNNNNN/` with `job.json` and the sha256 manifest), resume,
 //! ledger, metrics (`--metrics-addr`) and progress display, plus a JSON line every
@@ -29,28 +30,22 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// The single-process state directory of eqim before the one training path; refused by name.
 pub const OLD_CHECKPOINT_DIR: &str = "checkpoint-last";
 
-/// Command-line options of `eqim train-generator`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TrainGeneratorArgs {
+/// What `eqim train-generator` runs.
+#[derive(Debug, Clone)]
+pub struct TrainGeneratorOptions {
     /// Training config (TOML or YAML), e.g. configs/generator-tiny.toml.
-    #[arg(long)]
     pub config: PathBuf,
     /// Start from scratch: delete OUTPUT_DIR/checkpoints first (otherwise the newest verified
     /// checkpoint there is resumed).
-    #[arg(long)]
     pub fresh: bool,
     /// Stop after this many steps in total (overrides run.max_steps).
-    #[arg(long)]
     pub max_steps: Option<u64>,
     /// Hide the progress bar (log lines only).
-    #[arg(long)]
     pub no_progress: bool,
     /// Compute precision of the forward and backward passes, overriding `[model] precision`
     /// (weights, optimizer, EMA, loss and gradient norm stay fp32).
-    #[arg(long, value_enum)]
     pub precision: Option<crate::precision::Precision>,
     /// Serve Prometheus `/metrics` here (e.g. `127.0.0.1:9101`), as `eqim worker` does.
-    #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
@@ -213,7 +208,7 @@ fn check_old_state(output_dir: &Path, fresh: bool) -> Result<()> {
 }
 
 /// Runs `eqim train-generator`.
-pub fn run(args: &TrainGeneratorArgs) -> Result<()> {
+pub fn run(args: &TrainGeneratorOptions) -> Result<()> {
     let cfg: GeneratorTrainConfig = load_config(&args.config)?;
     if args.no_progress {
         std::env::set_var(crate::progress::NO_PROGRESS_ENV, "1");
