@@ -133,16 +133,35 @@ def scrape(port):
         return None
     out = {}
     for line in text.splitlines():
-        m = re.match(r'^(eqim_steps_total|eqim_step_phase_duration_seconds_sum\{phase="(\w+)"\}) (\S+)$', line)
+        m = re.match(r'^(eqim_steps_total|eqim_step_phase_duration_seconds_sum)(?:\{(?:phase="(\w+)")?[^}]*\})? (\S+)$', line)
         if m:
             out[m.group(2) or "steps"] = float(m.group(3))
     return out if "steps" in out else None
+
+
+def kill_cluster(pid):
+    """SIGKILLs `eqim launch` (pid) and its children, each the leader of its own process group."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            try:
+                os.killpg(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.killpg(pid, signal.SIGKILL)
 
 
 def run_eqim(a, model, batch, world, warmup, steps):
     tmp = tempfile.mkdtemp(prefix="bench-ddp-")
     try:
         train, coord = write_job(tmp, model, batch, world, warmup + steps + max(3, steps // 4), a.device)
+        # (The job is longer than the timed steps so that it is still running at the last read.)
         base = free_port(world + 1)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RUST_LOG=os.environ.get("RUST_LOG", "warn"))
         if a.no_overlap:
@@ -164,8 +183,10 @@ def run_eqim(a, model, batch, world, warmup, steps):
                     last = (now, snap)
                     break
             time.sleep(0.05)
-        if proc.poll() is None and last is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+        # Measured: stop the job at once (SIGKILL, so no worker writes a just-in-time
+        # checkpoint and rank 0 no export: gigabytes for the small model).
+        if proc.poll() is None:
+            kill_cluster(proc.pid)
         rc = proc.wait(timeout=120)
         log.close()
         if last is None:

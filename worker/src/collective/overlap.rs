@@ -65,8 +65,7 @@ pub fn plan_reverse(
         bucket_numels: Vec::new(),
     };
     let mut current: Option<(Kind, Device, usize)> = None;
-    for i in (0..n).rev() {
-        let (numel, kind, device) = layout[i];
+    for (i, &(numel, kind, device)) in layout.iter().enumerate().rev() {
         let size = usize::try_from(numel).unwrap_or(0) * kind.elt_size_in_bytes();
         // The cap of the bucket being filled: `first_bytes` for bucket 0.
         let cap = if plan.bucket_numels.len() <= 1 {
