@@ -83,6 +83,33 @@ extern "C" {
     pub(crate) fn eqim_c10d_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
     pub(crate) fn eqim_c10d_group_free(group: *mut c_void, err: *mut *mut c_char) -> c_int;
 
+    pub(crate) fn eqim_c10d_reducer_new(
+        group: *mut c_void,
+        params: *const *mut C_tensor,
+        n: usize,
+        bucket_of: *const i64,
+        offset_of: *const i64,
+        bucket_numels: *const i64,
+        n_buckets: usize,
+        out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn eqim_c10d_reducer_arm(
+        reducer: *mut c_void,
+        grads: *const *mut C_tensor,
+        n: usize,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn eqim_c10d_reducer_disarm(reducer: *mut c_void, err: *mut *mut c_char) -> c_int;
+    pub(crate) fn eqim_c10d_reducer_finish(
+        reducer: *mut c_void,
+        grads: *const *mut C_tensor,
+        n: usize,
+        launched_early: *mut i64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn eqim_c10d_reducer_free(reducer: *mut c_void);
+
     // worker/cpp/precision_shim.cpp
     pub(crate) fn eqim_autocast_enter(
         device: c_int,

@@ -19,6 +19,7 @@ pub mod autocast;
 pub mod bench;
 pub mod ddp;
 mod ffi;
+pub mod overlap;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr::{self, NonNull};
@@ -329,6 +330,9 @@ pub struct GroupOptions {
     pub backend: Backend,
 }
 
+/// Environment variable choosing the backend of training groups: `gloo` (the default) or `nccl`.
+pub const BACKEND_ENV: &str = "EQIM_COLLECTIVE_BACKEND";
+
 /// gloo's default number of worker threads per group (as in c10d).
 pub const DEFAULT_GLOO_THREADS: usize = 2;
 
@@ -353,6 +357,25 @@ impl GroupOptions {
             world_size,
             timeout,
             backend: Backend::Nccl,
+        }
+    }
+
+    /// The options of a training generation's group: gloo bound to `host`, or NCCL when the
+    /// environment variable [`BACKEND_ENV`] is `nccl` (every rank's model on its own CUDA device).
+    pub fn for_training(
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+        host: &str,
+    ) -> Result<Self> {
+        match std::env::var(BACKEND_ENV).unwrap_or_default().trim() {
+            "" | "gloo" => Ok(Self::gloo(rank, world_size, timeout)
+                .with_gloo_device(GlooDevice::for_host(host))),
+            "nccl" => Ok(Self::nccl(rank, world_size, timeout)),
+            other => Err(CollectiveError::InvalidArgument {
+                op: "choosing the training backend",
+                reason: format!("{BACKEND_ENV}={other:?}: use gloo or nccl"),
+            }),
         }
     }
 

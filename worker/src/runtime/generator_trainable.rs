@@ -131,6 +131,15 @@ impl GeneratorTrainable {
 }
 
 impl Trainable for GeneratorTrainable {
+    fn parameters(&self) -> Vec<Tensor> {
+        self.trainer
+            .params
+            .tensors
+            .iter()
+            .map(Tensor::shallow_clone)
+            .collect()
+    }
+
     fn gradients(&self) -> Vec<Tensor> {
         self.acc
             .grads

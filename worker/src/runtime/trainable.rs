@@ -13,6 +13,12 @@ pub trait Trainable {
     /// (summed) between [`Trainable::accumulate_grads`] and [`Trainable::apply_step`]. A model
     /// that keeps gradients in its own accumulator returns those tensors.
     fn gradients(&self) -> Vec<Tensor>;
+    /// The leaf tensors whose gradients [`Trainable::gradients`] returns, aligned with them: the
+    /// data-parallel all-reduce hooks them to reduce gradient buckets while backward still runs.
+    /// Empty (the default) reduces after backward.
+    fn parameters(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
     /// Sets every gradient to zero (defining it if needed), so a rank with no samples in a step
     /// still all-reduces well-formed zeros.
     fn zero_grads(&mut self) -> Result<()>;
@@ -145,6 +151,10 @@ fn sorted_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
 }
 
 impl Trainable for SyntheticMlp {
+    fn parameters(&self) -> Vec<Tensor> {
+        sorted_vars(&self.vs).into_iter().map(|(_, v)| v).collect()
+    }
+
     fn gradients(&self) -> Vec<Tensor> {
         sorted_vars(&self.vs)
             .into_iter()

@@ -6,7 +6,8 @@
 
 use super::trainable::Trainable;
 use crate::collective::ddp::{allreduce_sum_tensors, broadcast_tensors, DEFAULT_BUCKET_BYTES};
-use crate::collective::{GlooDevice, GroupOptions, ProcessGroup, Store};
+use crate::collective::overlap::{overlap_enabled, GradientReducer};
+use crate::collective::{GroupOptions, ProcessGroup, Store};
 use anyhow::{Context, Result};
 use eqim_common::checkpoint;
 use eqim_common::proto::{
@@ -129,6 +130,10 @@ struct Group {
 }
 
 struct Collective {
+    /// Bucketed gradient all-reduce (`None` for a model that names no parameters); armed for
+    /// the last micro-batch's backward when `overlap` is on.
+    reducer: Option<GradientReducer>,
+    overlap: bool,
     process_group: ProcessGroup,
     // Kept alive for the group's lifetime: the group's store view and, on non-zero ranks, the
     // connection to rank 0's TCPStore.
@@ -524,8 +529,12 @@ impl<T: Trainable> Trainer<T> {
         let view = base
             .prefixed(&rendezvous.prefix)
             .context("creating the generation's store view")?;
-        let options = GroupOptions::gloo(rank as usize, world_size as usize, timeout)
-            .with_gloo_device(GlooDevice::for_host(&self.cfg.host));
+        let options = GroupOptions::for_training(
+            rank as usize,
+            world_size as usize,
+            timeout,
+            &self.cfg.host,
+        )?;
         let process_group = ProcessGroup::with_options(&view, &options)
             .with_context(|| format!("creating the process group of {generation}"))?;
         // Newcomers take weights and optimizer moments from rank 0, which (old members come
@@ -539,10 +548,21 @@ impl<T: Trainable> Trainer<T> {
         broadcast_tensors(&process_group, &state, 0, DEFAULT_BUCKET_BYTES)
             .context("receiving the training state from rank 0")?;
         debug!(%generation, step = resume.step, epoch = resume.epoch, "state synchronised");
+        let params = self.model.parameters();
+        let reducer = if params.is_empty() {
+            None
+        } else {
+            Some(
+                GradientReducer::new(&process_group, &params)
+                    .context("hooking the parameters for the gradient all-reduce")?,
+            )
+        };
         Ok(Group {
             generation,
             rank,
             collective: Some(Collective {
+                reducer,
+                overlap: overlap_enabled(),
                 process_group,
                 _view: view,
                 _remote: remote,
@@ -628,7 +648,14 @@ impl<T: Trainable> Trainer<T> {
         // Times left over from a step that failed half-way are not this step's.
         let _stale = self.model.take_phase_times();
         let mut loss = 0.0;
-        for micro_batch in &a.micro_batches {
+        // The last micro-batch's backward starts the all-reduce of full buckets (overlap on).
+        let overlapped = group.collective.as_ref().filter(|c| c.overlap);
+        let reducer = overlapped.and_then(|c| c.reducer.as_ref());
+        let mut armed = None;
+        for (i, micro_batch) in a.micro_batches.iter().enumerate() {
+            if let (Some(r), true) = (reducer, i + 1 == a.micro_batches.len()) {
+                armed = Some(r.arm(&self.model.gradients())?);
+            }
             loss += self.model.accumulate_grads(micro_batch, a.step_samples)?;
         }
         // Data, forward and backward interleave per micro-batch: what the model timed apart
@@ -648,13 +675,17 @@ impl<T: Trainable> Trainer<T> {
                 "a gradient is undefined after the backward pass of step {}",
                 a.step
             );
-            allreduce_sum_tensors(
-                &collective.process_group,
-                &gradients,
-                1.0,
-                DEFAULT_BUCKET_BYTES,
-            )
-            .with_context(|| format!("all-reduce of step {} (rank {})", a.step, group.rank))?;
+            let context = || format!("all-reduce of step {} (rank {})", a.step, group.rank);
+            match &collective.reducer {
+                Some(r) => r.finish(armed, &gradients).map(|_| ()),
+                None => allreduce_sum_tensors(
+                    &collective.process_group,
+                    &gradients,
+                    1.0,
+                    DEFAULT_BUCKET_BYTES,
+                ),
+            }
+            .with_context(context)?;
         }
         timer.end_phase(crate::metrics::StepPhase::AllReduce);
         Ok((loss, reduce_started.elapsed().as_secs_f64()))
@@ -680,6 +711,8 @@ fn persist_checkpoint(
 
 fn drop_group(group: Group) {
     if let Some(collective) = group.collective {
+        // Unhooks the parameters before the group goes.
+        drop(collective.reducer);
         if let Err(e) = collective.process_group.destroy() {
             debug!(cause = %e, "destroying the old process group");
         }
