@@ -3,9 +3,9 @@
 //! its own, and answer liveness probes without bothering the training loop.
 //!
 //! ```no_run
-//! # async fn demo(cfg: eqim_coordinator::client::ClientConfig) -> Result<(), eqim_coordinator::client::ClientError> {
-//! use crate::proto::CoordinatorToWorker;
-//! let mut client = eqim_coordinator::client::Client::connect(cfg).await?;
+//! # async fn demo(cfg: eqim_common::client::ClientConfig) -> Result<(), eqim_common::client::ClientError> {
+//! use eqim_common::proto::CoordinatorToWorker;
+//! let mut client = eqim_common::client::Client::connect(cfg).await?;
 //! while let Some(msg) = client.recv().await {
 //!     match msg {
 //!         CoordinatorToWorker::Welcome { .. } => { /* build the group, then send GroupReady */ }
