@@ -16,6 +16,7 @@ pub mod membership;
 pub mod metrics_expectations;
 pub mod net;
 pub mod steps;
+pub mod validate;
 
 pub mod jit_checkpoint;
 pub mod job_metrics;
