@@ -23,7 +23,7 @@ use crate::config::{
 use crate::framing::{read_message, write_message, FrameError};
 use crate::net::close_code;
 use crate::net::credentials::{ClientCredentials, SERVER_NAME};
-use crate::net::tls::{client_config, TlsError, TransportTimeouts};
+use crate::net::tls::{channel_binding, client_config, TlsError, TransportTimeouts};
 use crate::proto::{
     join_proof, CoordinatorToWorker, Generation, Hello, Refusal, StoreEndpoint, WorkerId,
     WorkerPhase, WorkerToCoordinator, PROTOCOL_VERSION,
@@ -239,7 +239,11 @@ impl Client {
         let hello = WorkerToCoordinator::Hello(Hello {
             protocol_version: cfg.protocol_version,
             worker_id: cfg.worker_id.clone(),
-            token_proof: join_proof(&cfg.credentials.token, &cfg.credentials.cert_sha256),
+            token_proof: join_proof(
+                &cfg.credentials.token,
+                &cfg.credentials.cert_sha256,
+                &channel_binding(&connection)?,
+            ),
             store: cfg.store.clone(),
             device: cfg.device.clone(),
         });

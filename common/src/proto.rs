@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 /// Bumped on any incompatible change of the messages below; checked in [`Hello`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// ALPN protocol id of the control plane, so a stray QUIC client of another protocol fails the
 /// TLS handshake instead of sending us garbage.
@@ -55,15 +55,24 @@ impl From<&str> for WorkerId {
     }
 }
 
-/// Proof that a worker holds the job token, bound to the coordinator certificate it pinned:
-/// SHA-256 over a domain tag, the token and the certificate fingerprint. The token itself never
-/// goes over the wire, and a proof made for one coordinator is useless against another.
-pub fn join_proof(token: &str, cert_sha256: &[u8; 32]) -> [u8; 32] {
+/// Label of the TLS exporter secret ([RFC 8446 §7.5]) that binds a join proof to its connection.
+///
+/// [RFC 8446 §7.5]: https://www.rfc-editor.org/rfc/rfc8446#section-7.5
+pub const JOIN_PROOF_EXPORTER_LABEL: &[u8] = b"EXPORTER-eqim-join-proof-v2";
+
+/// Proof that a worker holds the job token, bound to the coordinator certificate it pinned and to
+/// this very connection: SHA-256 over a domain tag, the token, the certificate fingerprint and
+/// `channel_binding`, a secret both ends export from the connection's TLS session
+/// (`eqim_common::net::tls::channel_binding`). The token never goes over the wire, a proof made
+/// for one coordinator is useless against another, and a proof captured on one connection is
+/// useless on any other.
+pub fn join_proof(token: &str, cert_sha256: &[u8; 32], channel_binding: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"eqim-join-proof-v1\0");
+    h.update(b"eqim-join-proof-v2\0");
     h.update(token.as_bytes());
     h.update([0u8]);
     h.update(cert_sha256);
+    h.update(channel_binding);
     h.finalize().into()
 }
 
@@ -81,7 +90,7 @@ pub struct StoreEndpoint {
 pub struct Hello {
     pub protocol_version: u32,
     pub worker_id: WorkerId,
-    /// [`join_proof`] of the job token and the pinned certificate fingerprint.
+    /// [`join_proof`] of the job token, the pinned certificate fingerprint and the connection.
     pub token_proof: [u8; 32],
     pub store: StoreEndpoint,
     /// Free text for logs, for example `cpu x8` or `cuda:0 H200`.
@@ -423,12 +432,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn join_proof_depends_on_token_and_certificate() {
-        let cert_a = [1u8; 32];
-        let cert_b = [2u8; 32];
-        assert_eq!(join_proof("t", &cert_a), join_proof("t", &cert_a));
-        assert_ne!(join_proof("t", &cert_a), join_proof("u", &cert_a));
-        assert_ne!(join_proof("t", &cert_a), join_proof("t", &cert_b));
+    fn join_proof_depends_on_token_certificate_and_connection() {
+        let (cert_a, cert_b) = ([1u8; 32], [2u8; 32]);
+        let (conn_a, conn_b) = ([3u8; 32], [4u8; 32]);
+        let proof = join_proof("t", &cert_a, &conn_a);
+        assert_eq!(proof, join_proof("t", &cert_a, &conn_a));
+        assert_ne!(proof, join_proof("u", &cert_a, &conn_a));
+        assert_ne!(proof, join_proof("t", &cert_b, &conn_a));
+        assert_ne!(proof, join_proof("t", &cert_a, &conn_b));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod job;
 pub mod membership;
 pub mod net;
 pub mod steps;
+pub mod validate;
 
 pub mod jit_checkpoint;
 pub mod job_metrics;

@@ -6,6 +6,7 @@ use eqim_common::coordinator_config::{CoordinatorConfig, Timeouts};
 use eqim_common::framing::{read_message, write_message};
 use eqim_common::net::close_code;
 use eqim_common::net::credentials::ClientCredentials;
+use eqim_common::net::tls::channel_binding;
 use eqim_common::proto::{
     join_proof, CoordinatorToWorker, Generation, Hello, Refusal, StoreEndpoint, VoteOutcome,
     WorkerId, WorkerToCoordinator, PROTOCOL_VERSION,
@@ -211,7 +212,11 @@ async fn an_oversized_frame_closes_only_that_connection() {
     let hello = WorkerToCoordinator::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         worker_id: WorkerId::from("bad"),
-        token_proof: join_proof(&bad_cfg.credentials.token, &c.cert_sha256),
+        token_proof: join_proof(
+            &bad_cfg.credentials.token,
+            &c.cert_sha256,
+            &channel_binding(&bad).unwrap(),
+        ),
         store: bad_cfg.store.clone(),
         device: String::new(),
     });
@@ -424,7 +429,11 @@ async fn a_peer_silent_to_the_probe_is_dropped_well_before_the_heartbeat_timeout
     let hello = WorkerToCoordinator::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         worker_id: WorkerId::from("frozen"),
-        token_proof: join_proof(&frozen_cfg.credentials.token, &c.cert_sha256),
+        token_proof: join_proof(
+            &frozen_cfg.credentials.token,
+            &c.cert_sha256,
+            &channel_binding(&frozen).unwrap(),
+        ),
         store: frozen_cfg.store.clone(),
         device: String::new(),
     });

@@ -1,6 +1,10 @@
 //! A job's credentials: the join token (shared secret) and the coordinator's self-signed
 //! certificate, whose SHA-256 fingerprint workers pin. Created once per job directory and reused
 //! when the coordinator restarts, so reconnecting workers still trust it.
+//!
+//! A worker host needs two files only: `token` and `coordinator-cert.sha256`. The certificate's
+//! private key lives apart from them, in `private/` (0700, the key 0600), which is never to be
+//! copied to workers.
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
@@ -9,6 +13,8 @@ use std::path::{Path, PathBuf};
 pub const TOKEN_FILE: &str = "token";
 pub const CERT_FILE: &str = "coordinator-cert.der";
 pub const KEY_FILE: &str = "coordinator-key.der";
+/// Subdirectory of the job directory that holds [`KEY_FILE`]; only the coordinator reads it.
+pub const PRIVATE_DIR: &str = "private";
 /// Hex SHA-256 of the certificate's DER, next to the token file.
 pub const FINGERPRINT_FILE: &str = "coordinator-cert.sha256";
 /// Name the certificate is issued for (workers verify the fingerprint, not the name).
@@ -69,7 +75,8 @@ impl JobCredentials {
             write_atomic(&token_path, hex::encode(token).as_bytes(), true)?;
         }
         let token = read_token(&token_path)?;
-        let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = private_key_path(dir)?;
         if !(cert_path.exists() && key_path.exists()) {
             let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])?;
             write_atomic(&key_path, &certified.key_pair.serialize_der(), true)?;
@@ -96,6 +103,25 @@ impl JobCredentials {
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key_der.clone_key())
     }
+}
+
+/// Where the key is kept: `dir/private/coordinator-key.der`, the directory made owner-only. A
+/// key left at the old place (`dir/coordinator-key.der`, before protocol 5) is moved there.
+fn private_key_path(dir: &Path) -> Result<PathBuf, CredentialsError> {
+    let private = dir.join(PRIVATE_DIR);
+    std::fs::create_dir_all(&private).map_err(io_err(&private))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&private))?;
+    }
+    let key_path = private.join(KEY_FILE);
+    let old = dir.join(KEY_FILE);
+    if old.exists() && !key_path.exists() {
+        std::fs::rename(&old, &key_path).map_err(io_err(&old))?;
+    }
+    Ok(key_path)
 }
 
 /// The worker's side: the token and the pinned fingerprint.
@@ -185,6 +211,39 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn the_private_key_is_kept_apart_from_what_workers_get() {
+        let dir = tempfile::tempdir().unwrap();
+        let created = JobCredentials::load_or_create(dir.path()).unwrap();
+        let mut top: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        top.sort();
+        assert_eq!(
+            top,
+            [CERT_FILE, FINGERPRINT_FILE, PRIVATE_DIR, TOKEN_FILE],
+            "no key next to the token"
+        );
+        let key = dir.path().join(PRIVATE_DIR).join(KEY_FILE);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&dir.path().join(PRIVATE_DIR)), 0o700);
+            assert_eq!(mode(&key), 0o600);
+        }
+        // A job directory from before: the key at the top is moved, and the same one is used.
+        std::fs::rename(&key, dir.path().join(KEY_FILE)).unwrap();
+        let again = JobCredentials::load_or_create(dir.path()).unwrap();
+        assert_eq!(again.fingerprint, created.fingerprint);
+        assert_eq!(
+            again.key_der.secret_pkcs8_der(),
+            created.key_der.secret_pkcs8_der()
+        );
+        assert!(key.exists() && !dir.path().join(KEY_FILE).exists());
     }
 
     #[test]

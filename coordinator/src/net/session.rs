@@ -5,7 +5,7 @@
 
 use crate::job::PeerMsg;
 use crate::membership::SessionKey;
-use eqim_common::framing::{read_message, write_message, FrameError};
+use eqim_common::framing::{read_message_with, write_message, FrameError, FrameLimits};
 use eqim_common::net::close_code;
 use eqim_common::proto::{CoordinatorToWorker, WorkerId, WorkerToCoordinator};
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
@@ -228,19 +228,22 @@ async fn forward_stream(
     job: &DerivedActorRef<PeerMsg>,
 ) -> Result<(), ReadEnd> {
     loop {
-        let msg: WorkerToCoordinator = match read_message(recv).await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Err(ReadEnd::ClosedByWorker),
-            Err(FrameError::Io(e)) => {
-                // A lost connection surfaces as an i/o error on the stream.
-                return Err(match e.downcast::<quinn::ReadError>() {
-                    Ok(quinn::ReadError::ConnectionLost(c)) => ReadEnd::Connection(c),
-                    Ok(other) => ReadEnd::Frame(FrameError::Io(std::io::Error::other(other))),
-                    Err(e) => ReadEnd::Frame(FrameError::Io(e)),
-                });
-            }
-            Err(e) => return Err(ReadEnd::Frame(e)),
-        };
+        // A frame that starts must finish within the frame timeout: a peer that stalls half-way
+        // (while its heartbeats keep the connection alive) is dropped, buffer and all.
+        let msg: WorkerToCoordinator =
+            match read_message_with(recv, FrameLimits::authenticated()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Err(ReadEnd::ClosedByWorker),
+                Err(FrameError::Io(e)) => {
+                    // A lost connection surfaces as an i/o error on the stream.
+                    return Err(match e.downcast::<quinn::ReadError>() {
+                        Ok(quinn::ReadError::ConnectionLost(c)) => ReadEnd::Connection(c),
+                        Ok(other) => ReadEnd::Frame(FrameError::Io(std::io::Error::other(other))),
+                        Err(e) => ReadEnd::Frame(FrameError::Io(e)),
+                    });
+                }
+                Err(e) => return Err(ReadEnd::Frame(e)),
+            };
         job.send_message(PeerMsg::FromWorker {
             worker: worker.clone(),
             session: key,
