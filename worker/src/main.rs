@@ -34,6 +34,8 @@ enum Command {
     FidStats(eqim_worker::eval::FidStatsArgs),
     /// FID of a folder of images against a statistics file (and the IS when the network has logits).
     Fid(eqim_worker::eval::FidArgs),
+    /// Fraction of generated images a nearest-class-mean Inception classifier labels as their class.
+    ClassConsistency(eqim_worker::eval::class_consistency::ClassConsistencyArgs),
     /// Sample a fixed, index-addressed image set (PNGs + manifest), identical at any worker count.
     Eval(Box<eqim_worker::eval::run::EvalArgs>),
     /// One worker of an evaluation job: leases batches of image indices from a coordinator
@@ -103,6 +105,7 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -123,6 +126,7 @@ fn main() -> Result<()> {
         Command::BenchAllreduce(args) => eqim_worker::collective::bench::run(&args)?,
         Command::FidStats(args) => eqim_worker::eval::run_fid_stats(&args)?,
         Command::Fid(args) => eqim_worker::eval::run_fid(&args)?,
+        Command::ClassConsistency(args) => eqim_worker::eval::class_consistency::print(&args)?,
         Command::Eval(args) => {
             eqim_worker::eval::run::run_eval(&args)?;
         }

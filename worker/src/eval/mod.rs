@@ -2,6 +2,7 @@
 //! and the `eqim fid-stats` /
 //! `eqim fid` commands.
 
+pub mod class_consistency;
 pub mod fid;
 pub mod inception;
 pub use eqim_common::npz;
