@@ -290,8 +290,8 @@ async fn handshake(
     };
     // No exporter secret means no way to check the proof: refuse like a wrong token.
     let binding = channel_binding(&connection).ok();
-    if let Err(reason) = check_hello(&hello, admission, binding.as_ref())
-        .and_then(|()| check_store(&hello, remote))
+    if let Err(reason) =
+        check_hello(&hello, admission, binding.as_ref()).and_then(|()| check_store(&hello, remote))
     {
         refuse(&connection, &mut send, reason.clone()).await;
         return Err(HandshakeError::Refused(reason));

@@ -373,3 +373,38 @@ mod tests {
         assert_eq!(parse_kill(None).expect("parse"), None);
     }
 }
+
+/// `eqim class-consistency`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClassConsistencyArgs {
+    /// Class-per-folder tree of real images (e.g. the output of scripts/fetch-demo-data).
+    #[arg(long)]
+    pub real: PathBuf,
+    /// Generated images `{i:05}.png` in the balanced label order of `eqim eval` (image i has
+    /// label i / (N / classes)), e.g. `eqim eval --out DIR`.
+    #[arg(long)]
+    pub samples: PathBuf,
+    /// Real images per class that fit the class means (spread over the class's files).
+    #[arg(long, default_value_t = 20)]
+    pub fit_per_class: usize,
+    /// Other real images per class, never used for fitting, that measure the ceiling.
+    #[arg(long, default_value_t = 20)]
+    pub heldout_per_class: usize,
+    #[command(flatten)]
+    pub inception: InceptionArgs,
+}
+
+/// `eqim class-consistency`: runs it and prints the report's lines.
+pub fn class_consistency(args: ClassConsistencyArgs) -> Result<()> {
+    let options = crate::eval::class_consistency::ClassConsistencyOptions {
+        real: args.real,
+        samples: args.samples,
+        fit_per_class: args.fit_per_class,
+        heldout_per_class: args.heldout_per_class,
+        inception: args.inception.options()?,
+    };
+    for line in crate::eval::class_consistency::run_class_consistency(&options)?.lines() {
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -42,6 +42,8 @@ enum Command {
     FidStats(eval::FidStatsArgs),
     /// FID of a folder of images against a statistics file (and the IS when the network has logits).
     Fid(eval::FidArgs),
+    /// Fraction of generated images a nearest-class-mean Inception classifier labels as their class.
+    ClassConsistency(eval::ClassConsistencyArgs),
     /// Sample a fixed, index-addressed image set (PNGs + manifest), identical at any worker count.
     Eval(Box<eval::EvalArgs>),
     /// One worker of an evaluation job: leases batches of image indices from a coordinator
@@ -113,6 +115,7 @@ impl Cli {
             Command::BenchAllreduce(args) => bench::bench_allreduce(args),
             Command::FidStats(args) => eval::fid_stats(args),
             Command::Fid(args) => eval::fid(args),
+            Command::ClassConsistency(args) => eval::class_consistency(args),
             Command::Eval(args) => eval::eval(*args),
             Command::EvalWorker(args) => eval::eval_worker(*args),
             Command::VerifyReference(args) => verify::verify_reference(&args),
@@ -149,6 +152,8 @@ pub fn init_logging() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a terminal: redirected logs stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

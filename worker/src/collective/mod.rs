@@ -369,8 +369,10 @@ impl GroupOptions {
         host: &str,
     ) -> Result<Self> {
         match std::env::var(BACKEND_ENV).unwrap_or_default().trim() {
-            "" | "gloo" => Ok(Self::gloo(rank, world_size, timeout)
-                .with_gloo_device(GlooDevice::for_host(host))),
+            "" | "gloo" => {
+                Ok(Self::gloo(rank, world_size, timeout)
+                    .with_gloo_device(GlooDevice::for_host(host)))
+            }
             "nccl" => Ok(Self::nccl(rank, world_size, timeout)),
             other => Err(CollectiveError::InvalidArgument {
                 op: "choosing the training backend",

@@ -1,6 +1,7 @@
 //! Evaluation: the FID Inception, feature moments and the Frechet distance, statistics files,
 //! and what the `eqim fid-stats` / `eqim fid` commands run.
 
+pub mod class_consistency;
 pub mod fid;
 pub mod inception;
 pub use eqim_common::npz;
