@@ -139,7 +139,8 @@ def read_events(path):
         elif what in ("healed", "recovered"):
             faults[-1][what] = t
         else:
-            faults[-1]["notes"].append(f"{what} {target} at +{t - faults[-1]['fired']:.1f} s")
+            who = kind if target == "-" else target
+            faults[-1]["notes"].append(f"{what} {who} at +{t - faults[-1]['fired']:.1f} s")
     return faults
 
 
