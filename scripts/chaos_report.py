@@ -106,7 +106,8 @@ def fault_record(ev, rows, all_commits, aborts, workers):
     t0, t_heal, t_rec = ev["fired"], ev.get("healed"), ev.get("recovered")
     end = t_rec if t_rec else (rows[-1][0] if rows else t0)
     before = [r[1] for r in rows if r[0] <= t0]
-    after = [r[1] for r in rows if t0 < r[0] <= end]
+    # A restarting coordinator answers generation 0 (no roster yet) before it has resumed.
+    after = [r[1] for r in rows if t0 < r[0] <= end and r[2] > 0]
     rewind = max(0, max(before) - min(after)) if before and after else 0
     n_abort = sum(1 for t in aborts if t0 <= t <= end)
     cs = [t for t, _ in all_commits]
@@ -119,7 +120,7 @@ def fault_record(ev, rows, all_commits, aborts, workers):
         "next_commit_s": first(rows, t0, lambda r, s=before[-1] if before else -1: r[1] > s),
         "longest_stall_s": round(stall, 2),
         "steps_redone": rewind + n_abort, "aborted_steps": n_abort, "rewound_steps": rewind,
-        "evicted_after_s": first(rows, t0, lambda r: r[3] < workers),
+        "evicted_after_s": first([r for r in rows if r[0] <= end], t0, lambda r: r[3] < workers),
         "healed_after_s": round(t_heal - t0, 2) if t_heal else None,
         "back_after_heal_s": first(rows, t_heal, lambda r: r[3] >= workers) if t_heal else None,
         "recovered_after_s": round(t_rec - t0, 2) if t_rec else None,
