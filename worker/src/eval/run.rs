@@ -860,8 +860,7 @@ mod tests {
             num_images: 21,
             ..tiny_plan()
         })
-        .err()
-        .expect("21 % 10");
+        .expect_err("21 % 10");
         assert!(
             format!("{err:#}").contains("multiple of the 10 classes"),
             "{err:#}"
