@@ -17,27 +17,16 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one `/metrics` scrape may take.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The `eqim-coordinator` binary of this build (`cargo test --workspace` builds it).
+/// The `eqim-coordinator` binary of this build (`cargo test --workspace` builds it), found the
+/// way `eqim` finds it (next to the running executable, or one level up from `deps/`).
 pub fn coordinator_binary() -> PathBuf {
-    let eqim = PathBuf::from(env!("CARGO_BIN_EXE_eqim"));
-    let path = eqim.with_file_name("eqim-coordinator");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first (`cargo build -p eqim-coordinator`, or run the tests with \
-         `cargo test --workspace`)",
-        path.display()
-    );
-    path
+    eqim_worker::runtime::coordinator_process::coordinator_binary()
+        .unwrap_or_else(|e| panic!("{e:#} (or run the tests with `cargo test --workspace`)"))
 }
 
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    } else {
-        let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    }
+fn free_tcp_port() -> u16 {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
 }
 
 /// What `/metrics` says of a running job.
@@ -66,9 +55,10 @@ impl CoordinatorProcess {
     pub fn start(cfg: &CoordinatorConfig) -> Self {
         let mut cfg = cfg.clone();
         if cfg.bind.port() == 0 {
-            cfg.bind.set_port(free_port(true));
+            cfg.bind
+                .set_port(eqim_worker::runtime::launch_cmd::free_udp_port().unwrap());
         }
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         cfg.metrics_addr = Some(metrics_addr);
         Self::spawn(cfg, metrics_addr)
     }
@@ -185,17 +175,20 @@ impl CoordinatorProcess {
 
     /// Interrupts the coordinator (SIGINT, as Ctrl-C) and returns its `outcome.json`.
     pub fn shutdown(mut self) -> JobOutcomeRecord {
+        self.interrupt();
+        self.outcome()
+    }
+
+    /// SIGINT (as Ctrl-C), then waits for the process to exit.
+    fn interrupt(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
         self.wait_exit(START_TIMEOUT);
-        self.outcome()
     }
 
     /// The same coordinator again, as a new process on the same address (a restart).
     pub fn restart(mut self) -> Self {
-        let pid = nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-        self.wait_exit(START_TIMEOUT);
+        self.interrupt();
         let cfg = self.config.clone();
         Self::spawn(cfg, self.metrics_addr)
     }
